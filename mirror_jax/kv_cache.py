@@ -1,0 +1,95 @@
+"""Static-shape KV cache with per-row lengths and rollback.
+
+Layout: per layer ``k, v: [B, S, H_kv, D]``, plus ``lengths: [B]`` int32, the number of committed
+tokens of each row. Slot == position: the token at position p of row b lives in slot p.
+
+Protocol (worked example, one row, capacity S = 8)::
+
+    lengths = 3                       # slots 0..2 hold committed tokens
+    forward(T=4 new tokens)           # writes slots 3..6, lengths stays 3 (tentative)
+    commit(n=2)                       # lengths = 5: slots 3,4 are now committed
+                                      # slots 5,6 still hold rejected keys, but they are
+                                      # overwritten by the next forward before being read:
+    forward(T=2)                      # writes slots 5,6 again; queries at position p see slots <= p
+
+Rollback is therefore "commit fewer tokens". Attention masks are ``slot <= query position``: a
+stale slot above the row's length is always rewritten by the same forward that could see it.
+Writes use ``mode="drop"`` so an out-of-range slot is never written on device; the host checks
+headroom first (`check_headroom`) and raises `CacheCapacityError` instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from mirror_jax.config import ModelConfig
+
+
+class CacheCapacityError(ValueError):
+    """A write would go past the end of the KV cache."""
+
+
+@struct.dataclass
+class KVCache:
+    k: tuple[jax.Array, ...]  # per layer [B, S, H_kv, D]
+    v: tuple[jax.Array, ...]  # per layer [B, S, H_kv, D]
+    lengths: jax.Array  # [B] int32, committed tokens per row
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    def layer_slice(self, start: int, stop: int | None = None) -> tuple[tuple, tuple]:
+        return self.k[start:stop], self.v[start:stop]
+
+
+def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32, device=None) -> KVCache:
+    shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+
+    def z():
+        a = jnp.zeros(shape, dtype)
+        return jax.device_put(a, device) if device is not None else a
+
+    lengths = jnp.zeros((batch,), jnp.int32)
+    if device is not None:
+        lengths = jax.device_put(lengths, device)
+    return KVCache(
+        k=tuple(z() for _ in range(cfg.num_layers)),
+        v=tuple(z() for _ in range(cfg.num_layers)),
+        lengths=lengths,
+    )
+
+
+def write_slots(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Write ``new: [B, T, H, D]`` into ``buf: [B, S, H, D]`` at ``positions: [B, T]``.
+
+    Slots outside ``[0, S)`` are dropped (never written)."""
+    b = jnp.arange(buf.shape[0])[:, None]  # [B, 1]
+    return buf.at[b, positions].set(new.astype(buf.dtype), mode="drop")
+
+
+def commit(cache: KVCache, n) -> KVCache:
+    """Mark `n` (scalar or [B]) of the tentatively written tokens as committed."""
+    return cache.replace(lengths=cache.lengths + jnp.asarray(n, jnp.int32))
+
+
+def set_lengths(cache: KVCache, lengths) -> KVCache:
+    """Roll back (or forward) to explicit per-row lengths."""
+    return cache.replace(lengths=jnp.broadcast_to(jnp.asarray(lengths, jnp.int32), cache.lengths.shape))
+
+
+def check_headroom(lengths, n_new: int, capacity: int, what: str = "KV cache") -> None:
+    """Host-side check that writing `n_new` tokens after `lengths` fits in `capacity` slots."""
+    need = int(np.max(np.asarray(lengths))) + int(n_new)
+    if need > capacity:
+        raise CacheCapacityError(
+            f"{what} capacity exceeded: {need} slots needed but the cache holds {capacity}; "
+            f"create the cache with a larger `max_len`/`capacity` or generate fewer tokens"
+        )

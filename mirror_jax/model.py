@@ -1,0 +1,164 @@
+"""Decoder-only transformer as pure functions over a `ModelParams` pytree.
+
+Covers Qwen2 (qkv bias), Llama/SmolLM2 and Qwen3 (per-head q/k RMSNorm); RoPE with the config's
+theta and llama3/linear scaling; grouped-query attention; SwiGLU MLP.
+
+Every function takes the static `ModelConfig` first and is jit-friendly. The layer is split into
+pieces (`project_qkv`, `attend`, `finish_layer`) so other attention patterns (the draft's
+branch rollouts, the speculative-streaming layers) reuse the same maths.
+
+Split execution (Mirror-SD): ``forward_prefix`` runs ``layers[:l_e]`` and also returns the
+early-exit logits (the target's own final norm + LM head on the layer-l_e hidden state);
+``forward_suffix`` runs ``layers[l_e:]`` and the head. Prefix then suffix == `forward`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mirror_jax.config import ModelConfig
+from mirror_jax.kv_cache import KVCache, write_slots
+from mirror_jax.params import LayerParams, ModelParams
+
+NEG_INF = -1e30
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w * xf.astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotary embedding, HF "rotate_half" convention. x: [B, T, N, D], positions: [B, T]."""
+    ang = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(ang)[:, :, None, :]
+    sin = jnp.sin(ang)[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def project_qkv(cfg: ModelConfig, lp: LayerParams, x: jax.Array, positions: jax.Array):
+    """Pre-norm + fused qkv projection + (Qwen3 q/k norm) + RoPE.
+
+    x: [B, T, H] -> q [B, T, Nq, D], k [B, T, Nkv, D], v [B, T, Nkv, D]."""
+    b, t, _ = x.shape
+    h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+    qkv = h @ lp.w_qkv  # [B, T, (Nq + 2 Nkv) D]
+    if lp.b_qkv is not None:
+        qkv = qkv + lp.b_qkv
+    q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+    q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    if lp.q_norm is not None:
+        q = rms_norm(q, lp.q_norm, cfg.rms_norm_eps)
+        k = rms_norm(k, lp.k_norm, cfg.rms_norm_eps)
+    inv_freq = jnp.asarray(cfg.inv_freq())
+    return rope(q, positions, inv_freq), rope(k, positions, inv_freq), v
+
+
+def attention_scores(cfg: ModelConfig, q: jax.Array, k: jax.Array) -> jax.Array:
+    """q: [B, T, Nq, D], k: [B, S, Nkv, D] -> scaled scores [B, Nkv, G, T, S] (float32)."""
+    b, t = q.shape[:2]
+    g = cfg.num_heads // cfg.num_kv_heads
+    qg = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    return s * (cfg.head_dim**-0.5)
+
+
+def attention_values(cfg: ModelConfig, probs: jax.Array, v: jax.Array) -> jax.Array:
+    """probs: [B, Nkv, G, T, S], v: [B, S, Nkv, D] -> [B, T, Nq*D]."""
+    b, _, _, t, _ = probs.shape
+    o = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return o.reshape(b, t, cfg.q_size)
+
+
+def attend(cfg: ModelConfig, q, k, v, mask) -> jax.Array:
+    """Masked softmax attention. mask: [B, T, S] bool (True = visible). Returns [B, T, Nq*D]."""
+    s = attention_scores(cfg, q, k)
+    s = jnp.where(mask[:, None, None, :, :], s, NEG_INF)
+    return attention_values(cfg, jax.nn.softmax(s, axis=-1), v)
+
+
+def finish_layer(cfg: ModelConfig, lp: LayerParams, x: jax.Array, attn: jax.Array) -> jax.Array:
+    """Output projection + residual + SwiGLU MLP + residual. attn: [B, T, Nq*D]."""
+    x = x + (attn.astype(x.dtype) @ lp.w_o)
+    h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
+    gate, up = jnp.split(h @ lp.w_gate_up, 2, axis=-1)
+    return x + (jax.nn.silu(gate) * up) @ lp.w_down
+
+
+def causal_cache_mask(positions: jax.Array, capacity: int) -> jax.Array:
+    """[B, T, S]: slot s is visible to the query at position p iff s <= p."""
+    return jnp.arange(capacity)[None, None, :] <= positions[:, :, None]
+
+
+def layer_forward(cfg, lp: LayerParams, x, k_buf, v_buf, positions, mask):
+    """One standard layer with the KV cache: writes this layer's new K/V at `positions`."""
+    q, k, v = project_qkv(cfg, lp, x, positions)
+    k_buf = write_slots(k_buf, k, positions)
+    v_buf = write_slots(v_buf, v, positions)
+    attn = attend(cfg, q, k_buf, v_buf, mask)
+    return finish_layer(cfg, lp, x, attn), k_buf, v_buf
+
+
+def run_layers(cfg, layers, x, ks, vs, positions):
+    """Run a contiguous slice of layers. ks/vs: the matching slice of cache buffers."""
+    mask = causal_cache_mask(positions, ks[0].shape[1]) if layers else None
+    new_k, new_v = [], []
+    for lp, kb, vb in zip(layers, ks, vs, strict=True):
+        x, kb, vb = layer_forward(cfg, lp, x, kb, vb, positions, mask)
+        new_k.append(kb)
+        new_v.append(vb)
+    return x, tuple(new_k), tuple(new_v)
+
+
+def embed(params: ModelParams, tokens: jax.Array) -> jax.Array:
+    return jnp.take(params.embed, tokens, axis=0)
+
+
+def head(cfg: ModelConfig, params: ModelParams, x: jax.Array) -> jax.Array:
+    """Final norm + LM head -> float32 logits [..., V]."""
+    h = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    return jnp.matmul(h, params.lm_head, preferred_element_type=jnp.float32)
+
+
+def token_positions(cache: KVCache, num_tokens: int) -> jax.Array:
+    """Positions [B, T] of `num_tokens` new tokens appended after each row's committed length."""
+    return cache.lengths[:, None] + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
+
+
+def forward(cfg: ModelConfig, params: ModelParams, tokens: jax.Array, cache: KVCache):
+    """Full forward of tokens [B, T] after each row's committed prefix.
+
+    Returns (logits [B, T, V] float32, cache with the new K/V written, lengths unchanged)."""
+    positions = token_positions(cache, tokens.shape[1])
+    x, ks, vs = run_layers(cfg, params.layers, embed(params, tokens), cache.k, cache.v, positions)
+    return head(cfg, params, x), cache.replace(k=ks, v=vs)
+
+
+def forward_prefix(cfg: ModelConfig, params: ModelParams, tokens: jax.Array, cache: KVCache, exit_layer: int):
+    """Layers [0, exit_layer) over tokens [B, T].
+
+    Returns (hidden [B, T, H], early-exit logits [B, T, V] (float32), cache with the prefix
+    layers' K/V written)."""
+    positions = token_positions(cache, tokens.shape[1])
+    x, ks, vs = run_layers(
+        cfg, params.layers[:exit_layer], embed(params, tokens), cache.k[:exit_layer], cache.v[:exit_layer], positions
+    )
+    cache = cache.replace(k=ks + cache.k[exit_layer:], v=vs + cache.v[exit_layer:])
+    return x, head(cfg, params, x), cache
+
+
+def forward_suffix(cfg: ModelConfig, params: ModelParams, hidden: jax.Array, cache: KVCache, exit_layer: int):
+    """Layers [exit_layer, N) on the prefix's hidden state [B, T, H] -> (logits [B, T, V], cache)."""
+    positions = token_positions(cache, hidden.shape[1])
+    x, ks, vs = run_layers(
+        cfg, params.layers[exit_layer:], hidden, cache.k[exit_layer:], cache.v[exit_layer:], positions
+    )
+    cache = cache.replace(k=cache.k[:exit_layer] + ks, v=cache.v[:exit_layer] + vs)
+    return head(cfg, params, x), cache
