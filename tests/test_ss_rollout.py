@@ -1,0 +1,114 @@
+"""SS rollout == AR rollout == the draft's own continuation via model.forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mirror_jax import model as M
+from mirror_jax.config import ModelConfig
+from mirror_jax.kv_cache import CacheCapacityError, commit, init_cache
+from mirror_jax.params import init_random
+from mirror_jax.ss.model import SSConfig, SSParams, init_ss_params
+from mirror_jax.ss.rollout import ar_rollout, ss_rollout
+
+CFG = ModelConfig(
+    arch="qwen2",
+    vocab_size=61,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    qkv_bias=True,
+)
+PARAMS = init_random(CFG, seed=0, scale=0.3)
+CAP = 40
+
+
+def _prefilled(batch, seed=0):
+    """Rows with different committed lengths (3, 5, 7, ...) and their root tokens."""
+    rng = np.random.default_rng(seed)
+    lengths = np.array([3 + 2 * b for b in range(batch)])
+    toks = rng.integers(0, CFG.vocab_size, (batch, int(lengths.max()) + 1))
+    cache = init_cache(CFG, batch, CAP)
+    _, cache = M.forward(CFG, PARAMS, jnp.asarray(toks[:, :-1], jnp.int32), cache)
+    cache = cache.replace(lengths=jnp.asarray(lengths, jnp.int32))
+    roots = jnp.asarray(toks[np.arange(batch), lengths], jnp.int32)
+    return cache, roots
+
+
+def _greedy_reference(cache, roots, gamma):
+    """One token at a time with model.forward, per row."""
+    out, tok = [], roots[:, None]
+    for _ in range(gamma):
+        logits, cache = M.forward(CFG, PARAMS, tok, cache)
+        cache = commit(cache, 1)
+        tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+        out.append(tok)
+    return np.asarray(jnp.concatenate(out, axis=1))
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("gamma", [1, 3, 7])
+def test_greedy_equal(batch, gamma):
+    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+    ssp = init_ss_params(CFG, sscfg, PARAMS, seed=batch + gamma, embed_scale=0.3)
+    cache, roots = _prefilled(batch, seed=gamma)
+    ref = _greedy_reference(cache, roots, gamma)
+    ar, nf_ar, c_ar = ar_rollout(CFG, sscfg, PARAMS, ssp, cache, roots, gamma)
+    ss, nf_ss, c_ss = ss_rollout(CFG, sscfg, PARAMS, ssp, cache, roots, gamma)
+    np.testing.assert_array_equal(np.asarray(ar), ref)
+    np.testing.assert_array_equal(np.asarray(ss), ref)
+    assert int(nf_ar) == gamma and 1 <= int(nf_ss) <= gamma
+    np.testing.assert_array_equal(np.asarray(c_ss.lengths), np.asarray(cache.lengths))
+    # The K/V of root, y_1 .. y_{gamma-1} are written at slots L .. L+gamma-1 in both.
+    for b in range(batch):
+        lo = int(cache.lengths[b])
+        for ka, kb in zip(c_ar.k + c_ar.v, c_ss.k + c_ss.v, strict=True):
+            np.testing.assert_allclose(
+                np.asarray(ka[b, : lo + gamma]), np.asarray(kb[b, : lo + gamma]), atol=1e-5
+            )
+
+
+def test_perfect_streams_need_fewer_forwards():
+    """Streams that always agree with the main stream: every lookahead is accepted and each forward
+    emits s+1 tokens, so ceil(gamma / (s+1)) forwards. Construction: a zero LM head makes every
+    logit 0, so main and streams all pick token 0 (argmax tie -> first index); with root 0 even
+    the first forward's placeholder proposals (= the root) are right."""
+    params = PARAMS.replace(lm_head=jnp.zeros_like(PARAMS.lm_head))
+    sscfg = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=2)
+    ssp = init_ss_params(CFG, sscfg, params)
+    cache = init_cache(CFG, 2, CAP).replace(lengths=jnp.asarray([2, 4], jnp.int32))
+    roots = jnp.asarray([0, 0], jnp.int32)
+    toks, nf, _ = ss_rollout(CFG, sscfg, params, ssp, cache, roots, 7)
+    assert np.all(np.asarray(toks) == 0)
+    assert int(nf) == 3  # 3 tokens per forward: 3 + 3 + 3 >= 7
+
+
+def test_sampling_equal():
+    sscfg = SSConfig(num_streams=3, num_msa_layers=2, lora_rank=4)
+    ssp = init_ss_params(CFG, sscfg, PARAMS, seed=3, embed_scale=0.3)
+    cache, roots = _prefilled(4, seed=11)
+    for seed in range(3):
+        key = jax.random.key(seed)
+        ar, _, _ = ar_rollout(
+            CFG, sscfg, PARAMS, ssp, cache, roots, 6, greedy=False, key=key, temperature=0.8
+        )
+        ss, _, _ = ss_rollout(
+            CFG, sscfg, PARAMS, ssp, cache, roots, 6, greedy=False, key=key, temperature=0.8
+        )
+        np.testing.assert_array_equal(np.asarray(ss), np.asarray(ar))
+    greedy, _, _ = ar_rollout(CFG, sscfg, PARAMS, ssp, cache, roots, 6)
+    assert not np.array_equal(np.asarray(ar), np.asarray(greedy))  # sampling really samples
+
+
+def test_errors():
+    sscfg = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=2)
+    ssp: SSParams = init_ss_params(CFG, sscfg, PARAMS)
+    cache = init_cache(CFG, 1, 8).replace(lengths=jnp.asarray([3], jnp.int32))
+    with pytest.raises(CacheCapacityError):
+        ss_rollout(CFG, sscfg, PARAMS, ssp, cache, jnp.asarray([1]), 4)
+    with pytest.raises(ValueError, match="key"):
+        ss_rollout(CFG, sscfg, PARAMS, ssp, cache, jnp.asarray([1]), 1, greedy=False)
