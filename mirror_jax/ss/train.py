@@ -1,0 +1,194 @@
+"""Training the SS streams (stream embeddings + LoRA of the top N_s layers; base model frozen).
+
+Loss (Eq. 5 of Speculative Streaming, per-token means instead of sums)::
+
+    L = alpha_0 * NLL_main + sum_{j=1..s} alpha_j * NLL_j,   alpha_0 = 1, alpha_j = 0.1
+    NLL_main = mean_t -log p_main(y_{t+1} | y_<=t)            (main stream at t -> y_{t+1})
+    NLL_j    = mean_t -log p_j(y_{t+1+j} | y_<=t)             (stream j at t -> y_{t+1+j})
+
+In the lossless design the main stream is the frozen base draft, so NLL_main is a constant: it is
+reported, not trained. Because the main stream is frozen, everything it computes (the hidden state
+at L0 = N - N_s, the MSA layers' main K/V, the final main hidden state) can be computed once per
+batch by `precompute_main` (or once per data set and reused over epochs); a train step then runs
+only the N_s stream layers and the LM head on the s stream rows.
+
+The LM head over a large vocabulary is evaluated in chunks of rows under `jax.checkpoint`
+(`chunked_nll`), so memory holds ``chunk x V`` logits at a time, never ``B x T x s x V``.
+
+Example::
+
+    feats = precompute_main(cfg, sscfg, params, tokens)          # [B, T] int32 tokens
+    opt = make_optimizer(5e-4, total_steps=1000, warmup_steps=50)
+    state = init_train_state(ssp, opt)
+    step = make_train_step(cfg, sscfg, opt)
+    state, metrics = step(params, state, feats, tokens)          # metrics["loss"], ["nll_stream"]
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax import lax
+
+from mirror_jax import model as M
+from mirror_jax.config import ModelConfig
+from mirror_jax.kv_cache import init_cache
+from mirror_jax.params import ModelParams
+from mirror_jax.ss.model import SSConfig, SSParams, main_pass, stream_pass
+
+STREAM_ALPHA = 0.1
+
+
+@struct.dataclass
+class MainFeatures:
+    """Frozen main-stream quantities of a batch of full sequences (no cache)."""
+
+    h0: jax.Array  # [B, T, H] main hidden at the input of layer L0
+    ks: tuple[jax.Array, ...]  # per MSA layer [B, T, Nkv, D] main keys
+    vs: tuple[jax.Array, ...]  # per MSA layer [B, T, Nkv, D] main values
+    nll_main: jax.Array  # [B, T] -log p_main(y_{t+1}); 0 at t = T-1
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar
+    ssp: SSParams
+    opt_state: optax.OptState
+
+
+def chunked_nll(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int = 256):
+    """-log softmax(head(h))[target] for h: [N, H], targets: [N] -> [N] float32, evaluating the
+    head on `chunk` rows at a time (rematerialised in the backward pass)."""
+    n, hd = h.shape
+    chunk = max(1, min(chunk, n))
+    pad = (-n) % chunk
+    hp = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, hd)
+    tp = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
+
+    @jax.checkpoint
+    def one(args):
+        hh, tt = args
+        logits = M.head(cfg, params, hh)  # [chunk, V] float32
+        gold = jnp.take_along_axis(logits, tt[:, None], axis=-1)[:, 0]
+        return jax.nn.logsumexp(logits, axis=-1) - gold
+
+    return lax.map(one, (hp, tp)).reshape(-1)[:n]
+
+
+@partial(jax.jit, static_argnames=("cfg", "sscfg", "chunk"))
+def precompute_main(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, tokens, chunk: int = 256):
+    """Frozen main-stream features of tokens [B, T] (one base forward + the main NLL)."""
+    b, t = tokens.shape
+    l0 = sscfg.first_msa_layer(cfg)
+    cache = init_cache(cfg, b, t, dtype=params.embed.dtype)
+    h0, hf, _, cache = main_pass(cfg, sscfg, params, tokens, cache)
+    tgt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # y_{t+1} (last column unused)
+    nll = chunked_nll(cfg, params, hf.reshape(b * t, -1), tgt.reshape(-1), chunk).reshape(b, t)
+    nll = nll * (jnp.arange(t) < t - 1)
+    return MainFeatures(h0=h0, ks=cache.k[l0:], vs=cache.v[l0:], nll_main=nll)
+
+
+def stream_targets(tokens, num_streams: int, loss_mask=None):
+    """Targets [B, T, s] (stream j at t -> tokens[t+1+j]) and weights [B, T, s] (0 where
+    t+1+j >= T or the target position is masked out). loss_mask: [B, T] over target positions."""
+    b, t = tokens.shape
+    tgts, ws = [], []
+    mask = jnp.ones((b, t), jnp.float32) if loss_mask is None else loss_mask.astype(jnp.float32)
+    for j in range(1, num_streams + 1):
+        sh = 1 + j
+        tgts.append(jnp.pad(tokens[:, sh:], ((0, 0), (0, sh))))
+        ws.append(jnp.pad(mask[:, sh:], ((0, 0), (0, sh))))
+    return jnp.stack(tgts, axis=-1), jnp.stack(ws, axis=-1)
+
+
+def ss_loss(
+    cfg: ModelConfig,
+    sscfg: SSConfig,
+    params: ModelParams,
+    ssp: SSParams,
+    feats: MainFeatures,
+    tokens,
+    loss_mask=None,
+    *,
+    alpha: float = STREAM_ALPHA,
+    chunk: int = 256,
+):
+    """SS loss of tokens [B, T] given their frozen main features. Returns (loss, metrics) with
+    metrics = {"loss", "nll_main" (constant), "nll_stream" [s], "p_stream" [s]}; p_stream is the
+    mean probability each stream gives its target (a soft accuracy proxy; measure real acceptance
+    with `mirror_jax.ss.rollout`). loss_mask [B, T] (optional) weights target positions."""
+    b, t = tokens.shape
+    s = sscfg.num_streams
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    hs = stream_pass(cfg, sscfg, params, ssp, feats.h0, feats.ks, feats.vs, positions)  # [B, T, s, H]
+    tgt, w = stream_targets(tokens, s, loss_mask)
+    nll = chunked_nll(cfg, params, hs.reshape(b * t * s, -1), tgt.reshape(-1), chunk).reshape(b, t, s)
+    denom = jnp.maximum(jnp.sum(w, axis=(0, 1)), 1.0)
+    nll_j = jnp.sum(nll * w, axis=(0, 1)) / denom  # [s]
+    mmask = jnp.ones((b, t)) if loss_mask is None else loss_mask.astype(jnp.float32)
+    mmask = jnp.pad(mmask[:, 1:], ((0, 0), (0, 1)))  # weight of the target y_{t+1}
+    nll_main = jax.lax.stop_gradient(jnp.sum(feats.nll_main * mmask) / jnp.maximum(jnp.sum(mmask), 1.0))
+    loss = nll_main + alpha * jnp.sum(nll_j)
+    p_j = jnp.sum(jnp.exp(-nll) * w, axis=(0, 1)) / denom
+    return loss, {"loss": loss, "nll_main": nll_main, "nll_stream": nll_j, "p_stream": p_j}
+
+
+def make_optimizer(
+    lr: float = 5e-4,
+    total_steps: int = 1000,
+    warmup_steps: int = 0,
+    *,
+    schedule: str = "linear",
+    weight_decay: float = 0.0,
+    clip: float = 1.0,
+) -> optax.GradientTransformation:
+    """AdamW with linear warm-up to `lr`, then linear (to 0) or cosine decay; global-norm clipping."""
+    decay_steps = max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        decay = optax.linear_schedule(lr, 0.0, decay_steps)
+    elif schedule == "cosine":
+        decay = optax.cosine_decay_schedule(lr, decay_steps)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r} (linear or cosine)")
+    sched = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, max(1, warmup_steps)), decay], [warmup_steps]
+    )
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, weight_decay=weight_decay))
+
+
+def init_train_state(ssp: SSParams, opt: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), ssp=ssp, opt_state=opt.init(ssp))
+
+
+def make_train_step(
+    cfg: ModelConfig, sscfg: SSConfig, opt: optax.GradientTransformation, *, chunk: int = 256
+):
+    """Jitted ``step(params, state, feats, tokens, loss_mask=None) -> (state, metrics)``; only
+    `state.ssp` is differentiated."""
+
+    @jax.jit
+    def step(params, state: TrainState, feats: MainFeatures, tokens, loss_mask=None):
+        def f(ssp):
+            return ss_loss(cfg, sscfg, params, ssp, feats, tokens, loss_mask, chunk=chunk)
+
+        (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.ssp)
+        updates, opt_state = opt.update(grads, state.opt_state, state.ssp)
+        ssp = optax.apply_updates(state.ssp, updates)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        return TrainState(step=state.step + 1, ssp=ssp, opt_state=opt_state), metrics
+
+    return step
+
+
+def make_eval_loss(cfg: ModelConfig, sscfg: SSConfig, *, chunk: int = 256):
+    """Jitted ``eval(params, ssp, feats, tokens, loss_mask=None) -> metrics`` (no update)."""
+
+    @jax.jit
+    def ev(params, ssp, feats, tokens, loss_mask=None):
+        return ss_loss(cfg, sscfg, params, ssp, feats, tokens, loss_mask, chunk=chunk)[1]
+
+    return ev

@@ -1,0 +1,111 @@
+"""Orbax save/restore of SS adapters: bit-exact, atomic, clear errors."""
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mirror_jax.config import ModelConfig
+from mirror_jax.params import init_random
+from mirror_jax.ss.checkpoint import (
+    CheckpointCorruptedError,
+    CheckpointMismatchError,
+    load_default_ss_adapter,
+    read_metadata,
+    restore_ss_checkpoint,
+    save_ss_checkpoint,
+)
+from mirror_jax.ss.model import SSConfig, init_ss_params
+
+CFG = ModelConfig(
+    arch="qwen2",
+    vocab_size=40,
+    hidden_size=16,
+    intermediate_size=32,
+    num_layers=3,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    qkv_bias=True,
+)
+PARAMS = init_random(CFG, seed=0)
+
+
+def _ssp(sscfg, seed=0):
+    ssp = init_ss_params(CFG, sscfg, PARAMS, seed=seed)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map(lambda x: x + jnp.asarray(rng.normal(0, 0.1, x.shape), x.dtype), ssp)
+
+
+@pytest.mark.parametrize("rank", [4, 0])
+def test_roundtrip_bit_exact(tmp_path, rank):
+    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=rank)
+    ssp = _ssp(sscfg)
+    d = save_ss_checkpoint(tmp_path / "ck", CFG, PARAMS, sscfg, ssp, {"steps": 7, "data": "unit test"})
+    assert sorted(os.listdir(tmp_path)) == ["ck"]  # no temp dirs left behind
+    got_cfg, got, meta = restore_ss_checkpoint(d, CFG, PARAMS)
+    assert got_cfg == sscfg and meta["steps"] == 7
+    for a, b in zip(jax.tree_util.tree_leaves(ssp), jax.tree_util.tree_leaves(got), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree_util.tree_structure(ssp) == jax.tree_util.tree_structure(got)
+    # Overwriting an existing checkpoint works and replaces it.
+    ssp2 = _ssp(sscfg, seed=5)
+    save_ss_checkpoint(d, CFG, PARAMS, sscfg, ssp2, {"steps": 9})
+    _, got2, meta2 = restore_ss_checkpoint(d, CFG, PARAMS, sscfg)
+    assert meta2["steps"] == 9
+    np.testing.assert_array_equal(np.asarray(got2.stream_embed), np.asarray(ssp2.stream_embed))
+
+
+def test_mismatch_errors(tmp_path):
+    sscfg = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=2)
+    d = save_ss_checkpoint(tmp_path / "ck", CFG, PARAMS, sscfg, _ssp(sscfg))
+    other = init_random(CFG, seed=1)
+    with pytest.raises(CheckpointMismatchError, match="weights differ"):
+        restore_ss_checkpoint(d, CFG, other)
+    with pytest.raises(CheckpointMismatchError, match="num_streams"):
+        restore_ss_checkpoint(d, CFG, PARAMS, SSConfig(num_streams=3, num_msa_layers=1, lora_rank=2))
+    cfg2 = ModelConfig(**{**CFG.__dict__, "vocab_size": 41})
+    with pytest.raises(CheckpointMismatchError, match="vocab_size"):
+        restore_ss_checkpoint(d, cfg2, init_random(cfg2))
+
+
+def test_corruption_errors(tmp_path):
+    sscfg = SSConfig(num_streams=1, num_msa_layers=1, lora_rank=2)
+    d = save_ss_checkpoint(tmp_path / "ck", CFG, PARAMS, sscfg, _ssp(sscfg))
+    files = sorted(read_metadata(d)["files"], key=lambda r: -(d / r).stat().st_size)
+    biggest = d / files[0]
+    data = biggest.read_bytes()
+    biggest.write_bytes(data[: len(data) // 2])  # truncate
+    with pytest.raises(CheckpointCorruptedError, match="corrupted"):
+        restore_ss_checkpoint(d, CFG, PARAMS)
+    biggest.unlink()
+    with pytest.raises(CheckpointCorruptedError, match="missing"):
+        restore_ss_checkpoint(d, CFG, PARAMS)
+    (d / "metadata.json").write_text("{not json")
+    with pytest.raises(CheckpointCorruptedError, match="JSON"):
+        restore_ss_checkpoint(d, CFG, PARAMS)
+    with pytest.raises(CheckpointCorruptedError, match="does not exist"):
+        restore_ss_checkpoint(tmp_path / "nope", CFG, PARAMS)
+
+
+def test_load_default_adapter(tmp_path):
+    class Draft:
+        cfg, params = CFG, PARAMS
+
+    assert load_default_ss_adapter(Draft, tmp_path / "absent") is None
+    sscfg = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=2)
+    ssp = _ssp(sscfg)
+    save_ss_checkpoint(tmp_path / "dflt", CFG, PARAMS, sscfg, ssp)
+    got = load_default_ss_adapter(Draft, tmp_path / "dflt")
+    assert got is not None and got[0] == sscfg
+    np.testing.assert_array_equal(np.asarray(got[1].stream_embed), np.asarray(ssp.stream_embed))
+
+    class OtherDraft:
+        cfg, params = CFG, init_random(CFG, seed=3)
+
+    assert load_default_ss_adapter(OtherDraft, tmp_path / "dflt") is None
+    assert Path(tmp_path / "dflt" / "metadata.json").is_file()
