@@ -97,9 +97,9 @@ def prefill(cfg: ModelConfig, params: ModelParams, tokens, n_valid, cache: KVCac
 
 
 @functools.partial(jax.jit, static_argnames=("greedy",))
-def first_token(logits, key, positions, temperature, top_k, top_p, *, greedy: bool):
-    """The first generated token from the prefill logits [B, V]; positions [B]."""
-    rows = jnp.arange(logits.shape[0])
+def first_token(logits, key, positions, row0, temperature, top_k, top_p, *, greedy: bool):
+    """The first generated token from the prefill logits [B, V]; positions [B]; rows start at row0."""
+    rows = row0 + jnp.arange(logits.shape[0])
     return choose_tokens(logits, key, rows, positions, temperature, top_k, top_p, greedy=greedy)
 
 
@@ -112,14 +112,18 @@ def decode_step(cfg, params, tokens, cache: KVCache, key, temperature, top_k, to
     return nxt, commit(cache, 1)
 
 
-def start_sequences(cfg, params, prompts, sampling: SamplingParams, capacity: int, cache_dtype, key):
-    """Prefill a fresh cache and choose each row's first token (shared by all methods).
-
-    Returns (first tokens [B] device array, cache whose lengths are the prompt lengths)."""
+def start_sequences(
+    cfg, params, prompts, sampling: SamplingParams, capacity: int, cache_dtype, key, device=None, row0: int = 0
+):
+    """Prefill a fresh cache (on `device`) and choose each row's first token (shared by all
+    methods). `row0` is the batch row of prompts[0] (sampling keys). Returns (first tokens [B]
+    device array, cache whose lengths are the prompt lengths)."""
     toks, n_valid = pad_prompts(prompts)
-    cache = init_cache(cfg, len(prompts), capacity, cache_dtype)
-    last, cache = prefill(cfg, params, jnp.asarray(toks), jnp.asarray(n_valid), cache)
-    first = first_token(last, key, jnp.asarray(n_valid), **sampling.arrays(), greedy=sampling.greedy)
+    put = lambda x: jax.device_put(x, device)  # device None: the default device
+    cache = init_cache(cfg, len(prompts), capacity, cache_dtype, device=device)
+    last, cache = prefill(cfg, params, put(toks), put(n_valid), cache)
+    arrays = put(sampling.arrays())
+    first = first_token(last, key, put(n_valid), put(jnp.int32(row0)), **arrays, greedy=sampling.greedy)
     return first, cache
 
 

@@ -1,0 +1,177 @@
+"""One entry point for every decoding method: `generate(..., method="ar"|"sd"|"mirror")`.
+
+Example::
+
+    from mirror_jax import generate, default_pair
+    target, draft, tok = default_pair()
+    ids = tok.encode("def fib(n):")
+    res = generate(target, [ids], 64, method="mirror", draft=draft, placement="cpu:0,cpu:1")
+    res.tokens[0], res.stats["mean_tokens_per_round"], res.stats["fallback_rate"]
+
+`target` and `draft` are `LoadedModel`s (from `mirror_jax.loading`) or ``(cfg, params)`` pairs.
+All methods return the same tokens for the same seed: greedy output is token-identical to the
+target's own greedy decoding; sampled output follows the target's distribution exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+
+from mirror_jax.engine.decode import SpecSettings, speculative_generate, summarize_rounds
+from mirror_jax.engine.placement import Placement
+from mirror_jax.engine.verify import VERIFIERS
+from mirror_jax.generate import GenerationResult, cache_capacity, generate_ar, validate_prompts
+from mirror_jax.sampling import SamplingParams
+
+METHODS = ("ar", "sd", "mirror")
+
+
+class ConfigError(ValueError):
+    """Invalid decoding settings (gamma, kappa, exit layer, method, draft/target pairing)."""
+
+
+# Defaults per device kind. Accelerators follow the paper (gamma 7, kappa 8, all branches). On a
+# compute-bound CPU every extra branch costs real time, so fewer branches and a shorter window win.
+DEVICE_DEFAULTS = {
+    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 2},
+    "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64},
+    "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64},
+}
+
+
+def _unpack(model, what: str):
+    if model is None:
+        raise ConfigError(f"{what} model is required")
+    if isinstance(model, tuple):
+        cfg, params = model
+        return cfg, params, None
+    return model.cfg, model.params, getattr(model, "tokenizer", None)
+
+
+def check_pair(target_cfg, draft_cfg, target_tok=None, draft_tok=None) -> None:
+    """Draft and target must share the vocabulary (token ids cross the channel)."""
+    if target_cfg.vocab_size != draft_cfg.vocab_size:
+        raise ConfigError(
+            f"draft vocabulary ({draft_cfg.vocab_size} tokens) differs from the target's "
+            f"({target_cfg.vocab_size}): Mirror-SD exchanges token ids, so both models must use the same "
+            f"tokenizer"
+        )
+    if target_tok is not None and draft_tok is not None:
+        from mirror_jax.loading import check_same_tokenizer
+
+        try:
+            check_same_tokenizer(target_tok, draft_tok)
+        except ValueError as e:
+            raise ConfigError(f"draft and target tokenizers differ: {e}") from e
+
+
+def resolve_settings(
+    method, target_cfg, placement: Placement, *, gamma, kappa, exit_layer, branch_budget, verifier,
+    sampling: SamplingParams, profile: bool, allow_full_exit: bool,
+) -> SpecSettings:
+    """Fill in device defaults and validate every setting before any work starts."""
+    d = DEVICE_DEFAULTS.get(placement.draft.platform, DEVICE_DEFAULTS["gpu"])
+    gamma = d["gamma"] if gamma is None else gamma
+    kappa = d["kappa"] if kappa is None else kappa
+    n = target_cfg.num_layers
+    exit_layer = n // 2 if exit_layer is None else exit_layer
+    if not isinstance(gamma, int) or gamma < 1:
+        raise ConfigError(f"gamma (draft window length) must be an integer >= 1, got {gamma!r}")
+    if not isinstance(kappa, int) or kappa < 1:
+        raise ConfigError(f"kappa (early-exit candidates per position) must be an integer >= 1, got {kappa!r}")
+    hi = n if allow_full_exit else n - 1
+    if not isinstance(exit_layer, int) or not 1 <= exit_layer <= hi:
+        extra = "" if allow_full_exit else f" (exit_layer={n} is a testing switch: allow_full_exit=True)"
+        raise ConfigError(f"exit_layer must be in 1..{n - 1} for a {n}-layer target, got {exit_layer!r}{extra}")
+    max_branches = kappa * (gamma + 1)
+    budget = min(d["branch_budget"], max_branches) if branch_budget is None else branch_budget
+    if not isinstance(budget, int) or not 1 <= budget <= max_branches:
+        raise ConfigError(f"branch_budget must be in 1..kappa*(gamma+1)={max_branches}, got {branch_budget!r}")
+    if verifier is None:
+        verifier = "greedy" if sampling.greedy else "sample_match"
+    if verifier not in VERIFIERS:
+        raise ConfigError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
+    if (verifier == "greedy") != sampling.greedy:
+        raise ConfigError(
+            f"verifier {verifier!r} does not fit temperature={sampling.temperature}: use 'greedy' with "
+            f"temperature 0 and 'sample_match' or 'rejection' with temperature > 0"
+        )
+    return SpecSettings(method, gamma, kappa, exit_layer, budget, verifier, profile)
+
+
+def generate(
+    target,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int = 128,
+    *,
+    method: str = "ar",
+    draft=None,
+    gamma: int | None = None,
+    kappa: int | None = None,
+    exit_layer: int | None = None,
+    branch_budget: int | None = None,
+    placement: str | Placement | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    verifier: str | None = None,
+    eos_ids: Sequence[int] | None = None,
+    max_len: int | None = None,
+    profile: bool = False,
+    allow_full_exit: bool = False,
+    progress=None,
+) -> GenerationResult:
+    """Decode `prompts` (lists of token ids) with `method`; see the module docstring.
+
+    Speculative methods run the prompts one at a time (batch 1); "ar" batches them. Stats include
+    tokens/s, mean tokens per round, accepted-length histogram, reuse/fallback counts and
+    Omega_kappa (mirror), and per-phase median times when `profile=True`."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
+    sampling = SamplingParams(temperature, top_k, top_p, seed)
+    cfg_t, p_t, tok_t = _unpack(target, "target")
+    prompts = validate_prompts(prompts, cfg_t.vocab_size)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    pl = Placement.parse(placement)
+    eos = tuple(cfg_t.eos_token_ids if eos_ids is None else eos_ids)
+    if method == "ar":
+        res = generate_ar(
+            cfg_t, pl.to_target(p_t), prompts, max_new_tokens, sampling=sampling, eos_ids=eos, max_len=max_len
+        )
+        res.stats["tokens_per_s"] = res.num_generated / max(res.stats["total_s"], 1e-9)
+        return res
+    cfg_d, p_d, tok_d = _unpack(draft, "draft (needed for method 'sd'/'mirror')")
+    check_pair(cfg_t, cfg_d, tok_t, tok_d)
+    s = resolve_settings(
+        method, cfg_t, pl, gamma=gamma, kappa=kappa, exit_layer=exit_layer, branch_budget=branch_budget,
+        verifier=verifier, sampling=sampling, profile=profile, allow_full_exit=allow_full_exit,
+    )
+    capacity = cache_capacity(max(map(len, prompts)), max_new_tokens, s.margin(), max_len)
+    tgt = (cfg_t, pl.to_target(p_t))
+    drf = (cfg_d, pl.to_draft(p_d))
+    t0 = time.perf_counter()
+    tokens, rounds = [], []
+    for row, prompt in enumerate(prompts):
+        toks, recs = speculative_generate(
+            tgt, drf, prompt, max_new_tokens, sampling, s, pl, eos_ids=eos, capacity=capacity, row=row,
+            progress=progress,
+        )
+        tokens.append(toks)
+        rounds.extend(recs)
+    total = time.perf_counter() - t0
+    stats = {"method": method, "total_s": total, "settings": dataclasses.asdict(s), "placement": pl.describe()}
+    stats.update(summarize_rounds(rounds, s))
+    res = GenerationResult(tokens=tokens, stats=stats)
+    res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)
+    res.stats["per_round"] = rounds
+    return res
+
+
+def jax_devices_summary() -> str:
+    return ", ".join(f"{d.platform}:{d.id}" for d in jax.devices())
