@@ -151,3 +151,18 @@ def test_gguf_writer_matches_transformers_reader(tmp_path, arch):
     _assert_close(
         jax_logits(load_gguf(tmp_path / "x.gguf", progress=False), tokens), torch_logits(ref, tokens)
     )
+
+
+def test_tied_checkpoint_with_explicit_lm_head(tmp_path):
+    """A tied model whose file still carries lm_head.weight loads too (the stored head is used)."""
+    from safetensors.numpy import load_file, save_file
+
+    path, hf = make_tiny_hf_model(tmp_path / "m", "llama", tie_word_embeddings=True)
+    f = path / "model.safetensors"
+    sd = load_file(str(f))
+    assert "lm_head.weight" not in sd
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].copy()
+    save_file(sd, str(f), metadata={"format": "pt"})
+    loaded = load_hf_dir(path)
+    tokens = _tokens(loaded.cfg.vocab_size, b=1, t=8)
+    _assert_close(jax_logits(loaded, tokens), torch_logits(hf, tokens))
