@@ -80,3 +80,16 @@ def test_training_reduces_loss_and_freezes_base():
     assert float(after["nll_main"]) == float(before["nll_main"])  # main stream frozen
     assert float(after["loss"]) < float(before["loss"]) - 0.1
     assert np.all(np.asarray(after["nll_stream"]) < np.asarray(before["nll_stream"]))
+
+
+def test_start_skips_masked_prompt_positions():
+    """With targets before `start + 1 + s` masked out, skipping the first `start` stream positions
+    gives the same loss."""
+    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+    ssp = init_ss_params(CFG, sscfg, PARAMS, seed=1, embed_scale=0.3)
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 12)), jnp.int32)
+    mask = jnp.asarray(np.arange(12)[None, :] >= 6, jnp.float32).repeat(2, 0)
+    feats = precompute_main(CFG, sscfg, PARAMS, toks)
+    _, m0 = ss_loss(CFG, sscfg, PARAMS, ssp, feats, toks, mask)
+    _, m3 = ss_loss(CFG, sscfg, PARAMS, ssp, feats, toks, mask, start=3)
+    np.testing.assert_allclose(np.asarray(m3["nll_stream"]), np.asarray(m0["nll_stream"]), rtol=1e-5)

@@ -116,17 +116,22 @@ def ss_loss(
     *,
     alpha: float = STREAM_ALPHA,
     chunk: int = 256,
+    start: int = 0,
 ):
     """SS loss of tokens [B, T] given their frozen main features. Returns (loss, metrics) with
     metrics = {"loss", "nll_main" (constant), "nll_stream" [s], "p_stream" [s]}; p_stream is the
     mean probability each stream gives its target (a soft accuracy proxy; measure real acceptance
-    with `mirror_jax.ss.rollout`). loss_mask [B, T] (optional) weights target positions."""
+    with `mirror_jax.ss.rollout`). loss_mask [B, T] (optional) weights target positions.
+    `start` (static) skips the stream computation for positions t < start (e.g. a fixed-length
+    prompt whose targets are masked out anyway); they still serve as main-stream keys."""
     b, t = tokens.shape
     s = sscfg.num_streams
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    hs = stream_pass(cfg, sscfg, params, ssp, feats.h0, feats.ks, feats.vs, positions)  # [B, T, s, H]
+    hs = stream_pass(cfg, sscfg, params, ssp, feats.h0[:, start:], feats.ks, feats.vs, positions[:, start:])
     tgt, w = stream_targets(tokens, s, loss_mask)
-    nll = chunked_nll(cfg, params, hs.reshape(b * t * s, -1), tgt.reshape(-1), chunk).reshape(b, t, s)
+    tgt, w = tgt[:, start:], w[:, start:]  # [B, T', s] with T' = T - start
+    tq = t - start
+    nll = chunked_nll(cfg, params, hs.reshape(b * tq * s, -1), tgt.reshape(-1), chunk).reshape(b, tq, s)
     denom = jnp.maximum(jnp.sum(w, axis=(0, 1)), 1.0)
     nll_j = jnp.sum(nll * w, axis=(0, 1)) / denom  # [s]
     mmask = jnp.ones((b, t)) if loss_mask is None else loss_mask.astype(jnp.float32)
@@ -165,7 +170,7 @@ def init_train_state(ssp: SSParams, opt: optax.GradientTransformation) -> TrainS
 
 
 def make_train_step(
-    cfg: ModelConfig, sscfg: SSConfig, opt: optax.GradientTransformation, *, chunk: int = 256
+    cfg: ModelConfig, sscfg: SSConfig, opt: optax.GradientTransformation, *, chunk: int = 256, start: int = 0
 ):
     """Jitted ``step(params, state, feats, tokens, loss_mask=None) -> (state, metrics)``; only
     `state.ssp` is differentiated."""
@@ -173,7 +178,7 @@ def make_train_step(
     @jax.jit
     def step(params, state: TrainState, feats: MainFeatures, tokens, loss_mask=None):
         def f(ssp):
-            return ss_loss(cfg, sscfg, params, ssp, feats, tokens, loss_mask, chunk=chunk)
+            return ss_loss(cfg, sscfg, params, ssp, feats, tokens, loss_mask, chunk=chunk, start=start)
 
         (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.ssp)
         updates, opt_state = opt.update(grads, state.opt_state, state.ssp)
@@ -184,11 +189,11 @@ def make_train_step(
     return step
 
 
-def make_eval_loss(cfg: ModelConfig, sscfg: SSConfig, *, chunk: int = 256):
+def make_eval_loss(cfg: ModelConfig, sscfg: SSConfig, *, chunk: int = 256, start: int = 0):
     """Jitted ``eval(params, ssp, feats, tokens, loss_mask=None) -> metrics`` (no update)."""
 
     @jax.jit
     def ev(params, ssp, feats, tokens, loss_mask=None):
-        return ss_loss(cfg, sscfg, params, ssp, feats, tokens, loss_mask, chunk=chunk)[1]
+        return ss_loss(cfg, sscfg, params, ssp, feats, tokens, loss_mask, chunk=chunk, start=start)[1]
 
     return ev

@@ -1,0 +1,367 @@
+"""Train a speculative-streaming adapter for the draft on target-distilled Python-stdlib data.
+
+Pipeline (each stage cached / resumable):
+
+1. Prompts: for every function with a docstring in the Python standard library
+   (``sysconfig.get_paths()["stdlib"]``, no test packages), the source up to the end of the
+   docstring, left-truncated to exactly ``--prompt-len`` tokens. Files are split train/held-out by
+   a hash of their path (`split_of`); ``experiments/bench_ss.py`` uses the held-out files.
+2. Distillation: the TARGET model greedily continues each prompt by ``--gen-len`` tokens
+   (`mirror_jax.generate.generate_ar`). Cached as an .npz under ``--work-dir``; the target is then
+   freed before training.
+3. Frozen main-stream features of the draft (hidden state at L0 = N - N_s and the MSA layers' K/V)
+   are computed once for the whole data set (`precompute_main`).
+4. Training: AdamW, linear warm-up then linear/cosine decay; loss on the continuation tokens only.
+   Logs JSONL + a PNG loss curve to ``--results-dir``; the full train state is saved to
+   ``--work-dir`` every ``--ckpt-every`` steps (atomic) and a re-run resumes from it.
+5. The adapter goes to ``checkpoints/<name>/`` (orbax + metadata.json).
+
+Usage::
+
+    python experiments/train_ss_draft.py --tiny --steps 30          # smoke test, random models
+    python experiments/train_ss_draft.py --num-prompts 320 --steps 400 --time-budget-min 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import gc
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mirror_jax.ss.checkpoint import base_fingerprint, save_ss_checkpoint  # noqa: E402
+from mirror_jax.ss.model import SSConfig, init_ss_params  # noqa: E402
+from mirror_jax.ss.train import (  # noqa: E402
+    init_train_state,
+    make_eval_loss,
+    make_optimizer,
+    make_train_step,
+    precompute_main,
+)
+
+
+def split_of(path: str) -> str:
+    """'heldout' for ~1 in 8 stdlib files (stable hash of the relative path), else 'train'."""
+    return "heldout" if int(hashlib.sha1(path.encode()).hexdigest(), 16) % 8 == 0 else "train"
+
+
+def stdlib_prompt_texts(split: str, limit: int, seed: int = 0) -> list[tuple[str, str]]:
+    """[(source id, text)] : source up to the end of a function docstring, from the stdlib files of
+    `split`. Deterministic for a given seed."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(
+        p for p in root.rglob("*.py") if not any(x in p.parts for x in ("test", "tests", "idlelib"))
+    )
+    out = []
+    for f in files:
+        rel = str(f.relative_to(root))
+        if split_of(rel) != split:
+            continue
+        try:
+            src = f.read_text(encoding="utf-8")
+            tree = ast.parse(src)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = src.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and ast.get_docstring(node):
+                doc = node.body[0]
+                text = "".join(lines[: doc.end_lineno])
+                out.append((f"{rel}:{node.name}", text))
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(out))[:limit]
+    return [out[i] for i in sorted(idx)]
+
+
+def make_prompts(tokenizer, split: str, n: int, prompt_len: int, seed: int = 0):
+    texts = stdlib_prompt_texts(split, n * 2, seed)
+    prompts, ids = [], []
+    for sid, text in texts:
+        toks = tokenizer.encode(text[-8 * prompt_len :])
+        if len(toks) >= prompt_len:
+            prompts.append(list(toks[-prompt_len:]))
+            ids.append(sid)
+        if len(prompts) == n:
+            break
+    return prompts, ids
+
+
+def distill(target, prompts, gen_len: int, batch: int, eos_ids) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy target continuations -> tokens [N, P+G] and continuation mask [N, P+G] (0 after EOS)."""
+    from mirror_jax.generate import generate_ar
+
+    p = len(prompts[0])
+    toks = np.zeros((len(prompts), p + gen_len), np.int32)
+    mask = np.zeros_like(toks, dtype=np.float32)
+    for i in tqdm(range(0, len(prompts), batch), desc="distill (target)"):
+        chunk = prompts[i : i + batch]
+        res = generate_ar(target.cfg, target.params, chunk, gen_len)
+        for j, (pr, cont) in enumerate(zip(chunk, res.tokens, strict=True)):
+            pad = [cont[-1] if cont else 0] * (gen_len - len(cont))
+            toks[i + j] = np.asarray(pr + list(cont) + pad, np.int32)
+            mask[i + j, p : p + len(cont)] = 1.0
+    del eos_ids
+    return toks, mask
+
+
+def tiny_models():
+    from mirror_jax.config import ModelConfig
+    from mirror_jax.params import init_random
+
+    class M:
+        def __init__(self, cfg, seed):
+            self.cfg, self.params, self.sha256 = cfg, init_random(cfg, seed, scale=0.2), None
+
+    cfg = ModelConfig(
+        arch="qwen2",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        qkv_bias=True,
+        eos_token_ids=(1,),
+    )
+    return M(cfg, 1), M(cfg, 2)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def plot_curve(log_path: Path, png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+    tr = [r for r in rows if r["kind"] == "train"]
+    ev = [r for r in rows if r["kind"] == "eval"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    for j in range(len(tr[0]["nll_stream"]) if tr else 0):
+        ax[0].plot([r["step"] for r in tr], [r["nll_stream"][j] for r in tr], label=f"stream {j + 1} (train)")
+        if ev:
+            ax[0].plot(
+                [r["step"] for r in ev],
+                [r["nll_stream"][j] for r in ev],
+                "o--",
+                label=f"stream {j + 1} (eval)",
+            )
+    if tr:
+        ax[0].axhline(tr[-1]["nll_main"], color="k", lw=0.8, ls=":", label="main stream (frozen)")
+    ax[0].set_xlabel("step"), ax[0].set_ylabel("NLL (nats/token)"), ax[0].legend(fontsize=7)
+    ax[1].plot([r["step"] for r in tr], [r["loss"] for r in tr], label="SS loss (train)")
+    if ev:
+        ax[1].plot([r["step"] for r in ev], [r["loss"] for r in ev], "o--", label="SS loss (eval)")
+    ax[1].set_xlabel("step"), ax[1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--name", default="ss_default_draft")
+    ap.add_argument(
+        "--tiny", action="store_true", help="random tiny models + random-token prompts (smoke test)"
+    )
+    ap.add_argument("--num-prompts", type=int, default=320)
+    ap.add_argument("--prompt-len", type=int, default=48)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--gen-batch", type=int, default=16)
+    ap.add_argument("--eval-frac", type=float, default=0.1)
+    ap.add_argument("--num-streams", type=int, default=2)
+    ap.add_argument("--msa-layers", type=int, default=2)
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
+    ap.add_argument("--ckpt-every", type=int, default=25)
+    ap.add_argument("--eval-every", type=int, default=50)
+    ap.add_argument(
+        "--time-budget-min", type=float, default=0.0, help="stop training after this long (0 = off)"
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "mirror_jax" / "ss_runs"))
+    ap.add_argument("--results-dir", default=str(ROOT / "experiments" / "results"))
+    ap.add_argument("--ckpt-root", default=str(ROOT / "checkpoints"))
+    args = ap.parse_args(argv)
+
+    sscfg = SSConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers, lora_rank=args.lora_rank)
+    work = Path(args.work_dir) / args.name
+    work.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    kind = "tiny" if args.tiny else "default"
+    tag = f"{args.name}_{kind}_p{args.num_prompts}_{args.prompt_len}_{args.gen_len}"
+    data_path = work / f"distill_{tag}.npz"
+
+    # ---- models + distillation data -------------------------------------------------------------
+    if args.tiny:
+        target, draft = tiny_models()
+        if not data_path.exists():
+            rng = np.random.default_rng(args.seed)
+            prompts = rng.integers(2, target.cfg.vocab_size, (args.num_prompts, args.prompt_len)).tolist()
+            toks, mask = distill(target, prompts, args.gen_len, args.gen_batch, target.cfg.eos_token_ids)
+            np.savez(
+                data_path, tokens=toks, mask=mask, ids=np.array([f"random:{i}" for i in range(len(toks))])
+            )
+        data_desc = "tiny random models; random-token prompts; greedy continuations of the tiny target"
+    else:
+        from mirror_jax.loading.default_pair import default_pair
+
+        target, draft, tokenizer = default_pair(progress=False)
+        if not data_path.exists():
+            prompts, ids = make_prompts(tokenizer, "train", args.num_prompts, args.prompt_len, args.seed)
+            print(f"{len(prompts)} stdlib prompts of {args.prompt_len} tokens", flush=True)
+            toks, mask = distill(target, prompts, args.gen_len, args.gen_batch, target.cfg.eos_token_ids)
+            np.savez(data_path, tokens=toks, mask=mask, ids=np.array(ids))
+        data_desc = (
+            f"Python {sys.version_info.major}.{sys.version_info.minor} stdlib (train split of files by "
+            f"sha1(path) % 8 != 0): source up to a function docstring, last {args.prompt_len} tokens as "
+            f"prompt; {args.gen_len}-token greedy continuations by the target "
+            f"({getattr(target, 'name', 'target')}); loss on continuation tokens only"
+        )
+    target = None
+    gc.collect()
+    data = np.load(data_path)
+    tokens_all, mask_all = data["tokens"], data["mask"]
+    n = len(tokens_all)
+    n_eval = max(1, int(round(n * args.eval_frac)))
+    perm = np.random.default_rng(args.seed).permutation(n)
+    ev_idx, tr_idx = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+    print(f"data: {n} rows x {tokens_all.shape[1]} tokens ({len(tr_idx)} train / {n_eval} eval)", flush=True)
+
+    # ---- frozen main-stream features (once) -------------------------------------------------------
+    cfg, params = draft.cfg, draft.params
+    feats_host = []
+    for i in tqdm(range(0, n, args.batch), desc="main-stream features (draft)"):
+        f = precompute_main(cfg, sscfg, params, jnp.asarray(tokens_all[i : i + args.batch]))
+        feats_host.append(jax.tree_util.tree_map(np.asarray, f))
+    feats_all = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *feats_host)
+    del feats_host
+
+    def batch_of(idx):
+        f = jax.tree_util.tree_map(lambda x: jnp.asarray(x[idx]), feats_all)
+        return f, jnp.asarray(tokens_all[idx]), jnp.asarray(mask_all[idx])
+
+    # ---- training -----------------------------------------------------------------------------------
+    # stream j at t targets t+1+j; continuation targets start at prompt_len, so t >= P - 1 - s.
+    start = max(0, args.prompt_len - 1 - sscfg.num_streams)
+    opt = make_optimizer(args.lr, args.steps, args.warmup, schedule=args.schedule)
+    step_fn = make_train_step(cfg, sscfg, opt, chunk=256, start=start)
+    eval_fn = make_eval_loss(cfg, sscfg, chunk=256, start=start)
+    state = init_train_state(init_ss_params(cfg, sscfg, params, seed=args.seed), opt)
+    state_path = work / "train_state.msgpack"
+    log_path = results / f"{args.name}_train_log.jsonl"
+    if state_path.exists():
+        state = serialization.from_bytes(state, state_path.read_bytes())
+        print(f"resumed from step {int(state.step)}", flush=True)
+        if log_path.exists():  # drop log lines written after the restored checkpoint
+            keep = [
+                x
+                for x in log_path.read_text().splitlines()
+                if x.strip() and json.loads(x)["step"] <= int(state.step)
+            ]
+            log_path.write_text("".join(k + "\n" for k in keep))
+    elif log_path.exists():
+        log_path.unlink()
+
+    def evaluate(ssp):
+        ms = [
+            eval_fn(params, ssp, *batch_of(ev_idx[i : i + args.batch])) for i in range(0, n_eval, args.batch)
+        ]
+        return {k: np.mean([np.asarray(m[k]) for m in ms], axis=0) for k in ms[0]}
+
+    def to_json(m):
+        return {k: (np.asarray(v).tolist()) for k, v in m.items()}
+
+    t0 = time.time()
+    first = int(state.step)
+    bar = tqdm(range(first, args.steps), initial=first, total=args.steps, desc="train SS")
+    with open(log_path, "a") as log:
+        if first == 0:
+            log.write(json.dumps({"kind": "eval", "step": 0, **to_json(evaluate(state.ssp))}) + "\n")
+        for step in bar:
+            rng = np.random.default_rng((args.seed, step))  # resumable data order
+            idx = np.sort(rng.choice(tr_idx, size=min(args.batch, len(tr_idx)), replace=False))
+            state, m = step_fn(params, state, *batch_of(idx))
+            m = to_json(m)
+            log.write(json.dumps({"kind": "train", "step": step + 1, "time_s": time.time() - t0, **m}) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{m['loss']:.3f}", s1=f"{m['nll_stream'][0]:.2f}")
+            done = step + 1 == args.steps or (
+                args.time_budget_min and time.time() - t0 > 60 * args.time_budget_min
+            )
+            if (step + 1) % args.eval_every == 0 or done:
+                log.write(
+                    json.dumps({"kind": "eval", "step": step + 1, **to_json(evaluate(state.ssp))}) + "\n"
+                )
+                log.flush()
+            if (step + 1) % args.ckpt_every == 0 or done:
+                atomic_write_bytes(state_path, serialization.to_bytes(state))
+            if done:
+                break
+    rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+    last_ev = [r for r in rows if r["kind"] == "eval"][-1]
+    first_ev = [r for r in rows if r["kind"] == "eval"][0]
+    last_tr = [r for r in rows if r["kind"] == "train"][-1]
+    png = results / f"{args.name}_train_loss.png"
+    plot_curve(
+        log_path,
+        png,
+        f"SS adapter {args.name}: s={sscfg.num_streams}, N_s={sscfg.num_msa_layers}, "
+        f"LoRA r={sscfg.lora_rank}, {int(state.step)} steps",
+    )
+    extra = {
+        "steps": int(state.step),
+        "base_sha256": getattr(draft, "sha256", None),
+        "base_name": getattr(draft, "name", "tiny-random"),
+        "data": data_desc,
+        "num_rows": int(n),
+        "row_tokens": int(tokens_all.shape[1]),
+        "train_args": vars(args),
+        "final_train": {k: last_tr[k] for k in ("loss", "nll_main", "nll_stream", "p_stream")},
+        "eval_before": {k: first_ev[k] for k in ("loss", "nll_main", "nll_stream", "p_stream")},
+        "eval_after": {k: last_ev[k] for k in ("loss", "nll_main", "nll_stream", "p_stream")},
+    }
+    out = save_ss_checkpoint(
+        Path(args.ckpt_root) / args.name,
+        cfg,
+        params,
+        sscfg,
+        state.ssp,
+        extra,
+        fingerprint=base_fingerprint(cfg, params),
+    )
+    print(
+        json.dumps({"checkpoint": str(out), **{k: extra[k] for k in ("steps", "eval_before", "eval_after")}})
+    )
+    return out
+
+
+if __name__ == "__main__":
+    main()
