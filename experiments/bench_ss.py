@@ -1,0 +1,209 @@
+"""Benchmark the speculative-streaming draft: draft forwards per gamma-token window.
+
+For each held-out Python-stdlib prompt (files the SS adapter never saw, see
+`train_ss_draft.split_of`), the draft is prefilled with the prompt and then produces
+``--windows`` consecutive gamma-token windows of its own greedy continuation, each window with
+
+* ``ar_rollout`` - one draft forward per token (gamma forwards), and
+* ``ss_rollout`` - several tokens per forward, for the trained adapter and for untrained streams
+  (the stream embeddings/LoRA at initialisation, a control).
+
+Reported per (method, gamma): mean draft forwards per window, tokens per forward
+(= gamma / forwards), wall time per window (CPU, jitted, after a warm-up; contended machines make
+these noisy), and a check that every SS window equals the AR window token for token.
+Writes ``experiments/results/ss_bench.{json,md,png}``.
+
+Usage::
+
+    python experiments/bench_ss.py                      # default draft + checkpoints/ss_default_draft
+    python experiments/bench_ss.py --tiny               # random tiny model, smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from mirror_jax import model as M  # noqa: E402
+from mirror_jax.kv_cache import commit, init_cache  # noqa: E402
+from mirror_jax.ss.checkpoint import REPO_CHECKPOINTS, restore_ss_checkpoint  # noqa: E402
+from mirror_jax.ss.model import SSConfig, init_ss_params  # noqa: E402
+from mirror_jax.ss.rollout import ar_rollout, ss_rollout  # noqa: E402
+
+
+def prefill(cfg, params, prompt: list[int], capacity: int):
+    """Cache holding prompt[:-1] (committed) and the root token prompt[-1]."""
+    cache = init_cache(cfg, 1, capacity, dtype=params.embed.dtype)
+    _, cache = jax.jit(M.forward, static_argnums=0)(cfg, params, jnp.asarray([prompt[:-1]], jnp.int32), cache)
+    return commit(cache, len(prompt) - 1), jnp.asarray([prompt[-1]], jnp.int32)
+
+
+def run_windows(fn, cfg, sscfg, params, ssp, cache, root, gamma: int, windows: int):
+    """`windows` consecutive gamma-token windows; returns (tokens [windows*gamma], forwards per
+    window, seconds per window)."""
+    toks, fwd, secs = [], [], []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        out, nf, cache = fn(cfg, sscfg, params, ssp, cache, root, gamma)
+        out = np.asarray(out)
+        secs.append(time.perf_counter() - t0)
+        fwd.append(int(nf))
+        toks.extend(out[0].tolist())
+        cache = commit(cache, gamma)
+        root = jnp.asarray(out[:, -1])
+    return toks, fwd, secs
+
+
+def load(args):
+    if args.tiny:
+        from mirror_jax.config import ModelConfig
+        from mirror_jax.params import init_random
+
+        cfg = ModelConfig(
+            arch="qwen2",
+            vocab_size=128,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=8,
+            qkv_bias=True,
+        )
+        params = init_random(cfg, 2, scale=0.2)
+        rng = np.random.default_rng(0)
+        prompts = rng.integers(2, 128, (args.num_prompts, args.prompt_len)).tolist()
+        return cfg, params, prompts, "tiny-random"
+    from train_ss_draft import make_prompts
+
+    from mirror_jax.loading.default_pair import DRAFT_SPEC, assemble_default_files
+    from mirror_jax.loading.gguf_loader import load_gguf
+
+    _, draft_path = assemble_default_files()
+    draft = load_gguf(draft_path, jnp.float32, sha256=DRAFT_SPEC.sha256, progress=False)
+    prompts, _ = make_prompts(draft.tokenizer, "heldout", args.num_prompts, args.prompt_len, seed=1)
+    return draft.cfg, draft.params, prompts, draft.name
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--ckpt", default=str(REPO_CHECKPOINTS / "ss_default_draft"))
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=48)
+    ap.add_argument("--windows", type=int, default=6)
+    ap.add_argument("--gammas", default="4,7")
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "ss_bench"))
+    args = ap.parse_args(argv)
+    gammas = [int(g) for g in args.gammas.split(",")]
+
+    cfg, params, prompts, name = load(args)
+    methods = {}
+    if args.tiny:
+        sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+        methods["ss (untrained streams)"] = (ss_rollout, sscfg, init_ss_params(cfg, sscfg, params))
+        meta = {"steps": 0}
+    else:
+        sscfg, ssp, meta = restore_ss_checkpoint(args.ckpt, cfg, params)
+        methods[f"ss (trained, {meta['steps']} steps)"] = (ss_rollout, sscfg, ssp)
+        methods["ss (untrained streams)"] = (ss_rollout, sscfg, init_ss_params(cfg, sscfg, params))
+    methods = {"ar": (ar_rollout, sscfg, None), **methods}
+    capacity = args.prompt_len + args.windows * max(gammas) + sscfg.num_streams + 8
+
+    rows, mismatches = [], 0
+    for gamma in gammas:
+        # warm-up / compile every method once
+        cache, root = prefill(cfg, params, prompts[0], capacity)
+        for fn, sc, sp in methods.values():
+            run_windows(fn, cfg, sc, params, sp, cache, root, gamma, 1)
+        per = {m: {"fwd": [], "sec": []} for m in methods}
+        for prompt in tqdm(prompts, desc=f"gamma={gamma}"):
+            cache, root = prefill(cfg, params, prompt, capacity)
+            ref = None
+            for m, (fn, sc, sp) in methods.items():
+                toks, fwd, secs = run_windows(fn, cfg, sc, params, sp, cache, root, gamma, args.windows)
+                ref = toks if ref is None else ref
+                mismatches += int(toks != ref)
+                per[m]["fwd"] += fwd
+                per[m]["sec"] += secs
+        for m, d in per.items():
+            f = np.asarray(d["fwd"], float)
+            rows.append(
+                {
+                    "method": m,
+                    "gamma": gamma,
+                    "windows": len(f),
+                    "forwards_per_window": float(f.mean()),
+                    "tokens_per_forward": float(gamma / f.mean()),
+                    "ms_per_window": 1e3 * float(np.median(d["sec"])),
+                }
+            )
+    result = {
+        "model": name,
+        "ss_config": sscfg.__dict__,
+        "adapter_steps": meta.get("steps"),
+        "prompts": len(prompts),
+        "prompt_len": args.prompt_len,
+        "windows_per_prompt": args.windows,
+        "ss_equals_ar_all_windows": mismatches == 0,
+        "mismatched_prompt_runs": mismatches,
+        "device": f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()})",
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    md = [
+        f"# SS draft benchmark ({name})",
+        "",
+        f"s={sscfg.num_streams}, N_s={sscfg.num_msa_layers}, LoRA r={sscfg.lora_rank}; "
+        f"{len(prompts)} held-out "
+        f"stdlib prompts x {args.windows} consecutive windows, batch 1, greedy. SS output == AR output in "
+        f"every window: **{mismatches == 0}**. Wall times: {result['device']}, median per window.",
+        "",
+        "| method | gamma | draft forwards / window | tokens / forward | ms / window |",
+        "|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {r['method']} | {r['gamma']} | {r['forwards_per_window']:.2f} | {r['tokens_per_forward']:.2f} | "
+        f"{r['ms_per_window']:.1f} |"
+        for r in rows
+    ]
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = list(methods)
+    w = 0.8 / len(names)
+    for i, m in enumerate(names):
+        ys = [r["tokens_per_forward"] for g in gammas for r in rows if r["method"] == m and r["gamma"] == g]
+        ax.bar(np.arange(len(gammas)) + i * w, ys, w, label=m)
+    ax.set_xticks(np.arange(len(gammas)) + w * (len(names) - 1) / 2, [f"gamma={g}" for g in gammas])
+    ax.set_ylabel("draft tokens per forward")
+    ax.set_title(f"SS vs AR draft ({name})", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+    print("\n".join(md))
+    return result
+
+
+if __name__ == "__main__":
+    main()
