@@ -7,7 +7,10 @@ from __future__ import annotations
 import os
 import sys
 
-import pytest
+# Two virtual host devices for placement tests; must be set before jax is first imported.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 

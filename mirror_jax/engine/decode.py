@@ -84,6 +84,7 @@ class _State:
     window: jax.Array  # [1, gamma] on the draft device
     q: jax.Array | None  # [1, gamma, V] on the draft device (rejection only)
     pos: int
+    draft_len: int  # host copy of the draft cache's committed length (sd: may trail pos by one)
 
 
 def _start(target, draft, prompt, sampling, s: SpecSettings, pl: Placement, keys, capacity, row):
@@ -100,7 +101,7 @@ def _start(target, draft, prompt, sampling, s: SpecSettings, pl: Placement, keys
         cfg_d, p_d, cache_d, jnp.int32(0), last_d[None], keys["d"], **keys["arr_d"],
         gamma=s.gamma, sample=s.draft_samples, want_q=s.want_q,
     )
-    return int(first[0]), _State(cache_t, cache_d, first, last_d, window, q, len(prompt))
+    return int(first[0]), _State(cache_t, cache_d, first, last_d, window, q, len(prompt), len(prompt))
 
 
 def _mirror_round(target, draft, st: _State, s: SpecSettings, pl: Placement, keys, timer: _Timer, row):
@@ -150,17 +151,23 @@ def _sd_round(target, draft, st: _State, s: SpecSettings, pl: Placement, keys, t
     )
     a, c, win = jax.device_get((res["a"], res["c"], win_t))  # the sync
     a, c, win = int(a), int(c), np.asarray(win)[0]
-    # The chain fed [last, d1..d_{gamma-1}]: when all gamma were accepted, d_gamma's K/V is missing,
-    # so the next chain feeds [d_gamma, c] (two tokens) after committing gamma tokens.
-    first = np.array([[c]] if a < s.gamma else [[win[-1], c]], np.int32)
+    # The last chain fed [last, d1..d_{gamma-1}] (after one extra token when it started with two)
+    # at slots draft_len..fed_end-1. Commit what is both fed and accepted; feed the rest: [c], or
+    # [d_gamma, c] when the whole window was accepted (d_gamma's K/V was never computed).
+    new_pos = st.pos + a + 1
+    fed_end = st.pos + s.gamma
+    new_len = min(new_pos, fed_end)
+    seq = np.concatenate([win[:a], [c]])  # committed tokens at positions pos+1 .. pos+a+1
+    first = seq[new_len - st.pos - 1 : a + 1][None].astype(np.int32)  # 1 or 2 tokens up to c
     first_d = timer.lap("channel_fv", pl.to_draft(first))
     st.window, st.q, st.cache_d = timer.lap(
         "draft",
         *F.draft_propose(
-            cfg_d, p_d, st.cache_d, jnp.int32(min(a + 1, s.gamma)), first_d, keys["d"], **keys["arr_d"],
+            cfg_d, p_d, st.cache_d, jnp.int32(new_len - st.draft_len), first_d, keys["d"], **keys["arr_d"],
             gamma=s.gamma, sample=s.draft_samples, want_q=s.want_q,
         ),
     )
+    st.draft_len = new_len
     st.last_t = res["c"].reshape(1)
     return a, c, -1, False, win
 

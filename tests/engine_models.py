@@ -1,0 +1,42 @@
+"""Tiny random target/draft pairs for engine tests.
+
+The draft is the target with Gaussian noise added to every weight, so it agrees with the target
+often but not always: rounds with full acceptance, partial acceptance, rejections, reuse and
+fallback all occur.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mirror_jax.config import ModelConfig
+from mirror_jax.params import init_random
+
+VOCAB = 64
+
+
+def target_cfg(arch: str = "qwen2", layers: int = 4, vocab: int = VOCAB) -> ModelConfig:
+    return ModelConfig(
+        arch=arch, vocab_size=vocab, hidden_size=64, intermediate_size=128, num_layers=layers, num_heads=4,
+        num_kv_heads=2, head_dim=16, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3", eos_token_ids=(),
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def pair(noise: float = 0.05, arch: str = "qwen2", layers: int = 4, vocab: int = VOCAB, seed: int = 0):
+    """((cfg, target_params), (cfg, draft_params)); draft = target + noise * N(0, 1) per weight."""
+    cfg = target_cfg(arch, layers, vocab)
+    params = init_random(cfg, seed, scale=0.35)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    rng = np.random.default_rng(seed + 1)
+    noisy = [x + noise * jnp.asarray(rng.normal(size=x.shape), x.dtype) for x in leaves]
+    return (cfg, params), (cfg, jax.tree_util.tree_unflatten(tree, noisy))
+
+
+def prompts(n: int, seed: int = 0, vocab: int = VOCAB, lo: int = 3, hi: int = 12) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=int(rng.integers(lo, hi))).tolist() for _ in range(n)]
