@@ -26,7 +26,7 @@ def target_cfg(arch: str = "qwen2", layers: int = 4, vocab: int = VOCAB) -> Mode
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pair(noise: float = 0.05, arch: str = "qwen2", layers: int = 4, vocab: int = VOCAB, seed: int = 0):
     """((cfg, target_params), (cfg, draft_params)); draft = target + noise * N(0, 1) per weight."""
     cfg = target_cfg(arch, layers, vocab)

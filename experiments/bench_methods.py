@@ -1,0 +1,129 @@
+"""Method comparison on the default pair: ar vs sd vs mirror, greedy, SpecBench prompts.
+
+Measures, in ONE run on this machine, for each placement (one device; two virtual host devices):
+tokens/s and speed-up over ar, mean tokens per round, fallback rate, Omega_kappa, and a check that
+every method's output equals ar's. A second, instrumented pass (profile=True: every phase blocked
+on and timed on its own) gives per-phase times; overlap efficiency is the measured (unprofiled)
+median round time divided by the round time the spec's formula gives from those phases:
+prefix + channel + max(suffix, draft) + verify + select.
+
+    python experiments/bench_methods.py --prompts-per-task 2 --max-new-tokens 128
+
+Writes experiments/results/bench_methods.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def modeled_round_ms(ph: dict, method: str) -> float:
+    """The spec's round time from isolated phase medians (ms)."""
+    if method == "sd":
+        return ph.get("target", 0) + ph.get("verify", 0) + ph.get("draft", 0) + ph.get("channel_fv", 0)
+    return (
+        ph.get("prefix", 0) + ph.get("channel_ee", 0) + max(ph.get("suffix", 0), ph.get("draft", 0))
+        + ph.get("verify", 0) + ph.get("channel_fv", 0) + ph.get("select", 0)
+    )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts-per-task", type=int, default=2)
+    ap.add_argument("--tasks", nargs="*", default=["mt_bench", "translation", "summarization", "qa",
+                                                       "math_reasoning", "rag"])
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--kappa", type=int, default=4)
+    ap.add_argument("--branch-budget", type=int, default=2)
+    ap.add_argument("--placements", nargs="*", default=["cpu:0", "cpu:0,cpu:1"])
+    ap.add_argument("--profile-prompts", type=int, default=2, help="prompts for the instrumented pass")
+    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--name", default="bench_methods")
+    args = ap.parse_args(argv)
+
+    import jax.numpy as jnp
+
+    from mirror_jax.bench.report import machine_info, machine_md, markdown_table, write_results
+    from mirror_jax.bench.specbench import load_questions
+    from mirror_jax.engine.api import generate
+    from mirror_jax.loading import default_pair
+    from mirror_jax.tokenizer import apply_chat_template
+
+    info = machine_info()
+    target, draft, tok = default_pair(jnp.float32)
+    qs = load_questions(categories=args.tasks, limit_per_category=args.prompts_per_task)
+    prompts = [apply_chat_template(tok, [{"role": "user", "content": q["turns"][0]}], target.chat_template) for q in qs]
+    n_new = args.max_new_tokens
+    spec = dict(draft=draft, gamma=args.gamma, kappa=args.kappa, branch_budget=args.branch_budget)
+    methods = {"ar": {}, "sd": dict(draft=draft, gamma=args.gamma), "mirror": spec}
+
+    rows, runs = [], {}
+    for pl in args.placements:
+        ar_tokens = None
+        for method, kw in methods.items():
+            generate(target, prompts[:1], 8, method=method, placement=pl, **kw)  # compile (excluded)
+            per_prompt, tokens = [], []
+            for q, p in tqdm(list(zip(qs, prompts, strict=True)), desc=f"{method} @ {pl}"):
+                r = generate(target, [p], n_new, method=method, placement=pl, **kw)
+                tokens.append(r.tokens[0])
+                per_prompt.append({"task": q["task"], "qid": q["question_id"], "tokens": len(r.tokens[0]),
+                                   "seconds": r.stats["total_s"],
+                                   **{k: r.stats.get(k) for k in ("mean_tokens_per_round", "fallback_rate",
+                                                                   "omega_kappa", "round_wall_ms_median")}})
+            if method == "ar":
+                ar_tokens = tokens
+            tot_tok = sum(x["tokens"] for x in per_prompt)
+            tot_s = sum(x["seconds"] for x in per_prompt)
+            rec = {"placement": pl, "method": method, "tokens": tot_tok, "seconds": tot_s,
+                   "tokens_per_s": tot_tok / tot_s, "identical_to_ar": tokens == ar_tokens}
+            for k in ("mean_tokens_per_round", "fallback_rate", "omega_kappa", "round_wall_ms_median"):
+                vals = [x[k] for x in per_prompt if x[k] is not None]
+                rec[k] = float(np.mean(vals)) if vals else None
+            runs[f"{method}@{pl}"] = per_prompt
+            rows.append(rec)
+        base = next(r["tokens_per_s"] for r in rows if r["placement"] == pl and r["method"] == "ar")
+        for r in rows:
+            if r["placement"] == pl:
+                r["speedup_vs_ar"] = r["tokens_per_s"] / base
+        # Instrumented pass: isolated phase times (serialised by construction).
+        for method in ("sd", "mirror"):
+            res = generate(target, prompts[: args.profile_prompts], min(n_new, 64), method=method, placement=pl,
+                           profile=True, **methods[method])
+            ph = res.stats.get("phase_ms_median", {})
+            rec = next(r for r in rows if r["placement"] == pl and r["method"] == method)
+            rec["phase_ms_median"] = ph
+            rec["modeled_round_ms"] = modeled_round_ms(ph, method)
+            rec["overlap_efficiency"] = rec["round_wall_ms_median"] / rec["modeled_round_ms"]
+
+    cols = ["placement", "method", "tokens_per_s", "speedup_vs_ar", "mean_tokens_per_round", "fallback_rate",
+            "omega_kappa", "round_wall_ms_median", "modeled_round_ms", "overlap_efficiency", "identical_to_ar"]
+    fmt = {c: "{:.3f}" for c in cols[2:-1]}
+    md = [f"# Methods on the default pair (greedy, {len(prompts)} SpecBench prompts, {n_new} new tokens)\n",
+          machine_md(info),
+          f"\nSettings: gamma={args.gamma}, kappa={args.kappa}, branch_budget={args.branch_budget}, "
+          f"exit layer N/2. Command: `python experiments/bench_methods.py {' '.join(argv or sys.argv[1:])}`\n\n",
+          markdown_table(rows, cols, fmt), "\nPer-phase medians (ms, instrumented pass):\n\n"]
+    for r in rows:
+        if "phase_ms_median" in r:
+            md.append(f"- {r['method']} @ {r['placement']}: "
+                      + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["phase_ms_median"].items())) + "\n")
+    payload = {"machine": info, "args": vars(args), "results": rows, "per_prompt": runs,
+               "questions": [q["question_id"] for q in qs]}
+    jp, mp = write_results(args.out, args.name, payload, "".join(md))
+    print("".join(md))
+    print(f"wrote {jp} and {mp}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

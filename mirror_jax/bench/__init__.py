@@ -1,0 +1,1 @@
+"""Benchmark support: SpecBench questions and result reports (machine, versions, JSON/markdown)."""
