@@ -124,13 +124,18 @@ def generate(
     max_len: int | None = None,
     profile: bool = False,
     allow_full_exit: bool = False,
+    ss_adapter=None,
     progress=None,
 ) -> GenerationResult:
     """Decode `prompts` (lists of token ids) with `method`; see the module docstring.
 
     Speculative methods run the prompts one at a time (batch 1); "ar" batches them. Stats include
     tokens/s, mean tokens per round, accepted-length histogram, reuse/fallback counts and
-    Omega_kappa (mirror), and per-phase median times when `profile=True`."""
+    Omega_kappa (mirror), and per-phase median times when `profile=True`.
+
+    `ss_adapter`: a speculative-streaming adapter for the draft, ``(SSConfig, SSParams)`` or the
+    ``(sscfg, ssp, metadata)`` returned by `mirror_jax.ss.checkpoint.load_default_ss_adapter`; the
+    draft then emits several tokens per forward (its proposals stay its own greedy continuation)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     sampling = SamplingParams(temperature, top_k, top_p, seed)
@@ -153,8 +158,15 @@ def generate(
         verifier=verifier, sampling=sampling, profile=profile, allow_full_exit=allow_full_exit,
     )
     capacity = cache_capacity(max(map(len, prompts)), max_new_tokens, s.margin(), max_len)
+    sscfg, ssp = (None, None) if ss_adapter is None else tuple(ss_adapter)[:2]
+    if ssp is not None and s.draft_samples:
+        raise ConfigError(
+            "the speculative-streaming draft proposes greedily; use verifier='sample_match' (or greedy) with it, "
+            "or the plain autoregressive draft for verifier='rejection'"
+        )
     tgt = (cfg_t, pl.to_target(p_t))
-    drf = (cfg_d, pl.to_draft(p_d))
+    dkw = dict(sample=s.draft_samples, want_q=s.want_q, ss=None if ssp is None else pl.to_draft(ssp), sscfg=sscfg)
+    drf = (cfg_d, pl.to_draft(p_d), dkw)
     t0 = time.perf_counter()
     tokens, rounds = [], []
     for row, prompt in enumerate(prompts):
@@ -165,7 +177,8 @@ def generate(
         tokens.append(toks)
         rounds.extend(recs)
     total = time.perf_counter() - t0
-    stats = {"method": method, "total_s": total, "settings": dataclasses.asdict(s), "placement": pl.describe()}
+    stats = {"method": method, "total_s": total, "settings": dataclasses.asdict(s), "placement": pl.describe(),
+             "draft_kind": "ar" if ssp is None else "ss"}
     stats.update(summarize_rounds(rounds, s))
     res = GenerationResult(tokens=tokens, stats=stats)
     res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)

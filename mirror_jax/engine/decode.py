@@ -89,7 +89,7 @@ class _State:
 
 def _start(target, draft, prompt, sampling, s: SpecSettings, pl: Placement, keys, capacity, row):
     cfg_t, p_t = target
-    cfg_d, p_d = draft
+    cfg_d, p_d, dkw = draft
     first, cache_t = start_sequences(
         cfg_t, p_t, [prompt], sampling, capacity, p_t.embed.dtype, keys["t"], device=pl.target, row0=row
     )
@@ -97,16 +97,15 @@ def _start(target, draft, prompt, sampling, s: SpecSettings, pl: Placement, keys
     cache_d = init_cache(cfg_d, 1, capacity, p_d.embed.dtype, device=pl.draft)
     _, cache_d = prefill(cfg_d, p_d, pl.to_draft(padded), pl.to_draft(n_valid), cache_d)
     last_d = pl.to_draft(first)
-    window, q, cache_d = F.draft_propose(
-        cfg_d, p_d, cache_d, jnp.int32(0), last_d[None], keys["d"], **keys["arr_d"],
-        gamma=s.gamma, sample=s.draft_samples, want_q=s.want_q,
+    window, q, cache_d, _ = F.draft_propose(
+        cfg_d, p_d, cache_d, jnp.int32(0), last_d[None], keys["d"], **keys["arr_d"], gamma=s.gamma, **dkw
     )
     return int(first[0]), _State(cache_t, cache_d, first, last_d, window, q, len(prompt), len(prompt))
 
 
 def _mirror_round(target, draft, st: _State, s: SpecSettings, pl: Placement, keys, timer: _Timer, row):
     cfg_t, p_t = target
-    cfg_d, p_d = draft
+    cfg_d, p_d, dkw = draft
     win_t = timer.lap("channel_fv", pl.to_target(st.window))
     q_t = None if st.q is None else pl.to_target(st.q)
     hidden, ch, st.cache_t = timer.lap(
@@ -117,7 +116,7 @@ def _mirror_round(target, draft, st: _State, s: SpecSettings, pl: Placement, key
         "draft",
         *F.draft_rollout(
             cfg_d, p_d, st.cache_d, st.last_d, st.window, ch_d, keys["d"], **keys["arr_d"],
-            budget=s.branch_budget, sample=s.draft_samples, want_q=s.want_q,
+            budget=s.branch_budget, **dkw,
         ),
     )
     logits, st.cache_t = timer.lap(
@@ -128,21 +127,21 @@ def _mirror_round(target, draft, st: _State, s: SpecSettings, pl: Placement, key
         *F.verify(logits, win_t, q_t, keys["t"], st.cache_t, ch["raw_ids"], row, **keys["arr_t"], rule=s.verifier),
     )
     a_d, c_d = timer.lap("channel_fv", *pl.to_draft((res["a"], res["c"])))
-    hit, st.window, st.q, st.cache_d = timer.lap(
+    hit, st.window, st.q, st.cache_d, fb_forwards = timer.lap(
         "select",
-        *F.draft_select(
-            cfg_d, p_d, st.cache_d, branches, a_d, c_d, keys["d"], **keys["arr_d"],
-            sample=s.draft_samples, want_q=s.want_q,
-        ),
+        *F.draft_select(cfg_d, p_d, st.cache_d, branches, a_d, c_d, keys["d"], **keys["arr_d"], **dkw),
     )
-    a, c, hits, hit, win = jax.device_get((res["a"], res["c"], res["omega_hits"], hit, win_t))  # the sync
+    a, c, hits, hit, win, fw = jax.device_get(
+        (res["a"], res["c"], res["omega_hits"], hit, win_t, branches["forwards"] + fb_forwards)
+    )  # the sync
     st.last_t, st.last_d = res["c"].reshape(1), c_d.reshape(1)
-    return int(a), int(c), int(hits), bool(hit), np.asarray(win)[0]
+    return {"a": int(a), "c": int(c), "omega_hits": int(hits), "hit": bool(hit), "win": np.asarray(win)[0],
+            "draft_forwards": int(fw)}
 
 
 def _sd_round(target, draft, st: _State, s: SpecSettings, pl: Placement, keys, timer: _Timer, row):
     cfg_t, p_t = target
-    cfg_d, p_d = draft
+    cfg_d, p_d, dkw = draft
     win_t = timer.lap("channel_fv", pl.to_target(st.window))
     q_t = None if st.q is None else pl.to_target(st.q)
     logits, st.cache_t = timer.lap("target", *F.target_full(cfg_t, p_t, st.cache_t, st.last_t, win_t))
@@ -160,24 +159,26 @@ def _sd_round(target, draft, st: _State, s: SpecSettings, pl: Placement, keys, t
     seq = np.concatenate([win[:a], [c]])  # committed tokens at positions pos+1 .. pos+a+1
     first = seq[new_len - st.pos - 1 : a + 1][None].astype(np.int32)  # 1 or 2 tokens up to c
     first_d = timer.lap("channel_fv", pl.to_draft(first))
-    st.window, st.q, st.cache_d = timer.lap(
+    st.window, st.q, st.cache_d, forwards = timer.lap(
         "draft",
         *F.draft_propose(
             cfg_d, p_d, st.cache_d, jnp.int32(new_len - st.draft_len), first_d, keys["d"], **keys["arr_d"],
-            gamma=s.gamma, sample=s.draft_samples, want_q=s.want_q,
+            gamma=s.gamma, **dkw,
         ),
     )
     st.draft_len = new_len
     st.last_t = res["c"].reshape(1)
-    return a, c, -1, False, win
+    # `forwards` (a device scalar, fetched after the loop) belongs to the next round's window.
+    return {"a": a, "c": c, "omega_hits": -1, "hit": False, "win": win, "draft_forwards": forwards}
 
 
 def speculative_generate(
     target, draft, prompt: list[int], max_new_tokens: int, sampling: SamplingParams, s: SpecSettings,
     pl: Placement, *, eos_ids=(), capacity: int, row: int = 0, progress=None,
 ):
-    """Generate for one prompt with "sd" or "mirror". target/draft: (cfg, params placed on the
-    placement's devices). Returns (tokens, per-round records)."""
+    """Generate for one prompt with "sd" or "mirror". target: (cfg, params) and draft:
+    (cfg, params, draft kwargs: sample/want_q/ss/sscfg), params placed on the placement's devices.
+    Returns (tokens, per-round records)."""
     base = jax.random.key(sampling.seed)
     arr = sampling.arrays()
     keys = {
@@ -194,14 +195,18 @@ def speculative_generate(
         check_headroom(st.pos, s.margin(), capacity, what="target/draft KV cache")
         timer = _Timer(s.profile)
         t0 = time.perf_counter()
-        a, c, hits, hit, win = round_fn(target, draft, st, s, pl, keys, timer, row)
+        rec = round_fn(target, draft, st, s, pl, keys, timer, row)
         wall = time.perf_counter() - t0
-        new = [int(t) for t in win[:a]] + [c]
+        a = rec["a"]
+        new = [int(t) for t in rec.pop("win")[:a]] + [rec.pop("c")]
         out.extend(new)
         st.pos += a + 1
-        rounds.append({"a": a, "hit": hit, "omega_hits": hits, "wall_s": wall, **timer.times})
+        rounds.append({**rec, "wall_s": wall, **timer.times})
         if progress is not None:
             progress(len(new))
+    fw = jax.device_get([r["draft_forwards"] for r in rounds])
+    for r, f in zip(rounds, fw, strict=True):
+        r["draft_forwards"] = int(f)
     return truncate_at_eos(out, set(eos_ids), max_new_tokens), rounds
 
 
@@ -223,7 +228,8 @@ def summarize_rounds(rounds: list[dict], s: SpecSettings) -> dict:
         out["fallback"] = int((~hits).sum())
         out["fallback_rate"] = float((~hits).mean())
         out["omega_kappa"] = float(sum(r["omega_hits"] for r in rounds) / (a + 1).sum())
-    phases = sorted({k for r in rounds for k in r} - {"a", "hit", "omega_hits", "wall_s"})
+    out["draft_forwards_per_round"] = float(np.mean([r["draft_forwards"] for r in rounds]))
+    phases = sorted({k for r in rounds for k in r} - {"a", "hit", "omega_hits", "wall_s", "draft_forwards"})
     if phases:
         out["phase_ms_median"] = {k: 1e3 * float(np.median([r.get(k, 0.0) for r in rounds])) for k in phases}
     return out

@@ -72,19 +72,20 @@ def target_full(cfg, params, cache: KVCache, last, window):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "budget", "sample", "want_q"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("cfg", "budget", "sample", "want_q", "sscfg"), donate_argnames=("cache",)
 )
 def draft_rollout(
     cfg, params, cache: KVCache, last, window, channel, key, temperature, top_k, top_p,
-    *, budget: int, sample: bool = False, want_q: bool = False,
+    *, budget: int, sample: bool = False, want_q: bool = False, ss=None, sscfg=None,
 ):
     """Branch-complete rollouts on the draft device (see `mirror_jax.engine.rollout`).
 
+    `ss`/`sscfg`: speculative-streaming adapter of the draft (None: plain autoregressive draft).
     Returns (branches, cache): ``branches`` = dict(depth [n], root [n], tokens [n, gamma],
-    q [n, gamma, V] or None)."""
+    q [n, gamma, V] or None, forwards)."""
     return R.branch_rollout(
         cfg, params, cache, last, window, channel["cand_ids"], channel["cand_lp"], channel["path_lp"],
-        key, temperature, top_k, top_p, budget=budget, sample=sample, want_q=want_q,
+        key, temperature, top_k, top_p, budget=budget, sample=sample, want_q=want_q, ss=ss, sscfg=sscfg,
     )
 
 
@@ -108,33 +109,36 @@ def verify(logits, window, q, key, cache: KVCache, raw_ids, row, temperature, to
 
 
 @functools.partial(
-    jax.jit, static_argnames=("cfg", "gamma", "sample", "want_q"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("cfg", "gamma", "sample", "want_q", "sscfg"), donate_argnames=("cache",)
 )
 def draft_propose(
     cfg, params, cache: KVCache, advance, first, key, temperature, top_k, top_p,
-    *, gamma: int, sample: bool = False, want_q: bool = False,
+    *, gamma: int, sample: bool = False, want_q: bool = False, ss=None, sscfg=None,
 ):
     """Commit `advance` tokens to the draft cache, then draft a chain of gamma tokens after
-    `first` [1, n0]. Returns (window [1, gamma], q [1, gamma, V] or None, cache)."""
+    `first` [1, n0]. Returns (window [1, gamma], q [1, gamma, V] or None, cache, forwards)."""
     cache = commit(cache, advance)
-    return R.draft_chain(cfg, params, cache, first, gamma, key, temperature, top_k, top_p, sample=sample, want_q=want_q)
+    return R.propose(
+        cfg, params, cache, first, gamma, key, temperature, top_k, top_p, sample=sample, want_q=want_q,
+        ss=ss, sscfg=sscfg,
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sample", "want_q"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "sample", "want_q", "sscfg"), donate_argnames=("cache",))
 def draft_select(
     cfg, params, cache: KVCache, branches, a, c, key, temperature, top_k, top_p,
-    *, sample: bool = False, want_q: bool = False,
+    *, sample: bool = False, want_q: bool = False, ss=None, sscfg=None,
 ):
     """Commit a + 1 tokens to the draft cache; the next window is the branch rooted at (a, c)
     when it was rolled out (reuse), else a fresh chain from c (fallback, on the critical path).
 
-    Returns (hit, window [1, gamma], q or None, cache)."""
+    Returns (hit, window [1, gamma], q or None, cache, fallback draft forwards)."""
     gamma = branches["tokens"].shape[1]
 
     def fallback(cache):
-        win, q, cache = R.draft_chain(
-            cfg, params, cache, c.reshape(1, 1), gamma, key, temperature, top_k, top_p, sample=sample, want_q=want_q
+        return R.propose(
+            cfg, params, cache, c.reshape(1, 1), gamma, key, temperature, top_k, top_p, sample=sample,
+            want_q=want_q, ss=ss, sscfg=sscfg,
         )
-        return win, q, cache
 
     return R.select_window(branches, a, c, cache, fallback)

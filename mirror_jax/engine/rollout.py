@@ -76,6 +76,31 @@ def draft_chain(
     return toks, lps, cache.replace(lengths=base)
 
 
+def propose(
+    cfg, params, cache: KVCache, first: jax.Array, gamma: int, key, temperature, top_k, top_p,
+    *, sample: bool = False, want_q: bool = False, ss=None, sscfg=None,
+):
+    """A chain of `gamma` draft tokens per row after `first` [B, n0], with the plain
+    autoregressive draft (`draft_chain`) or, when `ss` (SSParams) is given, the speculative-
+    streaming draft (several tokens per forward, identical greedy output).
+
+    Returns (tokens [B, gamma], q or None, cache with lengths unchanged, draft forwards)."""
+    if ss is None:
+        toks, q, cache = draft_chain(
+            cfg, params, cache, first, gamma, key, temperature, top_k, top_p, sample=sample, want_q=want_q
+        )
+        return toks, q, cache, jnp.int32(gamma)
+    from mirror_jax.ss.rollout import _ss_rollout
+
+    base = cache.lengths
+    extra = first.shape[1] - 1
+    if extra:  # tokens before the root whose K/V are missing: one plain forward
+        _, cache = M.forward(cfg, params, first[:, :extra], cache)
+        cache = commit(cache, extra)
+    toks, forwards, cache = _ss_rollout(cfg, sscfg, params, ss, cache, first[:, -1], gamma, True, None, 1.0)
+    return toks, None, cache.replace(lengths=base), forwards.astype(jnp.int32) + int(extra > 0)
+
+
 def choose_branches(cand_ids, cand_lp, path_lp, budget: int):
     """Pick the `budget` most likely branches by early-exit log-probability.
 
@@ -96,28 +121,31 @@ def broadcast_rows(cache: KVCache, rows: int, lengths: jax.Array) -> KVCache:
 
 def branch_rollout(
     cfg, params, cache: KVCache, last, window, cand_ids, cand_lp, path_lp, key, temperature, top_k, top_p,
-    *, budget: int, sample: bool = False, want_q: bool = False,
+    *, budget: int, sample: bool = False, want_q: bool = False, ss=None, sscfg=None,
 ):
     """Path forward + branch choice + one batched rollout of every chosen branch.
 
     cache: batch-1 draft cache (lengths P); last: [1]; window: [1, gamma]. Returns a dict with
-    ``depth [n]``, ``root [n]``, ``tokens [n, gamma]``, ``q [n, gamma, V]`` (or None) and the
-    cache with the path's K/V written (lengths unchanged)."""
+    ``depth [n]``, ``root [n]``, ``tokens [n, gamma]``, ``q [n, gamma, V]`` (or None),
+    ``forwards`` (draft forwards incl. the path) and the cache with the path's K/V written
+    (lengths unchanged)."""
     gamma = window.shape[1]
     path = jnp.concatenate([last[:, None], window], axis=1)  # [1, gamma+1] at P..P+gamma
     _, cache = M.forward(cfg, params, path, cache)
     depth, root, _ = choose_branches(cand_ids, cand_lp, path_lp, budget)
     rows = broadcast_rows(cache, budget, cache.lengths[0] + 1 + depth)
-    toks, q, _ = draft_chain(
-        cfg, params, rows, root[:, None], gamma, key, temperature, top_k, top_p, sample=sample, want_q=want_q
+    toks, q, _, forwards = propose(
+        cfg, params, rows, root[:, None], gamma, key, temperature, top_k, top_p, sample=sample, want_q=want_q,
+        ss=ss, sscfg=sscfg,
     )
-    return {"depth": depth, "root": root, "tokens": toks, "q": q}, cache
+    return {"depth": depth, "root": root, "tokens": toks, "q": q, "forwards": forwards + 1}, cache
 
 
 def select_window(branches, a, c, cache: KVCache, fallback):
     """Reuse the branch rooted at (depth a, token c) if it was rolled out, else call `fallback`.
 
-    Commits a + 1 tokens to the draft cache first. Returns (hit, window [1, gamma], q, cache)."""
+    Commits a + 1 tokens to the draft cache first. `fallback(cache) -> (window, q, cache,
+    forwards)`. Returns (hit, window [1, gamma], q, cache, fallback draft forwards)."""
     cache = commit(cache, a + 1)
     match = (branches["depth"] == a) & (branches["root"] == c)
     hit = jnp.any(match)
@@ -125,7 +153,7 @@ def select_window(branches, a, c, cache: KVCache, fallback):
 
     def reuse(cache):
         q = None if branches["q"] is None else branches["q"][idx][None]
-        return branches["tokens"][idx][None], q, cache
+        return branches["tokens"][idx][None], q, cache, jnp.int32(0)
 
-    win, q, cache = jax.lax.cond(hit, reuse, fallback, cache)
-    return hit, win, q, cache
+    win, q, cache, forwards = jax.lax.cond(hit, reuse, fallback, cache)
+    return hit, win, q, cache, forwards
