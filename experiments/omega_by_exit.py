@@ -1,0 +1,107 @@
+"""Omega_kappa(l_e): how often the target's greedy token lies in the early-exit top-kappa, by exit
+layer and kappa, on the default target (spec section 2 step 2: the target's own final norm + LM
+head on the layer-l_e hidden state, no trained exit head).
+
+The fallback rate of Mirror-SD is bounded by 1 - Omega_kappa (spec section 2), so this decides
+where an untrained early exit can work. One forward per sequence over prompt + the target's own
+greedy continuation; every layer's hidden state goes through the head.
+
+    python experiments/omega_by_exit.py --prompts-per-task 2 --max-new-tokens 64
+
+Writes experiments/results/omega_by_exit.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+KAPPAS = (1, 2, 4, 8, 16, 32)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts-per-task", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tqdm import tqdm
+
+    from mirror_jax import model as M
+    from mirror_jax.bench.report import machine_info, machine_md, markdown_table, write_results
+    from mirror_jax.bench.specbench import load_questions
+    from mirror_jax.generate import generate_ar
+    from mirror_jax.kv_cache import init_cache
+    from mirror_jax.loading import default_pair
+    from mirror_jax.tokenizer import apply_chat_template
+
+    info = machine_info()
+    target, draft, tok = default_pair(jnp.float32)
+    del draft
+    cfg, params = target.cfg, target.params
+    qs = load_questions(limit_per_category=args.prompts_per_task)
+
+    @jax.jit
+    def layer_ranks(tokens, n_prompt):
+        """[L, T] rank of the final argmax token in each layer's early-exit distribution."""
+        cache = init_cache(cfg, 1, tokens.shape[1])
+        pos = M.token_positions(cache, tokens.shape[1])
+        x = M.embed(params, tokens)
+        mask = M.causal_cache_mask(pos, tokens.shape[1])
+        heads = []
+        for lp, kb, vb in zip(params.layers, cache.k, cache.v, strict=True):
+            x, _, _ = M.layer_forward(cfg, lp, x, kb, vb, pos, mask)
+            heads.append(M.head(cfg, params, x)[0])  # [T, V]
+        final = jnp.argmax(heads[-1], axis=-1)
+        ranks = [jnp.sum(h > jnp.take_along_axis(h, final[:, None], axis=-1), axis=-1) for h in heads]
+        return jnp.stack(ranks)
+
+    all_ranks = []
+    for q in tqdm(qs, desc="sequences"):
+        ids = apply_chat_template(tok, [{"role": "user", "content": q["turns"][0]}], target.chat_template)
+        gen = generate_ar(cfg, params, [ids], args.max_new_tokens).tokens[0]
+        seq = ids + gen
+        r = np.asarray(layer_ranks(jnp.asarray([seq]), len(ids)))
+        all_ranks.append(r[:, len(ids) - 1 : len(seq) - 1])  # positions that predict generated tokens
+    ranks = np.concatenate(all_ranks, axis=1)  # [L, positions]
+    omega = {k: (ranks < k).mean(axis=1) for k in KAPPAS}  # per layer (1-based index l = i + 1)
+    rows = []
+    for i in range(cfg.num_layers):
+        rows.append({"exit_layer": i + 1, **{f"omega_{k}": float(omega[k][i]) for k in KAPPAS}})
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for k in KAPPAS:
+        ax.plot(range(1, cfg.num_layers + 1), omega[k], marker=".", label=f"kappa={k}")
+    ax.axvline(cfg.num_layers // 2, color="gray", ls="--", lw=0.8)
+    ax.set_xlabel("early-exit layer l_e")
+    ax.set_ylabel("Omega_kappa (target token in early-exit top-kappa)")
+    ax.set_title(f"{target.name}: untrained early exit, {ranks.shape[1]} positions")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(args.out, exist_ok=True)
+    fig.savefig(os.path.join(args.out, "omega_by_exit.png"), dpi=120)
+
+    cols = ["exit_layer"] + [f"omega_{k}" for k in KAPPAS]
+    md = (f"# Omega_kappa by early-exit layer ({target.name}, {len(qs)} SpecBench prompts, "
+          f"{ranks.shape[1]} generated positions)\n\n" + machine_md(info)
+          + f"\nCommand: `python experiments/omega_by_exit.py {' '.join(argv or sys.argv[1:])}`\n\n"
+          + markdown_table(rows, cols, {c: "{:.3f}" for c in cols[1:]}) + "\n![](omega_by_exit.png)\n")
+    write_results(args.out, "omega_by_exit", {"machine": info, "args": vars(args), "rows": rows,
+                                              "positions": int(ranks.shape[1])}, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
