@@ -64,9 +64,7 @@ def stdlib_prompt_texts(split: str, limit: int, seed: int = 0) -> list[tuple[str
     """[(source id, text)] : source up to the end of a function docstring, from the stdlib files of
     `split`. Deterministic for a given seed."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p for p in root.rglob("*.py") if not any(x in p.parts for x in ("test", "tests", "idlelib"))
-    )
+    files = sorted(p for p in root.rglob("*.py") if not any(x in p.parts for x in ("test", "tests", "idlelib")))
     out = []
     for f in files:
         rel = str(f.relative_to(root))
@@ -101,22 +99,41 @@ def make_prompts(tokenizer, split: str, n: int, prompt_len: int, seed: int = 0):
     return prompts, ids
 
 
-def distill(target, prompts, gen_len: int, batch: int, eos_ids) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy target continuations -> tokens [N, P+G] and continuation mask [N, P+G] (0 after EOS)."""
+def distill(target, prompts, gen_len: int, batch: int, partial: Path, budget_s: float = 0.0):
+    """Greedy target continuations -> tokens [N, P+G] and continuation mask [N, P+G] (0 after EOS).
+
+    Saved to `partial` after every batch (resumable); with `budget_s` > 0 generation stops after that
+    many seconds and only the finished rows are returned."""
     from mirror_jax.generate import generate_ar
 
     p = len(prompts[0])
     toks = np.zeros((len(prompts), p + gen_len), np.int32)
     mask = np.zeros_like(toks, dtype=np.float32)
-    for i in tqdm(range(0, len(prompts), batch), desc="distill (target)"):
+    done = 0
+    if partial.exists():
+        d = np.load(partial)
+        done = int(d["done"])
+        toks[:done], mask[:done] = d["tokens"][:done], d["mask"][:done]
+    t0 = time.time()
+    for i in tqdm(
+        range(done, len(prompts), batch),
+        desc="distill (target)",
+        initial=done // batch,
+        total=-(-len(prompts) // batch),
+    ):
+        if budget_s and time.time() - t0 > budget_s:
+            break
         chunk = prompts[i : i + batch]
         res = generate_ar(target.cfg, target.params, chunk, gen_len)
         for j, (pr, cont) in enumerate(zip(chunk, res.tokens, strict=True)):
             pad = [cont[-1] if cont else 0] * (gen_len - len(cont))
             toks[i + j] = np.asarray(pr + list(cont) + pad, np.int32)
             mask[i + j, p : p + len(cont)] = 1.0
-    del eos_ids
-    return toks, mask
+        done = i + len(chunk)
+        tmp = partial.with_name(partial.stem + ".tmp.npz")
+        np.savez(tmp, tokens=toks[:done], mask=mask[:done], done=done)
+        os.replace(tmp, partial)
+    return toks[:done], mask[:done]
 
 
 def tiny_models():
@@ -183,13 +200,12 @@ def plot_curve(log_path: Path, png: Path, title: str) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--name", default="ss_default_draft")
-    ap.add_argument(
-        "--tiny", action="store_true", help="random tiny models + random-token prompts (smoke test)"
-    )
+    ap.add_argument("--tiny", action="store_true", help="random tiny models + random-token prompts (smoke test)")
     ap.add_argument("--num-prompts", type=int, default=320)
     ap.add_argument("--prompt-len", type=int, default=48)
     ap.add_argument("--gen-len", type=int, default=64)
     ap.add_argument("--gen-batch", type=int, default=16)
+    ap.add_argument("--distill-budget-min", type=float, default=0.0, help="stop distillation after this long")
     ap.add_argument("--eval-frac", type=float, default=0.1)
     ap.add_argument("--num-streams", type=int, default=2)
     ap.add_argument("--msa-layers", type=int, default=2)
@@ -201,9 +217,7 @@ def main(argv=None):
     ap.add_argument("--schedule", default="linear", choices=["linear", "cosine"])
     ap.add_argument("--ckpt-every", type=int, default=25)
     ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument(
-        "--time-budget-min", type=float, default=0.0, help="stop training after this long (0 = off)"
-    )
+    ap.add_argument("--time-budget-min", type=float, default=0.0, help="stop training after this long (0 = off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "mirror_jax" / "ss_runs"))
     ap.add_argument("--results-dir", default=str(ROOT / "experiments" / "results"))
@@ -218,6 +232,7 @@ def main(argv=None):
     kind = "tiny" if args.tiny else "default"
     tag = f"{args.name}_{kind}_p{args.num_prompts}_{args.prompt_len}_{args.gen_len}"
     data_path = work / f"distill_{tag}.npz"
+    part_path = work / f"distill_{tag}.partial.npz"
 
     # ---- models + distillation data -------------------------------------------------------------
     if args.tiny:
@@ -225,10 +240,8 @@ def main(argv=None):
         if not data_path.exists():
             rng = np.random.default_rng(args.seed)
             prompts = rng.integers(2, target.cfg.vocab_size, (args.num_prompts, args.prompt_len)).tolist()
-            toks, mask = distill(target, prompts, args.gen_len, args.gen_batch, target.cfg.eos_token_ids)
-            np.savez(
-                data_path, tokens=toks, mask=mask, ids=np.array([f"random:{i}" for i in range(len(toks))])
-            )
+            toks, mask = distill(target, prompts, args.gen_len, args.gen_batch, part_path, 60 * args.distill_budget_min)
+            np.savez(data_path, tokens=toks, mask=mask, ids=np.array([f"random:{i}" for i in range(len(toks))]))
         data_desc = "tiny random models; random-token prompts; greedy continuations of the tiny target"
     else:
         from mirror_jax.loading.default_pair import default_pair
@@ -237,8 +250,8 @@ def main(argv=None):
         if not data_path.exists():
             prompts, ids = make_prompts(tokenizer, "train", args.num_prompts, args.prompt_len, args.seed)
             print(f"{len(prompts)} stdlib prompts of {args.prompt_len} tokens", flush=True)
-            toks, mask = distill(target, prompts, args.gen_len, args.gen_batch, target.cfg.eos_token_ids)
-            np.savez(data_path, tokens=toks, mask=mask, ids=np.array(ids))
+            toks, mask = distill(target, prompts, args.gen_len, args.gen_batch, part_path, 60 * args.distill_budget_min)
+            np.savez(data_path, tokens=toks, mask=mask, ids=np.array(ids[: len(toks)]))
         data_desc = (
             f"Python {sys.version_info.major}.{sys.version_info.minor} stdlib (train split of files by "
             f"sha1(path) % 8 != 0): source up to a function docstring, last {args.prompt_len} tokens as "
@@ -282,18 +295,14 @@ def main(argv=None):
         print(f"resumed from step {int(state.step)}", flush=True)
         if log_path.exists():  # drop log lines written after the restored checkpoint
             keep = [
-                x
-                for x in log_path.read_text().splitlines()
-                if x.strip() and json.loads(x)["step"] <= int(state.step)
+                x for x in log_path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= int(state.step)
             ]
             log_path.write_text("".join(k + "\n" for k in keep))
     elif log_path.exists():
         log_path.unlink()
 
     def evaluate(ssp):
-        ms = [
-            eval_fn(params, ssp, *batch_of(ev_idx[i : i + args.batch])) for i in range(0, n_eval, args.batch)
-        ]
+        ms = [eval_fn(params, ssp, *batch_of(ev_idx[i : i + args.batch])) for i in range(0, n_eval, args.batch)]
         return {k: np.mean([np.asarray(m[k]) for m in ms], axis=0) for k in ms[0]}
 
     def to_json(m):
@@ -313,13 +322,9 @@ def main(argv=None):
             log.write(json.dumps({"kind": "train", "step": step + 1, "time_s": time.time() - t0, **m}) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{m['loss']:.3f}", s1=f"{m['nll_stream'][0]:.2f}")
-            done = step + 1 == args.steps or (
-                args.time_budget_min and time.time() - t0 > 60 * args.time_budget_min
-            )
+            done = step + 1 == args.steps or (args.time_budget_min and time.time() - t0 > 60 * args.time_budget_min)
             if (step + 1) % args.eval_every == 0 or done:
-                log.write(
-                    json.dumps({"kind": "eval", "step": step + 1, **to_json(evaluate(state.ssp))}) + "\n"
-                )
+                log.write(json.dumps({"kind": "eval", "step": step + 1, **to_json(evaluate(state.ssp))}) + "\n")
                 log.flush()
             if (step + 1) % args.ckpt_every == 0 or done:
                 atomic_write_bytes(state_path, serialization.to_bytes(state))
@@ -357,9 +362,7 @@ def main(argv=None):
         extra,
         fingerprint=base_fingerprint(cfg, params),
     )
-    print(
-        json.dumps({"checkpoint": str(out), **{k: extra[k] for k in ("steps", "eval_before", "eval_after")}})
-    )
+    print(json.dumps({"checkpoint": str(out), **{k: extra[k] for k in ("steps", "eval_before", "eval_after")}}))
     return out
 
 

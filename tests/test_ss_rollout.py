@@ -25,6 +25,7 @@ CFG = ModelConfig(
 )
 PARAMS = init_random(CFG, seed=0, scale=0.3)
 CAP = 40
+FWD = jax.jit(M.forward, static_argnums=0)
 
 
 def _prefilled(batch, seed=0):
@@ -33,7 +34,7 @@ def _prefilled(batch, seed=0):
     lengths = np.array([3 + 2 * b for b in range(batch)])
     toks = rng.integers(0, CFG.vocab_size, (batch, int(lengths.max()) + 1))
     cache = init_cache(CFG, batch, CAP)
-    _, cache = M.forward(CFG, PARAMS, jnp.asarray(toks[:, :-1], jnp.int32), cache)
+    _, cache = FWD(CFG, PARAMS, jnp.asarray(toks[:, :-1], jnp.int32), cache)
     cache = cache.replace(lengths=jnp.asarray(lengths, jnp.int32))
     roots = jnp.asarray(toks[np.arange(batch), lengths], jnp.int32)
     return cache, roots
@@ -43,7 +44,7 @@ def _greedy_reference(cache, roots, gamma):
     """One token at a time with model.forward, per row."""
     out, tok = [], roots[:, None]
     for _ in range(gamma):
-        logits, cache = M.forward(CFG, PARAMS, tok, cache)
+        logits, cache = FWD(CFG, PARAMS, tok, cache)
         cache = commit(cache, 1)
         tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
         out.append(tok)

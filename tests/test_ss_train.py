@@ -17,6 +17,8 @@ from mirror_jax.ss.train import (
     ss_loss,
 )
 
+ss_loss_jit = jax.jit(ss_loss, static_argnums=(0, 1), static_argnames=("chunk", "start"))
+
 CFG = ModelConfig(
     arch="llama",
     vocab_size=50,
@@ -47,8 +49,8 @@ def test_loss_matches_train_forward():
     ssp = init_ss_params(CFG, sscfg, PARAMS, seed=1, embed_scale=0.3)
     toks = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 10)), jnp.int32)
     feats = precompute_main(CFG, sscfg, PARAMS, toks)
-    loss, m = ss_loss(CFG, sscfg, PARAMS, ssp, feats, toks, chunk=7)
-    ml, sl = ss_train_forward(CFG, sscfg, PARAMS, ssp, toks)
+    loss, m = ss_loss_jit(CFG, sscfg, PARAMS, ssp, feats, toks, chunk=7)
+    ml, sl = jax.jit(ss_train_forward, static_argnums=(0, 1))(CFG, sscfg, PARAMS, ssp, toks)
     lp_main = jax.nn.log_softmax(ml, -1)
     nll_main = -jnp.mean(jnp.take_along_axis(lp_main[:, :-1], toks[:, 1:, None], -1))
     lp_s = jax.nn.log_softmax(sl, -1)
@@ -90,6 +92,6 @@ def test_start_skips_masked_prompt_positions():
     toks = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 12)), jnp.int32)
     mask = jnp.asarray(np.arange(12)[None, :] >= 6, jnp.float32).repeat(2, 0)
     feats = precompute_main(CFG, sscfg, PARAMS, toks)
-    _, m0 = ss_loss(CFG, sscfg, PARAMS, ssp, feats, toks, mask)
-    _, m3 = ss_loss(CFG, sscfg, PARAMS, ssp, feats, toks, mask, start=3)
+    _, m0 = ss_loss_jit(CFG, sscfg, PARAMS, ssp, feats, toks, mask)
+    _, m3 = ss_loss_jit(CFG, sscfg, PARAMS, ssp, feats, toks, mask, start=3)
     np.testing.assert_allclose(np.asarray(m3["nll_stream"]), np.asarray(m0["nll_stream"]), rtol=1e-5)

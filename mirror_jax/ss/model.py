@@ -218,11 +218,20 @@ def main_pass(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, tokens, ca
 
 
 def stream_pass(
-    cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSParams, h0, ks_top, vs_top, positions
+    cfg: ModelConfig,
+    sscfg: SSConfig,
+    params: ModelParams,
+    ssp: SSParams,
+    h0,
+    ks_top,
+    vs_top,
+    positions,
+    layers: tuple[LayerParams, ...] | None = None,
 ):
     """Streams through the MSA layers. h0: [B, T, H]; ks_top/vs_top: the MSA layers' main K/V
-    buffers [B, S, Nkv, D] (holding the current tokens). Returns stream hidden [B, T, s, H]."""
-    layers = stream_layers(cfg, sscfg, params, ssp)
+    buffers [B, S, Nkv, D] (holding the current tokens). Returns stream hidden [B, T, s, H].
+    `layers`: precomputed `stream_layers(...)` (a rollout merges the LoRA once, not per forward)."""
+    layers = stream_layers(cfg, sscfg, params, ssp) if layers is None else layers
     xs = h0[:, :, None, :] + ssp.stream_embed.astype(h0.dtype)[None, None]  # [B, T, s, H]
     mask = M.causal_cache_mask(positions, ks_top[0].shape[1])
     for lp, kb, vb in zip(layers, ks_top, vs_top, strict=True):
@@ -230,11 +239,13 @@ def stream_pass(
     return xs
 
 
-def ss_hidden(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSParams, tokens, cache: KVCache):
+def ss_hidden(
+    cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSParams, tokens, cache: KVCache, layers=None
+):
     """(main final hidden [B, T, H], stream final hidden [B, T, s, H], cache)."""
     l0 = sscfg.first_msa_layer(cfg)
     h0, hf, positions, cache = main_pass(cfg, sscfg, params, tokens, cache)
-    hs = stream_pass(cfg, sscfg, params, ssp, h0, cache.k[l0:], cache.v[l0:], positions)
+    hs = stream_pass(cfg, sscfg, params, ssp, h0, cache.k[l0:], cache.v[l0:], positions, layers)
     return hf, hs, cache
 
 

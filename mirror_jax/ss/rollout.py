@@ -39,7 +39,7 @@ from mirror_jax import model as M
 from mirror_jax.config import ModelConfig
 from mirror_jax.kv_cache import KVCache, check_headroom
 from mirror_jax.params import ModelParams
-from mirror_jax.ss.model import SSConfig, SSParams, ss_hidden
+from mirror_jax.ss.model import SSConfig, SSParams, ss_hidden, stream_layers
 
 
 def _row_keys(key, batch: int):
@@ -81,6 +81,7 @@ def _ss_rollout(cfg, sscfg, params, ssp, cache, roots, num_tokens, greedy, key, 
     row_keys = None if greedy else _row_keys(key, bsz)
     out_w = num_tokens + k_in  # room for the last forward's overshoot
     pick = partial(pick_tokens, greedy=greedy, row_keys=row_keys, temperature=temperature)
+    slayers = stream_layers(cfg, sscfg, params, ssp)  # LoRA merged once, outside the loop
 
     def cond(st):
         return jnp.any(st["n"] < num_tokens)
@@ -90,7 +91,7 @@ def _ss_rollout(cfg, sscfg, params, ssp, cache, roots, num_tokens, greedy, key, 
         p = st["p"]  # [B] position of x0
         toks = jnp.concatenate([st["x0"][:, None], st["look"]], axis=1)  # [B, s+1]
         pos_in = jnp.where(active, p, cap)  # finished rows: every write lands out of range
-        hf, hs, c = ss_hidden(cfg, sscfg, params, ssp, toks, st["cache"].replace(lengths=pos_in))
+        hf, hs, c = ss_hidden(cfg, sscfg, params, ssp, toks, st["cache"].replace(lengths=pos_in), slayers)
         g = pick(M.head(cfg, params, hf), p[:, None] + 1 + jnp.arange(k_in))  # [B, s+1]
         match = (st["look"] == g[:, :s]).astype(jnp.int32)  # [B, s]
         a = jnp.sum(jnp.cumprod(match, axis=1), axis=1)  # [B] accepted lookaheads
