@@ -1,0 +1,515 @@
+"""GPU timing kit: per-phase times of every method on one GPU, projected to speed-ups.
+
+Runs on a machine with one GPU and nothing but jax/flax/optax/orbax/transformers/numpy installed,
+no network and no model files. It imports `mirror_jax` from this repository (sys.path), builds
+RANDOM-weight models (bf16) with the exact shapes of the default pair (Qwen2.5-1.5B target,
+Qwen2.5-0.5B draft) and of a 7B-class target (Qwen2.5-7B), and times the real jitted round
+functions of `mirror_jax.engine.functions` (target_prefix, target_suffix, target_full,
+draft_rollout, draft_propose, verify, draft_select) and `mirror_jax.generate.decode_step` (ar):
+
+* each phase blocked on and timed alone (median of --iters calls, compilation excluded);
+* whole rounds dispatched the way the engine does it (asynchronously, one sync per round), so a
+  GPU target + host-CPU draft placement ("gpu:0,cpu:0") shows the overlap it really gets.
+
+Random weights say nothing about acceptance, so speed-ups are PROJECTED with acceptance statistics
+measured on CPU with the real weights by the SpecBench ladder (`mirror-jax bench`), read from
+--acceptance (a run's acceptance.json or results.json): per method mean tokens per round and
+Mirror-SD's fallback rate. Everything MODELED/PROJECTED is labelled so in the outputs.
+
+    python experiments/gpu/run_gpu_kit.py --acceptance experiments/results/specbench_cpu_default/acceptance.json
+    python experiments/gpu/run_gpu_kit.py --quick            # ~3-5 minutes: 1.5B and 7B on the GPU only
+    python experiments/gpu/run_gpu_kit.py --tiny             # CPU smoke test on tiny shapes
+
+Writes experiments/results/gpu_kit[_<tag>].json and .md. The whole run respects --budget-s
+(default 540 s): a configuration is skipped when too little time is left, and every configuration
+runs inside try/except so one failure (e.g. out of memory) does not lose the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+# Shapes of the default pair and a 7B-class target (Qwen2.5 family, shared 151936-token vocab).
+SHAPES = {
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2,
+                         head_dim=128, vocab_size=151936, rope_theta=1000000.0, tie_embeddings=False),
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
+                         head_dim=64, vocab_size=151936, rope_theta=1000000.0, tie_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+                       head_dim=128, vocab_size=151936, rope_theta=1000000.0, tie_embeddings=False),
+    # --tiny (CPU smoke test)
+    "tiny-target": dict(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                        head_dim=16, vocab_size=256, tie_embeddings=False),
+    "tiny-draft": dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                       head_dim=16, vocab_size=256, tie_embeddings=True),
+}
+METHODS = ("sd_ar", "sd_ss", "mirror_ar", "mirror_ss")
+
+
+@dataclasses.dataclass
+class KitConfig:
+    name: str
+    target: str
+    draft: str
+    placement: str
+    gamma: int
+    kappa: int
+    budget: int
+    draft_dtype: str = "bfloat16"  # float32 for a host-CPU draft (bf16 matmuls are slow on CPU)
+
+
+def model_cfg(shape: str):
+    from mirror_jax.config import ModelConfig
+
+    return ModelConfig(arch="qwen2", qkv_bias=True, eos_token_ids=(), **SHAPES[shape])
+
+
+def random_params(cfg, dtype, device, seed: int = 0, scale: float = 0.02):
+    """Random ModelParams built ON `device` with jax.random (numpy's generator would take minutes for
+    a 7B model); same tree and shapes as `mirror_jax.params.init_random` (checked by the tests)."""
+    import jax
+    import jax.numpy as jnp
+
+    from mirror_jax.params import LayerParams, ModelParams
+
+    key = [jax.random.key(seed)]
+
+    def w(*shape, s=scale):
+        key[0], k = jax.random.split(key[0])
+        with jax.default_device(device):
+            return (jax.random.normal(k, shape, jnp.float32) * s).astype(dtype)
+
+    def ones_ish(n):
+        return w(n, s=0.1) + jnp.asarray(1.0, dtype)
+
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    qkv = cfg.q_size + 2 * cfg.kv_size
+    layers = tuple(
+        LayerParams(
+            attn_norm=ones_ish(h), w_qkv=w(h, qkv), b_qkv=w(qkv) if cfg.qkv_bias else None,
+            q_norm=ones_ish(cfg.head_dim) if cfg.qk_norm else None,
+            k_norm=ones_ish(cfg.head_dim) if cfg.qk_norm else None,
+            w_o=w(cfg.q_size, h), mlp_norm=ones_ish(h), w_gate_up=w(h, 2 * i), w_down=w(i, h),
+        )
+        for _ in range(cfg.num_layers)
+    )
+    embed = w(cfg.vocab_size, h)
+    lm_head = embed.T if cfg.tie_embeddings else w(h, cfg.vocab_size)
+    params = ModelParams(embed=embed, layers=layers, final_norm=ones_ish(h), lm_head=lm_head)
+    return jax.device_put(params, device)
+
+
+def _accepts(fn, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.t0, self.seconds = time.perf_counter(), seconds
+
+    @property
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.t0)
+
+
+def _median_ms(fn, setup, iters: int, budget: Budget, min_left: float = 5.0):
+    """Median wall ms of fn(*setup()) over iters calls (blocked on), after one untimed call.
+    Returns (median_ms, first_call_s, last_output)."""
+    import jax
+
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*setup()))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(iters):
+        if budget.left < min_left:
+            break
+        args = setup()
+        jax.block_until_ready(args)
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return (1e3 * float(np.median(times)) if times else None), first, out
+
+
+def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: dict, with_ss: bool) -> dict:
+    """Per-phase and whole-round times of ar, sd and mirror (AR draft, and SS draft when the engine
+    supports it) for one configuration."""
+    import jax
+    import jax.numpy as jnp
+
+    from mirror_jax.engine import functions as F
+    from mirror_jax.engine.placement import Placement
+    from mirror_jax.generate import decode_step
+    from mirror_jax.kv_cache import init_cache
+    from mirror_jax.sampling import SamplingParams
+
+    pl = Placement.parse(kc.placement)
+    cfg_t, cfg_d = model_cfg(kc.target), model_cfg(kc.draft)
+    tdt, ddt = jnp.bfloat16, getattr(jnp, kc.draft_dtype)
+    if kc.target.startswith("tiny"):
+        tdt = ddt = jnp.float32
+
+    def get_model(shape, cfg, dtype, dev):
+        key = (shape, str(dtype), str(dev))
+        if key not in models:
+            t0 = time.perf_counter()
+            if shape.startswith("tiny"):
+                from mirror_jax.params import init_random
+
+                models[key] = jax.device_put(init_random(cfg, 0, dtype), dev)
+            else:
+                models[key] = jax.block_until_ready(random_params(cfg, dtype, dev))
+            print(f"  built {shape} ({dtype.__name__ if hasattr(dtype, '__name__') else dtype}) on {dev} "
+                  f"in {time.perf_counter() - t0:.1f}s", flush=True)
+        return models[key]
+
+    p_t = get_model(kc.target, cfg_t, tdt, pl.target)
+    p_d = get_model(kc.draft, cfg_d, ddt, pl.draft)
+    g, kappa = kc.gamma, kc.kappa
+    cap = ctx + 4 * g + 64
+    cap = -(-cap // 128) * 128
+    arr = SamplingParams().arrays()
+    arr_t, arr_d = pl.to_target(arr), pl.to_draft(arr)
+    key_t, key_d = pl.to_target(jax.random.key(0)), pl.to_draft(jax.random.key(1))
+    rng = np.random.default_rng(0)
+    V = cfg_t.vocab_size
+    win_np = rng.integers(0, V, size=(1, g)).astype(np.int32)
+    last_np = rng.integers(0, V, size=(1,)).astype(np.int32)
+
+    state = {"ct": init_cache(cfg_t, 1, cap, tdt, device=pl.target),
+             "cd": init_cache(cfg_d, 1, cap, ddt, device=pl.draft)}
+
+    def reset():  # fresh length buffers each time: the old ones were donated with the cache
+        state["ct"] = state["ct"].replace(lengths=pl.to_target(np.array([ctx], np.int32)))
+        state["cd"] = state["cd"].replace(lengths=pl.to_draft(np.array([ctx], np.int32)))
+
+    last_t, last_d = pl.to_target(last_np), pl.to_draft(last_np)
+    win_t, win_d = pl.to_target(win_np), pl.to_draft(win_np)
+    res = {"config": dataclasses.asdict(kc), "ctx": ctx, "capacity": cap, "compile_s": {}, "phases_ms": {}}
+    ph = res["phases_ms"]
+
+    def timed(name, fn, setup):
+        if budget.left < 15:
+            raise TimeoutError(f"time budget exhausted before {name}")
+        ms, first, out = _median_ms(fn, setup, iters, budget)
+        ph[name] = ms
+        res["compile_s"][name] = first
+        return out
+
+    # ar: one decode step of the target
+    def ar_step(tok, cache):
+        nxt, cache = decode_step(cfg_t, p_t, tok, cache, key_t, **arr_t, greedy=True)
+        state["ct"] = cache
+        return nxt
+
+    def ar_setup():
+        reset()
+        return last_t, state["ct"]
+
+    timed("ar_step", ar_step, ar_setup)
+
+    # sd: target_full + verify, draft_propose (gamma tokens), channels
+    def t_full(cache):
+        logits, state["ct"] = F.target_full(cfg_t, p_t, cache, last_t, win_t)
+        return logits
+
+    logits = timed("target_full", t_full, lambda: (reset(), state["ct"])[1:])
+
+    def do_verify(cache, raw=None):
+        r, state["ct"] = F.verify(logits, win_t, None, key_t, cache, raw, 0, **arr_t, rule="greedy")
+        return r
+
+    timed("verify", do_verify, lambda: (reset(), state["ct"])[1:])
+    first_d = pl.to_draft(np.zeros((1, 1), np.int32))
+
+    def make_propose(ss_kw):
+        def propose(cache):
+            out = F.draft_propose(cfg_d, p_d, cache, jnp.int32(0), first_d, key_d, **arr_d, gamma=g, **ss_kw)
+            state["cd"] = out[2]
+            return out[0]
+        return propose
+
+    small = np.zeros((1, g), np.int32)
+    timed("channel", lambda x: pl.to_target(x), lambda: (small,))
+
+    # mirror: prefix, channel_ee, rollout, suffix, verify, channel_fv, select (reuse / fallback)
+    def prefix(cache):
+        hidden, ch, state["ct"] = F.target_prefix(cfg_t, p_t, cache, last_t, win_t, exit_layer=cfg_t.num_layers // 2,
+                                                  kappa=kappa)
+        return hidden, ch
+
+    hidden, ch = timed("prefix", prefix, lambda: (reset(), state["ct"])[1:])
+    ch_small = {k: ch[k] for k in ("cand_ids", "cand_lp", "path_lp")}
+    ch_d = timed("channel_ee", lambda x: pl.to_draft(x), lambda: (ch_small,))
+
+    def suffix(cache):
+        lg, state["ct"] = F.target_suffix(cfg_t, p_t, hidden, cache, exit_layer=cfg_t.num_layers // 2)
+        return lg
+
+    timed("suffix", suffix, lambda: (reset(), state["ct"])[1:])
+
+    variants = {"ar": {}}
+    if with_ss:
+        from mirror_jax.ss import SSConfig, init_ss_params
+
+        sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=16)
+        ssp = jax.device_put(init_ss_params(cfg_d, sscfg, p_d), pl.draft)
+        variants["ss"] = {"ss": ssp, "sscfg": sscfg}
+
+    for vname, ss_kw in variants.items():
+        timed(f"draft_propose_{vname}", make_propose(ss_kw), lambda: (reset(), state["cd"])[1:])
+
+        def rollout(cache, ss_kw=ss_kw):
+            br, state["cd"] = F.draft_rollout(cfg_d, p_d, cache, last_d, win_d, ch_d, key_d, **arr_d,
+                                              budget=kc.budget, **ss_kw)
+            return br
+
+        branches = timed(f"draft_rollout_{vname}", rollout, lambda: (reset(), state["cd"])[1:])
+        depth, root = np.asarray(branches["depth"]), np.asarray(branches["root"])
+        a_hit, c_hit = pl.to_draft(jnp.int32(depth[0])), pl.to_draft(jnp.int32(root[0]))
+        c_miss = next(v for v in range(V) if not np.any((depth == g) & (root == v)))
+        a_miss, c_miss = pl.to_draft(jnp.int32(g)), pl.to_draft(jnp.int32(c_miss))
+
+        def select(cache, a, c, ss_kw=ss_kw, branches=branches):
+            out = F.draft_select(cfg_d, p_d, cache, branches, a, c, key_d, **arr_d, **ss_kw)
+            state["cd"] = out[3]
+            return out[0], out[1]
+
+        timed(f"select_reuse_{vname}", select, lambda a=a_hit, c=c_hit: (reset(), state["cd"], a, c)[1:])
+        timed(f"select_fallback_{vname}", select, lambda a=a_miss, c=c_miss: (reset(), state["cd"], a, c)[1:])
+
+        # Whole rounds as the engine dispatches them: nothing blocks until the final device_get.
+        def mirror_round(ct, cd, ss_kw=ss_kw, a_hit=a_hit, c_hit=c_hit):
+            wt = pl.to_target(win_d)
+            hidden, ch, ct = F.target_prefix(cfg_t, p_t, ct, last_t, wt, exit_layer=cfg_t.num_layers // 2,
+                                             kappa=kappa)
+            chd = pl.to_draft({k: ch[k] for k in ("cand_ids", "cand_lp", "path_lp")})
+            br, cd = F.draft_rollout(cfg_d, p_d, cd, last_d, win_d, chd, key_d, **arr_d, budget=kc.budget, **ss_kw)
+            lg, ct = F.target_suffix(cfg_t, p_t, hidden, ct, exit_layer=cfg_t.num_layers // 2)
+            r, ct = F.verify(lg, wt, None, key_t, ct, ch["raw_ids"], 0, **arr_t, rule="greedy")
+            a, c = pl.to_draft((r["a"], r["c"]))
+            # Random weights decide nothing useful: force the reuse branch (the fallback cost is added
+            # per the measured fallback rate in `project`) while keeping select's wait on verify.
+            a, c = a * 0 + a_hit, c * 0 + c_hit
+            out = F.draft_select(cfg_d, p_d, cd, br, a, c, key_d, **arr_d, **ss_kw)
+            state["ct"], state["cd"] = ct, out[3]
+            return jax.device_get((r["a"], r["c"], out[0], out[1]))
+
+        timed(f"mirror_round_{vname}", mirror_round, lambda: (reset(), state["ct"], state["cd"])[1:])
+
+        def sd_round(ct, cd, ss_kw=ss_kw):
+            wt = pl.to_target(win_d)
+            lg, ct = F.target_full(cfg_t, p_t, ct, last_t, wt)
+            r, ct = F.verify(lg, wt, None, key_t, ct, None, 0, **arr_t, rule="greedy")
+            a, c = jax.device_get((r["a"], r["c"]))
+            out = F.draft_propose(cfg_d, p_d, cd, jnp.int32(0), pl.to_draft(np.full((1, 1), c, np.int32)), key_d,
+                                  **arr_d, gamma=g, **ss_kw)
+            state["ct"], state["cd"] = ct, out[2]
+            return jax.device_get(out[0])
+
+        timed(f"sd_round_{vname}", sd_round, lambda: (reset(), state["ct"], state["cd"])[1:])
+    return res
+
+
+def load_acceptance(path: str | None) -> dict | None:
+    """acceptance.json (or a ladder results.json) -> {"methods": {m: {...}}, "source": ...}."""
+    if not path:
+        return None
+    d = json.loads(Path(path).read_text())
+    if "aggregate" in d:  # a ladder results.json
+        ov = d["aggregate"]["overall"]
+        return {"source": str(path), "methods": {m: {k: s.get(k) for k in ("mean_tokens_per_round", "fallback_rate",
+                                                                       "omega_kappa")} for m, s in ov.items()}}
+    if "methods" not in d:
+        raise ValueError(f"{path}: neither an acceptance.json nor a ladder results.json")
+    return d
+
+
+def project(res: dict, acc: dict | None) -> dict:
+    """PROJECTED decode speed-ups over ar from the measured phase times and CPU acceptance stats."""
+    ph = res["phases_ms"]
+    ar = ph.get("ar_step")
+    out = {}
+    defaults = {"sd_ar": 1.0, "sd_ss": 1.0, "mirror_ar": 1.0, "mirror_ss": 1.0}
+    for m in METHODS:
+        engine, v = m.split("_")
+        if ph.get(f"draft_propose_{v}") is None:
+            continue
+        a = (acc or {}).get("methods", {}).get(m) or {}
+        tpr = a.get("mean_tokens_per_round") or defaults[m]
+        fb = a.get("fallback_rate")
+        fb = 1.0 if fb is None and engine == "mirror" else (fb or 0.0)
+        g = lambda k: ph.get(k) or 0.0
+        if engine == "sd":
+            serial = g("target_full") + g("verify") + g("channel") + g(f"draft_propose_{v}")
+            modeled, measured = serial, ph.get(f"sd_round_{v}")
+        else:
+            extra = max(0.0, g(f"select_fallback_{v}") - g(f"select_reuse_{v}"))
+            common = g("prefix") + g("channel_ee") + g("verify") + g("channel") + g(f"select_reuse_{v}") + fb * extra
+            serial = common + g("suffix") + g(f"draft_rollout_{v}")
+            modeled = common + max(g("suffix"), g(f"draft_rollout_{v}"))
+            m_round = ph.get(f"mirror_round_{v}")
+            measured = None if m_round is None else m_round + fb * extra
+        out[m] = {
+            "tokens_per_round": tpr, "fallback_rate": fb if engine == "mirror" else None,
+            "acceptance_from": "file" if a else "none (1 token/round placeholder)",
+            "serial_round_ms": serial, "modeled_two_device_round_ms": modeled, "measured_placement_round_ms": measured,
+            "projected_speedup_measured_placement": (tpr / measured * ar) if ar and measured else None,
+            "projected_speedup_modeled_two_device": (tpr / modeled * ar) if ar and modeled else None,
+        }
+    return out
+
+
+def default_configs(mode: str, acc: dict | None, have_gpu: bool, n_cpu: int) -> list[KitConfig]:
+    gamma = kappa = None
+    if acc:
+        gs = [m.get("gamma") for m in acc.get("methods", {}).values() if m.get("gamma")]
+        gamma = gs[0] if gs else None
+        kappa = acc.get("kappa")
+    if mode == "tiny":
+        g = gamma or 4
+        out = [KitConfig("tiny one device", "tiny-target", "tiny-draft", "cpu:0", g, 4, 4, "float32")]
+        if n_cpu > 1:
+            out.append(KitConfig("tiny two host devices", "tiny-target", "tiny-draft", "cpu:0,cpu:1", g, 4, 2,
+                                 "float32"))
+        return out
+    dev = "gpu:0" if have_gpu else "cpu:0"
+    g, k = gamma or 7, kappa or 8
+    out = [KitConfig("1.5B/0.5B on one GPU", "qwen2.5-1.5b", "qwen2.5-0.5b", dev, g, k, k * (g + 1))]
+    if mode == "full":
+        out.append(KitConfig("1.5B on GPU / 0.5B on host CPU", "qwen2.5-1.5b", "qwen2.5-0.5b", f"{dev},cpu:0",
+                             g, min(k, 4), 2, "float32"))
+    out.append(KitConfig("7B/0.5B on one GPU", "qwen2.5-7b", "qwen2.5-0.5b", dev, g, k, k * (g + 1)))
+    if mode == "full":
+        out.append(KitConfig("7B on GPU / 0.5B on host CPU", "qwen2.5-7b", "qwen2.5-0.5b", f"{dev},cpu:0",
+                             g, min(k, 4), 2, "float32"))
+    return out
+
+
+def to_markdown(payload: dict) -> str:
+    from mirror_jax.bench.report import machine_md
+
+    lines = ["# GPU timing kit (random weights, real jitted code paths)\n\n", machine_md(payload["machine"]),
+             f"\nMode: {payload['mode']}; context {payload['ctx']} tokens; {payload['iters']} timed calls per phase "
+             f"(median); acceptance from: {payload['acceptance_source'] or 'none (placeholders: 1 token/round)'}.\n",
+             "\nPROJECTED speed-ups combine the phase times measured here with acceptance statistics measured on "
+             "CPU with the real weights (tokens per round, fallback rate). 'measured placement' uses the whole round "
+             "as dispatched on this placement (one device: serialised); 'MODELED two-device' is the spec's formula "
+             "prefix + channel + max(suffix, draft) + verify + channel + select(reuse) + fallback share, i.e. the "
+             "draft on a second device of the same speed.\n"]
+    for r in payload["results"]:
+        c = r["config"]
+        lines.append(f"\n## {c['name']} ({c['target']} / {c['draft']}, placement {c['placement']}, gamma={c['gamma']}, "
+                     f"kappa={c['kappa']}, branches={c['budget']})\n\n")
+        if "error" in r:
+            lines.append(f"Not measured: {r['error']}\n")
+            continue
+        lines.append("| phase | ms (median) | first call s (compile) |\n|---|---|---|\n")
+        for k, v in r["phases_ms"].items():
+            lines.append(f"| {k} | {'-' if v is None else f'{v:.3f}'} | {r['compile_s'].get(k, 0):.1f} |\n")
+        lines.append("\n| method | tokens/round | fallback | serial round ms | measured-placement round ms | "
+                     "MODELED two-device round ms | PROJECTED speed-up (measured placement) | PROJECTED speed-up "
+                     "(MODELED two-device) |\n|---|---|---|---|---|---|---|---|\n")
+        f = lambda v: "-" if v is None else f"{v:.2f}"
+        for m, p in r.get("projection", {}).items():
+            lines.append(f"| {m} | {f(p['tokens_per_round'])} | {f(p['fallback_rate'])} | {f(p['serial_round_ms'])} | "
+                         f"{f(p['measured_placement_round_ms'])} | {f(p['modeled_two_device_round_ms'])} | "
+                         f"{f(p['projected_speedup_measured_placement'])} | "
+                         f"{f(p['projected_speedup_modeled_two_device'])} |\n")
+    if payload.get("notes"):
+        lines.append("\nNotes:\n" + "".join(f"- {n}\n" for n in payload["notes"]))
+    return "".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--acceptance", default=None, help="acceptance.json or results.json of a CPU ladder run")
+    ap.add_argument("--quick", action="store_true", help="GPU-only configurations, fewer timed calls")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (smoke test of this script)")
+    ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this many seconds")
+    ap.add_argument("--ctx", type=int, default=None, help="committed context length (default 512; tiny 32)")
+    ap.add_argument("--iters", type=int, default=None, help="timed calls per phase (default 20; quick 8)")
+    ap.add_argument("--no-ss", action="store_true", help="skip the SS-draft variants")
+    ap.add_argument("--out", default=str(REPO / "experiments" / "results"))
+    ap.add_argument("--tag", default=None, help="output name suffix: gpu_kit_<tag>.json")
+    args = ap.parse_args(argv)
+    budget = Budget(args.budget_s)
+
+    import jax
+
+    from mirror_jax.bench.report import machine_info, write_results
+    from mirror_jax.engine import functions as F
+
+    try:
+        have_gpu = bool(jax.devices("gpu"))
+    except RuntimeError:
+        have_gpu = False
+    mode = "tiny" if args.tiny else ("quick" if args.quick else "full")
+    acc = load_acceptance(args.acceptance)
+    notes = []
+    if not have_gpu and mode != "tiny":
+        notes.append("no GPU found: the configurations ran on the CPU instead (numbers are NOT GPU numbers)")
+    with_ss = not args.no_ss and _accepts(F.draft_propose, "sscfg")
+    if not with_ss:
+        notes.append("SS-draft variants not measured (--no-ss, or the engine's round functions take no SS adapter)")
+    else:
+        notes.append("SS draft: a random LoRA adapter (2 streams, 2 MSA layers, rank 16); timing only")
+    ctx = args.ctx or (32 if mode == "tiny" else 512)
+    iters = args.iters or (3 if mode == "tiny" else 8 if mode == "quick" else 20)
+    configs = default_configs(mode, acc, have_gpu, len(jax.devices("cpu")))
+    if acc is None:
+        notes.append("no --acceptance file: projections use 1 token/round and fallback 1.0 placeholders")
+    print(f"GPU kit ({mode}): {len(configs)} configurations, budget {args.budget_s:.0f}s, devices {jax.devices()}",
+          flush=True)
+
+    models: dict = {}
+    results = []
+    est = {"tiny": 5, "quick": 60, "full": 60}[mode]
+    for kc in configs:
+        if budget.left < est:
+            results.append({"config": dataclasses.asdict(kc), "error": f"skipped: {budget.left:.0f}s of budget left"})
+            print(f"- {kc.name}: skipped (budget)", flush=True)
+            continue
+        print(f"- {kc.name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            r = measure_config(kc, ctx, iters, budget, models, with_ss)
+            r["projection"] = project(r, acc)
+            r["wall_s"] = time.perf_counter() - t0
+        except Exception as e:  # OOM, a missing device, the budget: keep the other configurations
+            r = {"config": dataclasses.asdict(kc), "error": f"{type(e).__name__}: {e}",
+                 "traceback": traceback.format_exc(limit=4)}
+            print(f"  failed: {type(e).__name__}: {e}", flush=True)
+        results.append(r)
+        # drop models the remaining configurations do not use (frees GPU memory for the 7B target)
+        rest = {c.target for c in configs[configs.index(kc) + 1:]} | {c.draft for c in configs[configs.index(kc) + 1:]}
+        for key in [k for k in models if k[0] not in rest]:
+            del models[key]
+    payload = {"mode": mode, "ctx": ctx, "iters": iters, "machine": machine_info(), "have_gpu": have_gpu,
+               "acceptance_source": (acc or {}).get("source"), "acceptance": acc, "results": results,
+               "notes": notes, "elapsed_s": args.budget_s - budget.left}
+    name = "gpu_kit" + (f"_{args.tag}" if args.tag else ("_tiny" if mode == "tiny" else ""))
+    jp, mp = write_results(args.out, name, payload, to_markdown(payload))
+    print(to_markdown(payload))
+    print(f"wrote {jp} and {mp} in {payload['elapsed_s']:.0f}s")
+    return 0 if any("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""``mirror-jax bench``: the SpecBench method ladder (see `mirror_jax.bench.ladder`).
+
+    mirror-jax bench --limit-per-category 1 --max-new-tokens 64              # default pair
+    mirror-jax bench --tiny --categories qa translation --max-new-tokens 8   # tiny random models
+    mirror-jax bench --methods ar,mirror_ar --placement cpu:0,cpu:1 --run-name two_dev
+
+Results land in ``experiments/results/<run-name>/`` (results.json, results.md, acceptance.json,
+speedup.png, phases.png, accepted_hist.png).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from mirror_jax.bench.ladder import LADDER, LadderError, parse_methods
+
+
+def _methods(s: str) -> list[str]:
+    try:
+        return parse_methods(s)
+    except LadderError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--questions", default=None, help="SpecBench question.jsonl (default: the shared copy)")
+    p.add_argument("--categories", nargs="+", default=None,
+                   help="tasks (mt_bench translation summarization qa math_reasoning rag) or MT-bench categories")
+    p.add_argument("--limit-per-category", type=_positive, default=2, help="questions per task (default 2)")
+    p.add_argument("--max-new-tokens", type=_positive, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--repeats", type=_positive, default=1, help="timed repetitions per question and method")
+    p.add_argument("--methods", type=_methods, default=list(LADDER),
+                   help=f"comma-separated subset of {','.join(LADDER)} (ar is always run: it is the baseline)")
+    p.add_argument("--gamma", type=int, default=None, help="draft window (default: per device kind)")
+    p.add_argument("--kappa", type=int, default=None, help="early-exit candidates per position")
+    p.add_argument("--branch-budget", type=int, default=None, help="Mirror-SD branches rolled out per round")
+    p.add_argument("--exit-layer", type=int, default=None, help="target early-exit layer (default N/2)")
+    p.add_argument("--placement", default=None, help="'target,draft' devices, e.g. cpu:0,cpu:1 or gpu:0,cpu:0")
+    p.add_argument("--profile-per-task", type=int, default=1,
+                   help="questions per task in the instrumented per-phase pass (0: skip it)")
+    p.add_argument("--profile-max-new-tokens", type=_positive, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="results root (default experiments/results)")
+    p.add_argument("--run-name", default=None, help="sub-directory of --out (default specbench_<kind>_<time>)")
+    p.add_argument("--tiny", action="store_true", help="tiny random models instead of the default pair (CI/smoke)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args, argv=None):
+    from mirror_jax.bench.ladder import BenchConfig
+
+    cmd = "mirror-jax bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
+    return BenchConfig(
+        questions=args.questions, categories=args.categories, limit_per_category=args.limit_per_category,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
+        methods=list(args.methods), gamma=args.gamma, kappa=args.kappa, branch_budget=args.branch_budget,
+        exit_layer=args.exit_layer, placement=args.placement, profile_per_task=args.profile_per_task,
+        profile_max_new_tokens=args.profile_max_new_tokens, seed=args.seed, out=args.out, run_name=args.run_name,
+        tiny=args.tiny, command=cmd,
+    )
+
+
+def run_bench(args, argv=None) -> int:
+    from mirror_jax.cli import _ensure_host_devices
+
+    _ensure_host_devices(args.placement)
+    from mirror_jax.bench.ladder import run_ladder
+    from mirror_jax.bench.specbench import QuestionFileError
+    from mirror_jax.engine.api import ConfigError
+    from mirror_jax.engine.placement import PlacementError
+
+    try:
+        payload, run_dir = run_ladder(config_from_args(args, argv), progress=not args.no_progress)
+    except (QuestionFileError, LadderError, ConfigError, PlacementError) as e:
+        print(f"mirror-jax bench: error: {e}", file=sys.stderr)
+        return 2
+    ov = payload["aggregate"]["overall"]
+    print(f"\n{'method':<10} {'tok/s':>8} {'speedup':>8} {'tok/round':>9} {'fallback':>8}")
+    for m, s in ov.items():
+        f = lambda v: "-" if v is None else f"{v:.2f}"
+        print(f"{m:<10} {f(s.get('tokens_per_s')):>8} {f(s.get('speedup_vs_ar')):>8} "
+              f"{f(s.get('mean_tokens_per_round')):>9} {f(s.get('fallback_rate')):>8}")
+    for m, why in payload["skipped"].items():
+        print(f"{m}: {why}")
+    if payload["mismatches"]:
+        print(f"WARNING: {len(payload['mismatches'])} outputs differ from ar's (see results.md)")
+    print(f"results: {run_dir}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Standalone entry (``python -m mirror_jax.bench.cli``, experiments/specbench.py)."""
+    parser = argparse.ArgumentParser(prog="mirror-jax bench", description="SpecBench method ladder")
+    add_bench_args(parser)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    return run_bench(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

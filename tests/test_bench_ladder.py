@@ -1,0 +1,146 @@
+"""SpecBench ladder (`mirror-jax bench`) end to end on tiny random models, its error paths, the
+round-time model, and the GPU timing kit's CPU path (--tiny)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mirror_jax.bench.ladder import LADDER, BenchConfig, LadderError, modeled_round_ms, parse_methods, run_ladder
+from mirror_jax.bench.specbench import QuestionFileError
+from mirror_jax.cli import main as cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--tiny", "--categories", "qa", "writing", "--limit-per-category", "1", "--max-new-tokens", "6",
+            "--profile-max-new-tokens", "6", "--out", str(out), "--run-name", "tiny", "--no-progress"]
+    rc = cli_main(argv)
+    return rc, out / "tiny"
+
+
+def test_bench_writes_every_artifact(tiny_run):
+    rc, run = tiny_run
+    assert rc == 0
+    for name in ("results.json", "results.md", "acceptance.json"):
+        assert (run / name).stat().st_size > 0, name
+    for name in ("speedup.png", "phases.png", "accepted_hist.png"):
+        assert (run / name).read_bytes()[:8] == PNG, name
+    p = json.loads((run / "results.json").read_text())
+    assert {"machine", "device_kinds", "config", "records", "aggregate", "placement"} <= p.keys()
+    assert p["machine"]["versions"]["jax"]
+    ran = set(p["methods"]) | set(p["skipped"])
+    assert ran == set(LADDER)
+    for m, why in p["skipped"].items():  # only the SS rungs may be skipped, and only with a reason
+        assert m.endswith("_ss") and "ss_adapter" in why
+    assert {"ar", "sd_ar", "mirror_ar"} <= set(p["methods"])
+    assert set(p["aggregate"]["tasks"]) == {"qa", "mt_bench"}
+    assert p["mismatches"] == [] and all(p["identical_to_ar"].values())
+    ov = p["aggregate"]["overall"]
+    assert ov["ar"]["speedup_vs_ar"] == pytest.approx(1.0)
+    for m in p["methods"]:
+        assert ov[m]["tokens_per_s"] > 0
+        if m != "ar":
+            assert ov[m]["mean_tokens_per_round"] >= 1
+            assert ov[m]["phase_ms_median"] and ov[m]["modeled_round_ms"] > 0 and ov[m]["overlap_efficiency"] > 0
+        if m.startswith("mirror"):
+            assert 0 <= ov[m]["fallback_rate"] <= 1 and 0 <= ov[m]["omega_kappa"] <= 1
+            assert ov[m]["modeled_round_ms"] <= ov[m]["serial_round_ms"] + 1e-9
+    # multi-turn: the MT-bench question is fed turn by turn, every method with its own history
+    writing = [r for r in p["records"] if r["category"] == "writing"]
+    assert writing and all(len(r["turns"]) == 2 for r in writing)
+    assert writing[0]["turns"][1]["prompt_tokens"] > writing[0]["turns"][0]["prompt_tokens"]
+    md = (run / "results.md").read_text()
+    assert "MODELED" in md and "| mirror_ar |" in md and "speedup.png" in md
+    acc = json.loads((run / "acceptance.json").read_text())
+    assert acc["methods"]["mirror_ar"]["mean_tokens_per_round"] >= 1
+
+
+def test_malformed_question_file(tmp_path, capsys):
+    bad = tmp_path / "q.jsonl"
+    bad.write_text('{"question_id": 1, "category": "qa", "turns": ["hi"]}\n{not json\n')
+    rc = cli_main(["bench", "--tiny", "--questions", str(bad), "--out", str(tmp_path), "--no-progress"])
+    assert rc == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    bad.write_text('{"question_id": 1, "category": "qa"}\n')
+    with pytest.raises(QuestionFileError, match="turns"):
+        run_ladder(BenchConfig(questions=str(bad), tiny=True, out=str(tmp_path)), progress=False)
+    with pytest.raises(QuestionFileError, match="does not exist"):
+        run_ladder(BenchConfig(questions=str(tmp_path / "missing.jsonl"), tiny=True), progress=False)
+
+
+def test_unknown_category(tmp_path, capsys):
+    rc = cli_main(["bench", "--tiny", "--categories", "qa", "poetry", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "unknown categories ['poetry']" in err and "translation" in err
+
+
+def test_unknown_method(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["bench", "--tiny", "--methods", "ar,eagle"])
+    assert e.value.code == 2
+    assert "unknown methods ['eagle']" in capsys.readouterr().err
+    with pytest.raises(LadderError):
+        parse_methods(["sd_ar", "medusa"])
+    assert parse_methods("mirror_ss,sd_ar") == ["ar", "sd_ar", "mirror_ss"]  # ladder order, ar added
+
+
+def test_round_time_model():
+    ph = {"prefix": 2.0, "channel_ee": 0.1, "suffix": 3.0, "draft": 5.0, "verify": 0.5, "channel_fv": 0.2,
+          "select_reuse": 0.3, "select_fallback": 4.3}
+    m = modeled_round_ms(ph, "mirror", fallback_rate=0.25)
+    common = 2.0 + 0.1 + 0.5 + 0.2 + 0.3 + 0.25 * 4.0
+    assert m["modeled"] == pytest.approx(common + 5.0)
+    assert m["serial"] == pytest.approx(common + 3.0 + 5.0)
+    sd = modeled_round_ms({"target": 4.0, "verify": 0.5, "draft": 2.0, "channel_fv": 0.1}, "sd")
+    assert sd["modeled"] == sd["serial"] == pytest.approx(6.6)
+
+
+def test_gpu_kit_random_params_match_init_random():
+    import jax
+
+    sys.path.insert(0, str(REPO / "experiments" / "gpu"))
+    import run_gpu_kit as kit
+
+    from mirror_jax.params import init_random
+
+    cfg = kit.model_cfg("tiny-target")
+    a = kit.random_params(cfg, jax.numpy.bfloat16, jax.devices("cpu")[0])
+    b = init_random(cfg, 0, jax.numpy.bfloat16)
+    sa = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), a)
+    sb = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), b)
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and sa == sb
+    # the real-size shapes are the Qwen2.5 ones
+    big = kit.model_cfg("qwen2.5-1.5b")
+    assert (big.hidden_size, big.num_layers, big.q_size, big.kv_size) == (1536, 28, 1536, 256)
+
+
+def test_gpu_kit_tiny_cpu_path(tiny_run, tmp_path):
+    _, run = tiny_run
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, str(REPO / "experiments" / "gpu" / "run_gpu_kit.py"), "--tiny", "--out", str(tmp_path),
+           "--acceptance", str(run / "acceptance.json"), "--budget-s", "120"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    p = json.loads((tmp_path / "gpu_kit_tiny.json").read_text())
+    assert len(p["results"]) == 2 and all("error" not in x for x in p["results"]), p["results"]
+    for res in p["results"]:
+        ph = res["phases_ms"]
+        for k in ("ar_step", "target_full", "verify", "prefix", "suffix", "draft_rollout_ar", "select_reuse_ar",
+                  "select_fallback_ar", "mirror_round_ar", "sd_round_ar"):
+            assert ph[k] is not None and ph[k] > 0, k
+        proj = res["projection"]
+        assert proj["mirror_ar"]["acceptance_from"] == "file"
+        assert proj["mirror_ar"]["projected_speedup_modeled_two_device"] > 0
+    md = (tmp_path / "gpu_kit_tiny.md").read_text()
+    assert "PROJECTED" in md and "MODELED" in md
