@@ -244,11 +244,15 @@ def main(argv=None):
             np.savez(data_path, tokens=toks, mask=mask, ids=np.array([f"random:{i}" for i in range(len(toks))]))
         data_desc = "tiny random models; random-token prompts; greedy continuations of the tiny target"
     else:
-        from mirror_jax.loading.default_pair import default_pair
+        from mirror_jax.loading.default_pair import DRAFT_SPEC, TARGET_SPEC, assemble_default_files
+        from mirror_jax.loading.gguf_loader import load_gguf
 
-        target, draft, tokenizer = default_pair(progress=False)
+        # One model in memory at a time: the target only while distilling, then the draft.
+        target_path, draft_path = assemble_default_files()
+        target_name = Path(target_path).name
         if not data_path.exists():
-            prompts, ids = make_prompts(tokenizer, "train", args.num_prompts, args.prompt_len, args.seed)
+            target = load_gguf(target_path, jnp.float32, sha256=TARGET_SPEC.sha256, progress=False)
+            prompts, ids = make_prompts(target.tokenizer, "train", args.num_prompts, args.prompt_len, args.seed)
             print(f"{len(prompts)} stdlib prompts of {args.prompt_len} tokens", flush=True)
             toks, mask = distill(target, prompts, args.gen_len, args.gen_batch, part_path, 60 * args.distill_budget_min)
             np.savez(data_path, tokens=toks, mask=mask, ids=np.array(ids[: len(toks)]))
@@ -256,8 +260,11 @@ def main(argv=None):
             f"Python {sys.version_info.major}.{sys.version_info.minor} stdlib (train split of files by "
             f"sha1(path) % 8 != 0): source up to a function docstring, last {args.prompt_len} tokens as "
             f"prompt; {args.gen_len}-token greedy continuations by the target "
-            f"({getattr(target, 'name', 'target')}); loss on continuation tokens only"
+            f"({target_name}); loss on continuation tokens only"
         )
+        target = None
+        gc.collect()
+        draft = load_gguf(draft_path, jnp.float32, sha256=DRAFT_SPEC.sha256, progress=False)
     target = None
     gc.collect()
     data = np.load(data_path)
