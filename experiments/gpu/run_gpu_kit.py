@@ -82,17 +82,21 @@ def random_params(cfg, dtype, device, seed: int = 0, scale: float = 0.02):
     import jax
     import jax.numpy as jnp
 
-    from mirror_jax.params import LayerParams, ModelParams
-
     key = [jax.random.key(seed)]
 
     def w(*shape, s=scale):
         key[0], k = jax.random.split(key[0])
-        with jax.default_device(device):
-            return (jax.random.normal(k, shape, jnp.float32) * s).astype(dtype)
+        return (jax.random.normal(k, shape, jnp.float32) * s).astype(dtype)
 
     def ones_ish(n):
         return w(n, s=0.1) + jnp.asarray(1.0, dtype)
+
+    with jax.default_device(device):
+        return jax.device_put(_build(cfg, w, ones_ish), device)
+
+
+def _build(cfg, w, ones_ish):
+    from mirror_jax.params import LayerParams, ModelParams
 
     h, i = cfg.hidden_size, cfg.intermediate_size
     qkv = cfg.q_size + 2 * cfg.kv_size
@@ -107,8 +111,7 @@ def random_params(cfg, dtype, device, seed: int = 0, scale: float = 0.02):
     )
     embed = w(cfg.vocab_size, h)
     lm_head = embed.T if cfg.tie_embeddings else w(h, cfg.vocab_size)
-    params = ModelParams(embed=embed, layers=layers, final_norm=ones_ish(h), lm_head=lm_head)
-    return jax.device_put(params, device)
+    return ModelParams(embed=embed, layers=layers, final_norm=ones_ish(h), lm_head=lm_head)
 
 
 def _accepts(fn, name: str) -> bool:
@@ -147,9 +150,11 @@ def _median_ms(fn, setup, iters: int, budget: Budget, min_left: float = 5.0):
     return (1e3 * float(np.median(times)) if times else None), first, out
 
 
-def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: dict, with_ss: bool) -> dict:
+def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: dict, with_ss: bool,
+                   res: dict) -> dict:
     """Per-phase and whole-round times of ar, sd and mirror (AR draft, and SS draft when the engine
-    supports it) for one configuration."""
+    supports it) for one configuration, filled into `res` as they are measured (so a failure or
+    the time budget keeps what was already measured)."""
     import jax
     import jax.numpy as jnp
 
@@ -201,7 +206,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
 
     last_t, last_d = pl.to_target(last_np), pl.to_draft(last_np)
     win_t, win_d = pl.to_target(win_np), pl.to_draft(win_np)
-    res = {"config": dataclasses.asdict(kc), "ctx": ctx, "capacity": cap, "compile_s": {}, "phases_ms": {}}
+    res.update(ctx=ctx, capacity=cap)
     ph = res["phases_ms"]
 
     def timed(name, fn, setup):
@@ -333,9 +338,9 @@ def load_acceptance(path: str | None) -> dict | None:
         return None
     d = json.loads(Path(path).read_text())
     if "aggregate" in d:  # a ladder results.json
-        ov = d["aggregate"]["overall"]
-        return {"source": str(path), "methods": {m: {k: s.get(k) for k in ("mean_tokens_per_round", "fallback_rate",
-                                                                       "omega_kappa")} for m, s in ov.items()}}
+        from mirror_jax.bench.ladder import acceptance_summary
+
+        return {**acceptance_summary(d), "source": str(path)}
     if "methods" not in d:
         raise ValueError(f"{path}: neither an acceptance.json nor a ladder results.json")
     return d
@@ -376,12 +381,13 @@ def project(res: dict, acc: dict | None) -> dict:
     return out
 
 
-def default_configs(mode: str, acc: dict | None, have_gpu: bool, n_cpu: int) -> list[KitConfig]:
-    gamma = kappa = None
-    if acc:
+def default_configs(mode: str, acc: dict | None, have_gpu: bool, n_cpu: int, gamma: int | None = None,
+                    kappa: int | None = None) -> list[KitConfig]:
+    """gamma: --gamma, else the acceptance file's (so tokens/round fit the window), else 7; kappa:
+    --kappa, else the paper's 8 (more candidates than the CPU run only lowers the fallback rate)."""
+    if acc and gamma is None:
         gs = [m.get("gamma") for m in acc.get("methods", {}).values() if m.get("gamma")]
         gamma = gs[0] if gs else None
-        kappa = acc.get("kappa")
     if mode == "tiny":
         g = gamma or 4
         out = [KitConfig("tiny one device", "tiny-target", "tiny-draft", "cpu:0", g, 4, 4, "float32")]
@@ -391,12 +397,11 @@ def default_configs(mode: str, acc: dict | None, have_gpu: bool, n_cpu: int) -> 
         return out
     dev = "gpu:0" if have_gpu else "cpu:0"
     g, k = gamma or 7, kappa or 8
-    out = [KitConfig("1.5B/0.5B on one GPU", "qwen2.5-1.5b", "qwen2.5-0.5b", dev, g, k, k * (g + 1))]
-    if mode == "full":
+    out = [KitConfig("1.5B/0.5B on one GPU", "qwen2.5-1.5b", "qwen2.5-0.5b", dev, g, k, k * (g + 1)),
+           KitConfig("7B/0.5B on one GPU", "qwen2.5-7b", "qwen2.5-0.5b", dev, g, k, k * (g + 1))]
+    if mode == "full":  # most important first: the budget may cut the last ones
         out.append(KitConfig("1.5B on GPU / 0.5B on host CPU", "qwen2.5-1.5b", "qwen2.5-0.5b", f"{dev},cpu:0",
                              g, min(k, 4), 2, "float32"))
-    out.append(KitConfig("7B/0.5B on one GPU", "qwen2.5-7b", "qwen2.5-0.5b", dev, g, k, k * (g + 1)))
-    if mode == "full":
         out.append(KitConfig("7B on GPU / 0.5B on host CPU", "qwen2.5-7b", "qwen2.5-0.5b", f"{dev},cpu:0",
                              g, min(k, 4), 2, "float32"))
     return out
@@ -418,7 +423,8 @@ def to_markdown(payload: dict) -> str:
         lines.append(f"\n## {c['name']} ({c['target']} / {c['draft']}, placement {c['placement']}, gamma={c['gamma']}, "
                      f"kappa={c['kappa']}, branches={c['budget']})\n\n")
         if "error" in r:
-            lines.append(f"Not measured: {r['error']}\n")
+            lines.append(f"Incomplete: {r['error']}\n\n")
+        if not r.get("phases_ms"):
             continue
         lines.append("| phase | ms (median) | first call s (compile) |\n|---|---|---|\n")
         for k, v in r["phases_ms"].items():
@@ -445,6 +451,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget-s", type=float, default=540.0, help="stop starting new work after this many seconds")
     ap.add_argument("--ctx", type=int, default=None, help="committed context length (default 512; tiny 32)")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per phase (default 20; quick 8)")
+    ap.add_argument("--gamma", type=int, default=None, help="draft window (default: the acceptance file's, else 7)")
+    ap.add_argument("--kappa", type=int, default=None, help="early-exit candidates (default 8; tiny 4)")
     ap.add_argument("--no-ss", action="store_true", help="skip the SS-draft variants")
     ap.add_argument("--out", default=str(REPO / "experiments" / "results"))
     ap.add_argument("--tag", default=None, help="output name suffix: gpu_kit_<tag>.json")
@@ -472,7 +480,7 @@ def main(argv=None) -> int:
         notes.append("SS draft: a random LoRA adapter (2 streams, 2 MSA layers, rank 16); timing only")
     ctx = args.ctx or (32 if mode == "tiny" else 512)
     iters = args.iters or (3 if mode == "tiny" else 8 if mode == "quick" else 20)
-    configs = default_configs(mode, acc, have_gpu, len(jax.devices("cpu")))
+    configs = default_configs(mode, acc, have_gpu, len(jax.devices("cpu")), args.gamma, args.kappa)
     if acc is None:
         notes.append("no --acceptance file: projections use 1 token/round and fallback 1.0 placeholders")
     print(f"GPU kit ({mode}): {len(configs)} configurations, budget {args.budget_s:.0f}s, devices {jax.devices()}",
@@ -488,14 +496,14 @@ def main(argv=None) -> int:
             continue
         print(f"- {kc.name}", flush=True)
         t0 = time.perf_counter()
+        r = {"config": dataclasses.asdict(kc), "compile_s": {}, "phases_ms": {}}
         try:
-            r = measure_config(kc, ctx, iters, budget, models, with_ss)
-            r["projection"] = project(r, acc)
-            r["wall_s"] = time.perf_counter() - t0
+            measure_config(kc, ctx, iters, budget, models, with_ss, r)
         except Exception as e:  # OOM, a missing device, the budget: keep the other configurations
-            r = {"config": dataclasses.asdict(kc), "error": f"{type(e).__name__}: {e}",
-                 "traceback": traceback.format_exc(limit=4)}
+            r.update(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=4))
             print(f"  failed: {type(e).__name__}: {e}", flush=True)
+        r["projection"] = project(r, acc)
+        r["wall_s"] = time.perf_counter() - t0
         results.append(r)
         # drop models the remaining configurations do not use (frees GPU memory for the 7B target)
         rest = {c.target for c in configs[configs.index(kc) + 1:]} | {c.draft for c in configs[configs.index(kc) + 1:]}

@@ -308,6 +308,9 @@ def _turn_record(res, prompt_len: int, seconds: float, retried: int) -> dict:
         round_wall_ms=[round(1e3 * r["wall_s"], 4) for r in rounds],
         decode_s=float(sum(r["wall_s"] for r in rounds)),
         gamma=s.get("settings", {}).get("gamma"),
+        kappa=s.get("settings", {}).get("kappa"),
+        branch_budget=s.get("settings", {}).get("branch_budget"),
+        exit_layer=s.get("settings", {}).get("exit_layer"),
         draft_forwards=int(sum(r.get("draft_forwards", 0) for r in rounds)),
     )
     if s.get("method") == "mirror":
@@ -645,8 +648,11 @@ def acceptance_summary(payload: dict) -> dict:
         out["methods"][m] = {k: st.get(k) for k in ("mean_tokens_per_round", "fallback_rate", "omega_kappa",
                                                     "accepted_hist", "rounds", "draft_forwards_per_round")}
         rec = next((r for r in payload["records"] if r["method"] == m and r.get("turns")), None)
-        if rec and rec["turns"][0].get("gamma"):
-            out["methods"][m]["gamma"] = rec["turns"][0]["gamma"]
+        for k in ("gamma", "kappa", "branch_budget", "exit_layer"):
+            if rec and rec["turns"][0].get(k) is not None:
+                out["methods"][m][k] = rec["turns"][0][k]
+                if k == "kappa" and m.startswith("mirror"):
+                    out["kappa"] = rec["turns"][0][k]
     return out
 
 
