@@ -52,6 +52,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-per-task", type=int, default=1,
                    help="questions per task in the instrumented per-phase pass (0: skip it)")
     p.add_argument("--profile-max-new-tokens", type=_positive, default=32)
+    p.add_argument("--profile-max-questions", type=_positive, default=None,
+                   help="cap on the instrumented pass's questions (default: all selected by --profile-per-task)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="results root (default experiments/results)")
     p.add_argument("--run-name", default=None, help="sub-directory of --out (default specbench_<kind>_<time>)")
@@ -68,7 +70,8 @@ def config_from_args(args, argv=None):
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
         methods=list(args.methods), gamma=args.gamma, kappa=args.kappa, branch_budget=args.branch_budget,
         exit_layer=args.exit_layer, placement=args.placement, profile_per_task=args.profile_per_task,
-        profile_max_new_tokens=args.profile_max_new_tokens, seed=args.seed, out=args.out, run_name=args.run_name,
+        profile_max_new_tokens=args.profile_max_new_tokens, profile_max_questions=args.profile_max_questions,
+        seed=args.seed, out=args.out, run_name=args.run_name,
         tiny=args.tiny, command=cmd,
     )
 

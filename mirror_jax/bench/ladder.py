@@ -222,6 +222,7 @@ class BenchConfig:
     placement: str | None = None
     profile_per_task: int = 1
     profile_max_new_tokens: int = 32
+    profile_max_questions: int | None = None
     seed: int = 0
     out: str | None = None
     run_name: str | None = None
@@ -506,6 +507,7 @@ def _profile_pass(generate, models, cfg: BenchConfig, questions, methods, progre
         if seen[q["task"]] < cfg.profile_per_task:
             subset.append(q)
             seen[q["task"]] += 1
+    subset = subset[: cfg.profile_max_questions] if cfg.profile_max_questions else subset
     n_new = min(cfg.max_new_tokens, cfg.profile_max_new_tokens)
     out = {}
     bar = _progress(len(subset) * len(methods), progress, "profile pass")
