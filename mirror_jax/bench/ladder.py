@@ -786,7 +786,8 @@ def make_plots(p: dict, run_dir: Path) -> list[Path]:
         if s.get("modeled_round_ms"):
             ax.plot(s["modeled_round_ms"], i, "rv", ms=9)
     ax.set_yticks(range(len(prof)), list(prof))
-    ax.set_xlabel("ms per round (bars: isolated phase medians; | measured round; red v MODELED two-device)")
+    ax.set_xlabel("ms per round\nbars: isolated phase medians  |: measured round  red v: MODELED two-device",
+                  fontsize=8)
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles, strict=False))
     if uniq:
