@@ -1,0 +1,389 @@
+"""Decode speed on this machine: mirror_jax vs transformers/torch, against the memory-bandwidth floor.
+
+For each selected model of the default pair (target Qwen2.5-Coder-1.5B, draft 0.5B), loaded one at
+a time and freed before the next:
+
+* ms per generated token (greedy, fixed number of new tokens, warm-up excluded, median over
+  repeats) for mirror_jax (`generate_ar` -> jitted `decode_step`) and for transformers/torch
+  (fp32, `torch.set_num_threads(<cores>)`, a manual greedy loop with ``past_key_values``);
+* the cost of one forward over 1, 2, 4, 8, 16 new tokens after a committed context (default 256
+  tokens): a jitted `model.forward` on a KV cache (mirror_jax) and a forward on a cropped
+  `DynamicCache` (torch) - the cost of verifying that many speculative tokens;
+* the weight bytes read per token (`param_bytes(params, exclude_embed=True)`) and the machine's
+  memory bandwidth measured in the same run (1 GiB copies, numpy and jax, best of several:
+  bytes read + written / time; plus a jax read-only reduction), so every time is also shown as a
+  multiple of the bandwidth floor (bytes per token / bandwidth).
+
+Writes ``experiments/results/bench_decode.{json,md,png}`` (``--name`` changes the stem).
+The machine is shared: the load average at start and end is recorded; numbers from a loaded
+machine are slower and noisier.
+
+Usage (real models: run under the repository's real-model lock, one such process at a time)::
+
+    flock /tmp/mirror_realmodel.lock python experiments/bench_decode.py
+    flock /tmp/mirror_realmodel.lock python experiments/bench_decode.py --models draft --repeats 5
+    python experiments/bench_decode.py --random --models draft --no-torch   # random weights, same shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mirror_jax import model as M  # noqa: E402
+from mirror_jax.bench.report import machine_info, machine_md, markdown_table, memory_bandwidth_gbs, write_results  # noqa: E402
+from mirror_jax.config import ModelConfig  # noqa: E402
+from mirror_jax.generate import generate_ar  # noqa: E402
+from mirror_jax.kv_cache import init_cache, set_lengths  # noqa: E402
+from mirror_jax.params import init_random, param_bytes  # noqa: E402
+
+PROMPT = (
+    "def quicksort(xs: list[int]) -> list[int]:\n"
+    '    """Sort a list of integers with quicksort and return a new list."""\n'
+)
+
+# The default pair's shapes (used with --random; the real configs come from the GGUF metadata).
+CONFIGS = {
+    "target": ModelConfig(
+        arch="qwen2",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_layers=28,
+        num_heads=12,
+        num_kv_heads=2,
+        head_dim=128,
+        rope_theta=1e6,
+        qkv_bias=True,
+    ),
+    "draft": ModelConfig(
+        arch="qwen2",
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_layers=24,
+        num_heads=14,
+        num_kv_heads=2,
+        head_dim=64,
+        rope_theta=1e6,
+        qkv_bias=True,
+    ),
+}
+NAMES = {"target": "Qwen2.5-Coder-1.5B", "draft": "Qwen2.5-Coder-0.5B"}
+
+
+# ----------------------------------------------------------------------------- bandwidth
+
+
+def jax_bandwidth(nbytes: int, repeats: int) -> tuple[float, float]:
+    """(copy GB/s counting read + write, read-only GB/s) of jitted jax ops on a `nbytes` array."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0, donate_argnums=0)  # in place: no fresh 1 GiB buffer to fault in
+    read = jax.jit(lambda a: jnp.sum(a))
+    tc = tr = float("inf")
+    x = jax.block_until_ready(copy(x))
+    jax.block_until_ready(read(x))
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(copy(x))
+        tc = min(tc, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(read(x))
+        tr = min(tr, time.perf_counter() - t0)
+    del x
+    return 2 * nbytes / tc / 1e9, nbytes / tr / 1e9
+
+
+# ----------------------------------------------------------------------------- mirror_jax
+
+
+def load_jax(role: str, random: bool):
+    if random:
+        cfg = CONFIGS[role]
+        return cfg, init_random(cfg, seed=0, dtype=jnp.float32), None
+    from mirror_jax.loading import DRAFT_SPEC, TARGET_SPEC, assemble_default_files, load_gguf
+
+    paths = dict(zip(("target", "draft"), assemble_default_files(), strict=True))
+    spec = TARGET_SPEC if role == "target" else DRAFT_SPEC
+    lm = load_gguf(paths[role], jnp.float32, sha256=spec.sha256, progress=True)
+    return lm.cfg, lm.params, lm.tokenizer
+
+
+def prompt_ids(tokenizer, vocab: int) -> list[int]:
+    if tokenizer is None:
+        return [int(t) for t in np.random.default_rng(0).integers(0, vocab, size=24)]
+    return list(tokenizer(PROMPT)["input_ids"])
+
+
+def jax_decode(cfg, params, prompt, new_tokens: int, repeats: int) -> dict:
+    run = lambda: generate_ar(cfg, params, [prompt], new_tokens, eos_ids=[])
+    run()  # warm-up: compiles prefill / first_token / decode_step for these shapes
+    per_rep, tokens = [], None
+    for _ in tqdm(range(repeats), desc="  jax decode", leave=False):
+        res = run()
+        per_rep.append(res.stats["ms_per_step"])
+        tokens = res.tokens[0]
+    return {"ms_per_token": statistics.median(per_rep), "ms_per_token_reps": per_rep, "tokens": tokens}
+
+
+def jax_forward_costs(cfg, params, context: int, sizes, repeats: int) -> dict:
+    """Median ms of a jitted forward over T new tokens after `context` committed positions."""
+    capacity = -(-(context + max(sizes)) // 256) * 256
+    fwd = jax.jit(M.forward, static_argnums=0, donate_argnums=3)
+    cache = set_lengths(init_cache(cfg, 1, capacity, params.embed.dtype), context)
+    out = {}
+    for t in tqdm(sizes, desc="  jax forward", leave=False):
+        toks = jnp.asarray(np.arange(t, dtype=np.int32)[None] + 100)
+        logits, cache = fwd(cfg, params, toks, cache)  # compile + warm-up
+        jax.block_until_ready(logits)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            logits, cache = fwd(cfg, params, toks, cache)
+            jax.block_until_ready(logits)
+            ts.append(time.perf_counter() - t0)
+        out[t] = 1e3 * statistics.median(ts)
+    del cache
+    return out
+
+
+# ----------------------------------------------------------------------------- torch
+
+
+def load_torch(role: str, threads: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mirror_jax.loading import assemble_default_files
+
+    torch.set_num_threads(threads)
+    path = dict(zip(("target", "draft"), assemble_default_files(), strict=True))[role]
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+def torch_weight_bytes(model) -> int:
+    emb = model.get_input_embeddings().weight
+    return int(sum(p.numel() * p.element_size() for p in model.parameters() if p is not emb))
+
+
+def torch_decode(model, prompt, new_tokens: int, repeats: int) -> dict:
+    import torch
+
+    def run():
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+            toks, t0 = [int(nxt)], time.perf_counter()
+            for _ in range(new_tokens - 1):
+                out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1)
+                toks.append(int(nxt))
+            return 1e3 * (time.perf_counter() - t0) / (new_tokens - 1), toks
+
+    run()  # warm-up
+    per_rep, tokens = [], None
+    for _ in tqdm(range(repeats), desc="  torch decode", leave=False):
+        ms, tokens = run()
+        per_rep.append(ms)
+    return {"ms_per_token": statistics.median(per_rep), "ms_per_token_reps": per_rep, "tokens": tokens}
+
+
+def torch_forward_costs(model, vocab: int, context: int, sizes, repeats: int) -> dict:
+    import torch
+
+    rng = np.random.default_rng(0)
+    out = {}
+    with torch.inference_mode():
+        past = model(input_ids=torch.tensor(rng.integers(0, vocab, (1, context))), use_cache=True).past_key_values
+        for t in tqdm(sizes, desc="  torch forward", leave=False):
+            toks = torch.tensor(np.arange(t)[None] + 100)
+            ts = []
+            for i in range(repeats + 1):
+                t0 = time.perf_counter()
+                model(input_ids=toks, past_key_values=past, use_cache=True)
+                dt = time.perf_counter() - t0
+                past.crop(-t)  # drop the t new positions: back to `context`
+                if i:  # the first call is a warm-up
+                    ts.append(dt)
+            out[t] = 1e3 * statistics.median(ts)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def plot(results: dict, sizes, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (role, r) in enumerate(results.items()):
+        color = f"C{i}"
+        ax.plot(sizes, [r["jax"]["forward_ms"][t] for t in sizes], "o-", color=color, label=f"{NAMES[role]} mirror_jax")
+        if r.get("torch"):
+            ax.plot(
+                sizes,
+                [r["torch"]["forward_ms"][t] for t in sizes],
+                "s--",
+                color=color,
+                alpha=0.6,
+                label=f"{NAMES[role]} transformers/torch",
+            )
+        ax.axhline(r["floor_ms"], color=color, ls=":", lw=1, label=f"{NAMES[role]} bandwidth floor")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.set_xlabel("tokens per forward (after the committed context)")
+    ax.set_ylabel("ms per forward")
+    ax.set_title("Forward cost vs tokens per forward (fp32, CPU)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(args, info, bandwidth, results, sizes, argv) -> None:
+    """Write JSON, markdown and the plot (called after every model, so a crash keeps what was measured)."""
+    bw_np, bw_jax_copy, bw_jax_read = (bandwidth[k] for k in ("numpy_copy_gbs", "jax_copy_gbs", "jax_read_gbs"))
+    info["load_average_end"] = os.getloadavg()
+    payload = {"machine": info, "bandwidth": bandwidth, "args": vars(args), "results": results}
+
+    rows, frows = [], []
+    for r in results.values():
+        for impl in ("jax", "torch"):
+            if impl not in r:
+                continue
+            d = r[impl]
+            f = d["forward_ms"]
+            name = "mirror_jax" if impl == "jax" else f"transformers {info['versions'].get('transformers')}/torch"
+            rows.append(
+                {
+                    "model": r["model"],
+                    "implementation": name,
+                    "ms/token": d["ms_per_token"],
+                    "x floor (copy bw)": d["ms_per_token"] / r["floor_ms"],
+                    "x floor (read bw)": d["ms_per_token"] / r["read_floor_ms"],
+                    "floor ms": r["floor_ms"],
+                    "GB/token": r["bytes_per_token"] / 1e9,
+                }
+            )
+            frow = {"model": r["model"], "implementation": name}
+            for t in sizes:
+                frow[f"{t} tok"] = f"{f[t]:.1f}"
+            frow["8/1 ratio"] = f"{f[8] / f[1]:.2f}" if 8 in f and 1 in f else ""
+            frows.append(frow)
+    fmt = {
+        "ms/token": "{:.1f}",
+        "x floor (copy bw)": "{:.2f}",
+        "x floor (read bw)": "{:.2f}",
+        "floor ms": "{:.1f}",
+        "GB/token": "{:.2f}",
+    }
+    md = "# Decode benchmark (CPU, float32, batch 1)\n\n" + machine_md(info)
+    md += (
+        f"Load average at end {tuple(round(x, 2) for x in info['load_average_end'])}.\n\n"
+        f"Bandwidth (1 GiB, best of 5): numpy copy {bw_np:.1f} GB/s, jax copy {bw_jax_copy:.1f} GB/s "
+        f"(read + write), jax read-only {bw_jax_read:.1f} GB/s. Floor = weight bytes per token "
+        f"(`param_bytes(params, exclude_embed=True)`) / bandwidth.\n\n"
+    )
+    md += (
+        f"## Per generated token (greedy, {args.new_tokens} new tokens, median of {args.repeats} runs, "
+        "warm-up excluded)\n\n"
+    )
+    md += markdown_table(rows, list(rows[0]) if rows else [], fmt)
+    md += f"\n## One forward over T new tokens after {args.context} committed tokens (ms, median of {args.repeats})\n\n"
+    md += markdown_table(frows, list(frows[0]) if frows else [])
+    for r in results.values():
+        if "greedy_tokens_match" in r:
+            md += f"\n{r['model']}: mirror_jax and torch greedy tokens identical: {r['greedy_tokens_match']}."
+    md += "\n\nCommand: `python experiments/bench_decode.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`\n"
+    jp, mp = write_results(args.out, args.name, payload, md)
+    png = Path(args.out) / f"{args.name}.png"
+    plot(results, sizes, png)
+    print(md)
+    print(f"wrote {jp}, {mp}, {png}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", choices=["target", "draft"], default=["target", "draft"])
+    ap.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="generated tokens per decode run")
+    ap.add_argument("--forward-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--context", type=int, default=256, help="committed tokens before a timed forward")
+    ap.add_argument("--no-torch", action="store_true", help="skip transformers/torch")
+    ap.add_argument("--random", action="store_true", help="random weights with the real shapes (no GGUF, no torch)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    ap.add_argument("--bandwidth-gib", type=float, default=1.0)
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "results"))
+    ap.add_argument("--name", default="bench_decode")
+    args = ap.parse_args(argv)
+    use_torch = not (args.no_torch or args.random)
+    sizes = sorted(set(args.forward_sizes))
+
+    info = machine_info()
+    nbytes = int(args.bandwidth_gib * (1 << 30))
+    print("measuring memory bandwidth ...", flush=True)
+    bw_np = memory_bandwidth_gbs(nbytes)
+    bw_jax_copy, bw_jax_read = jax_bandwidth(nbytes, 5)
+    bw_copy = max(bw_np, bw_jax_copy)
+    bandwidth = {
+        "numpy_copy_gbs": bw_np,
+        "jax_copy_gbs": bw_jax_copy,
+        "jax_read_gbs": bw_jax_read,
+        "floor_gbs": bw_copy,
+        "read_floor_gbs": max(bw_copy, bw_jax_read),
+    }
+    print(f"bandwidth: numpy copy {bw_np:.1f} GB/s, jax copy {bw_jax_copy:.1f} GB/s, jax read {bw_jax_read:.1f} GB/s")
+
+    results = {}
+    for role in tqdm(args.models, desc="models"):
+        r = {"model": NAMES[role], "weights": "random" if args.random else "GGUF Q4_K_M dequantised to float32"}
+        cfg, params, tok = load_jax(role, args.random)
+        prompt = prompt_ids(tok, cfg.vocab_size)
+        r["prompt_tokens"] = len(prompt)
+        r["bytes_per_token"] = param_bytes(params, exclude_embed=True)
+        r["lm_head_bytes"] = int(params.lm_head.size * params.lm_head.dtype.itemsize)
+        r["floor_ms"] = 1e3 * r["bytes_per_token"] / (bandwidth["floor_gbs"] * 1e9)
+        r["read_floor_ms"] = 1e3 * r["bytes_per_token"] / (bandwidth["read_floor_gbs"] * 1e9)
+        print(f"{NAMES[role]}: {r['bytes_per_token'] / 1e9:.2f} GB per token, floor {r['floor_ms']:.1f} ms", flush=True)
+        r["jax"] = jax_decode(cfg, params, prompt, args.new_tokens, args.repeats)
+        r["jax"]["forward_ms"] = jax_forward_costs(cfg, params, args.context, sizes, args.repeats)
+        print(f"  mirror_jax: {r['jax']['ms_per_token']:.1f} ms/token, forward {r['jax']['forward_ms']}", flush=True)
+        vocab = cfg.vocab_size
+        del params, tok
+        jax.clear_caches()
+        gc.collect()
+        if use_torch:
+            model = load_torch(role, args.threads)
+            r["torch_bytes_per_token"] = torch_weight_bytes(model)
+            r["torch"] = torch_decode(model, prompt, args.new_tokens, args.repeats)
+            r["torch"]["forward_ms"] = torch_forward_costs(model, vocab, args.context, sizes, args.repeats)
+            r["greedy_tokens_match"] = r["torch"]["tokens"] == r["jax"]["tokens"]
+            print(f"  torch: {r['torch']['ms_per_token']:.1f} ms/token, forward {r['torch']['forward_ms']}", flush=True)
+            del model
+            gc.collect()
+        results[role] = r
+        report(args, info, bandwidth, results, sizes, argv)
+
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
