@@ -620,8 +620,10 @@ def aggregate(records: list[dict], profile: dict, methods: list[str]) -> dict:
                 continue
             rounds = profile[m]["rounds"] if gname == "overall" else [
                 r for r in profile[m]["rounds"] if r["task"] == gname]
+            s["phase_source"] = "profiled questions of this task"
             if not rounds and gname != "overall":  # no profiled question of this task: use all
                 rounds = profile[m]["rounds"]
+                s["phase_source"] = "all profiled questions (none of this task)"
             ph = phase_summary(rounds, engine)
             mod = modeled_round_ms(ph, engine, s.get("fallback_rate"))
             s["phase_ms_median"] = ph
@@ -700,6 +702,12 @@ def results_markdown(p: dict) -> str:
         ["task"] + methods, [[t] + [" / ".join(_f(st.get(m, {}).get(k)) for k in
                                                ("tokens_per_s", "mean_tokens_per_round", "fallback_rate"))
                                     for m in methods] for t, st in agg["tasks"].items()]))
+    spec = [m for m in methods if m != "ar"]
+    lines.append("\n## Per task: Omega_kappa | measured round ms | MODELED round ms | overlap efficiency\n\n"
+                 "(phase times per task come from that task's profiled questions, else from all profiled ones)\n\n"
+                 + _table(["task"] + spec, [[t] + [" / ".join(_f(st.get(m, {}).get(k)) for k in (
+                     "omega_kappa", "round_wall_ms_median", "modeled_round_ms", "overlap_efficiency"))
+                     for m in spec] for t, st in agg["tasks"].items()]))
     prof = {m: s for m, s in agg["overall"].items() if s.get("phase_ms_median")}
     if prof:
         names = sorted({k for s in prof.values() for k in s["phase_ms_median"]})
