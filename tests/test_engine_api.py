@@ -40,8 +40,10 @@ def test_one_round_by_hand_places_every_array():
     key_d, key_t = pl.to_draft(jax.random.key(0)), pl.to_target(jax.random.key(0))
     samp = dict(temperature=jnp.float32(1.0), top_k=jnp.int32(0), top_p=jnp.float32(1.0))
     samp_d, samp_t = pl.to_draft(samp), pl.to_target(samp)
-    window, _, cache_d = F.draft_propose(cfg, dp, cache_d, jnp.int32(0), last_d[None], key_d, **samp_d, gamma=gamma)
-    assert _devices((window, cache_d)) == {pl.draft}
+    window, _, cache_d, forwards = F.draft_propose(
+        cfg, dp, cache_d, jnp.int32(0), last_d[None], key_d, **samp_d, gamma=gamma
+    )
+    assert _devices((window, cache_d)) == {pl.draft} and int(forwards) == gamma
 
     win_t = pl.to_target(window)
     hidden, channel, cache_t = F.target_prefix(cfg, tp, cache_t, last_t, win_t, exit_layer=2, kappa=kappa)
@@ -62,7 +64,7 @@ def test_one_round_by_hand_places_every_array():
     assert int(cache_t.lengths[0]) == 4 + a + 1
 
     a_d, c_d = pl.to_draft((res["a"], res["c"]))
-    hit, next_win, _, cache_d = F.draft_select(cfg, dp, cache_d, branches, a_d, c_d, key_d, **samp_d)
+    hit, next_win, _, cache_d, _ = F.draft_select(cfg, dp, cache_d, branches, a_d, c_d, key_d, **samp_d)
     assert _devices((hit, next_win, cache_d)) == {pl.draft}
     assert int(cache_d.lengths[0]) == 4 + a + 1
     # Prefix + suffix logits equal one unsplit forward over the same window.
