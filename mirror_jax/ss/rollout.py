@@ -73,7 +73,7 @@ def _check(cache: KVCache, extra: int, greedy: bool, key, temperature: float, wh
 
 
 @partial(jax.jit, static_argnames=("cfg", "sscfg", "num_tokens", "greedy", "temperature"))
-def _ss_rollout(cfg, sscfg, params, ssp, cache, roots, num_tokens, greedy, key, temperature):
+def _ss_rollout(cfg, sscfg, params, ssp, slayers, cache, roots, num_tokens, greedy, key, temperature):
     bsz, s, cap = roots.shape[0], sscfg.num_streams, cache.capacity
     k_in = s + 1  # tokens fed per forward
     base = cache.lengths
@@ -81,7 +81,6 @@ def _ss_rollout(cfg, sscfg, params, ssp, cache, roots, num_tokens, greedy, key, 
     row_keys = None if greedy else _row_keys(key, bsz)
     out_w = num_tokens + k_in  # room for the last forward's overshoot
     pick = partial(pick_tokens, greedy=greedy, row_keys=row_keys, temperature=temperature)
-    slayers = stream_layers(cfg, sscfg, params, ssp)  # LoRA merged once, outside the loop
 
     def cond(st):
         return jnp.any(st["n"] < num_tokens)
@@ -127,6 +126,9 @@ def _ss_rollout(cfg, sscfg, params, ssp, cache, roots, num_tokens, greedy, key, 
     return st["out"][:, :num_tokens], st["it"], st["cache"]
 
 
+_merge = jax.jit(stream_layers, static_argnums=(0, 1))
+
+
 def ss_rollout(
     cfg: ModelConfig,
     sscfg: SSConfig,
@@ -145,11 +147,15 @@ def ss_rollout(
     Returns (tokens [B, gamma] int32, num_forwards (int32 scalar: forwards until every row had
     gamma tokens), cache). Output tokens equal `ar_rollout`'s; only num_forwards differs."""
     _check(cache, num_tokens + sscfg.num_streams, greedy, key, temperature, "ss_rollout")
+    # The LoRA is merged by a separate jitted call and passed in as an argument: merged inside the
+    # rollout, XLA:CPU fused the addition into the loop's matmuls (+45% per forward, measured).
+    slayers = _merge(cfg, sscfg, params, ssp)
     return _ss_rollout(
         cfg,
         sscfg,
         params,
         ssp,
+        slayers,
         cache,
         jnp.asarray(roots),
         num_tokens,
@@ -168,9 +174,9 @@ def _ar_rollout(cfg, params, cache, roots, num_tokens, greedy, key, temperature)
     def body(i, carry):
         tok, c, out = carry
         logits, c = M.forward(cfg, params, tok[:, None], c.replace(lengths=base + i))
-        nxt = pick_tokens(
-            logits, (base + i + 1)[:, None], greedy=greedy, row_keys=row_keys, temperature=temperature
-        )[:, 0]
+        nxt = pick_tokens(logits, (base + i + 1)[:, None], greedy=greedy, row_keys=row_keys, temperature=temperature)[
+            :, 0
+        ]
         return nxt, c.replace(lengths=base), out.at[:, i].set(nxt)
 
     out = jnp.zeros((bsz, num_tokens), jnp.int32)
