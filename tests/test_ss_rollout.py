@@ -68,9 +68,7 @@ def test_greedy_equal(batch, gamma):
     for b in range(batch):
         lo = int(cache.lengths[b])
         for ka, kb in zip(c_ar.k + c_ar.v, c_ss.k + c_ss.v, strict=True):
-            np.testing.assert_allclose(
-                np.asarray(ka[b, : lo + gamma]), np.asarray(kb[b, : lo + gamma]), atol=1e-5
-            )
+            np.testing.assert_allclose(np.asarray(ka[b, : lo + gamma]), np.asarray(kb[b, : lo + gamma]), atol=1e-5)
 
 
 def test_perfect_streams_need_fewer_forwards():
@@ -94,12 +92,8 @@ def test_sampling_equal():
     cache, roots = _prefilled(4, seed=11)
     for seed in range(3):
         key = jax.random.key(seed)
-        ar, _, _ = ar_rollout(
-            CFG, sscfg, PARAMS, ssp, cache, roots, 6, greedy=False, key=key, temperature=0.8
-        )
-        ss, _, _ = ss_rollout(
-            CFG, sscfg, PARAMS, ssp, cache, roots, 6, greedy=False, key=key, temperature=0.8
-        )
+        ar, _, _ = ar_rollout(CFG, sscfg, PARAMS, ssp, cache, roots, 6, greedy=False, key=key, temperature=0.8)
+        ss, _, _ = ss_rollout(CFG, sscfg, PARAMS, ssp, cache, roots, 6, greedy=False, key=key, temperature=0.8)
         np.testing.assert_array_equal(np.asarray(ss), np.asarray(ar))
     greedy, _, _ = ar_rollout(CFG, sscfg, PARAMS, ssp, cache, roots, 6)
     assert not np.array_equal(np.asarray(ar), np.asarray(greedy))  # sampling really samples

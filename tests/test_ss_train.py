@@ -39,9 +39,7 @@ def test_chunked_nll_matches_naive():
 
     logp = jax.nn.log_softmax(M.head(CFG, PARAMS, h), axis=-1)
     ref = -logp[jnp.arange(13), tg]
-    np.testing.assert_allclose(
-        np.asarray(chunked_nll(CFG, PARAMS, h, tg, chunk=4)), np.asarray(ref), rtol=1e-5
-    )
+    np.testing.assert_allclose(np.asarray(chunked_nll(CFG, PARAMS, h, tg, chunk=4)), np.asarray(ref), rtol=1e-5)
 
 
 def test_loss_matches_train_forward():
@@ -54,10 +52,7 @@ def test_loss_matches_train_forward():
     lp_main = jax.nn.log_softmax(ml, -1)
     nll_main = -jnp.mean(jnp.take_along_axis(lp_main[:, :-1], toks[:, 1:, None], -1))
     lp_s = jax.nn.log_softmax(sl, -1)
-    nll_j = [
-        -jnp.mean(jnp.take_along_axis(lp_s[:, : 10 - 1 - j, j - 1], toks[:, 1 + j :, None], -1))
-        for j in (1, 2)
-    ]
+    nll_j = [-jnp.mean(jnp.take_along_axis(lp_s[:, : 10 - 1 - j, j - 1], toks[:, 1 + j :, None], -1)) for j in (1, 2)]
     np.testing.assert_allclose(float(m["nll_main"]), float(nll_main), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(m["nll_stream"]), np.asarray(nll_j), rtol=1e-5)
     np.testing.assert_allclose(float(loss), float(nll_main + 0.1 * sum(nll_j)), rtol=1e-5)

@@ -143,9 +143,7 @@ def read_metadata(directory: str | os.PathLike) -> dict:
         raise CheckpointCorruptedError(f"SS checkpoint directory {d} does not exist")
     mp = d / "metadata.json"
     if not mp.is_file():
-        raise CheckpointCorruptedError(
-            f"SS checkpoint {d} has no metadata.json (incomplete or not a checkpoint)"
-        )
+        raise CheckpointCorruptedError(f"SS checkpoint {d} has no metadata.json (incomplete or not a checkpoint)")
     try:
         return json.loads(mp.read_text())
     except json.JSONDecodeError as e:
@@ -207,9 +205,7 @@ def restore_ss_checkpoint(
     template = init_ss_params(cfg, sscfg, params)
     flat_t = _flatten(template)
     if {k: [list(v.shape), str(v.dtype)] for k, v in flat_t.items()} != meta["leaves"]:
-        raise CheckpointMismatchError(
-            f"SS checkpoint {d}: parameter names/shapes differ from SSConfig {sscfg}"
-        )
+        raise CheckpointMismatchError(f"SS checkpoint {d}: parameter names/shapes differ from SSConfig {sscfg}")
     abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat_t.items()}
     try:
         with ocp.StandardCheckpointer() as ckptr:

@@ -60,9 +60,7 @@ class SSConfig:
     def first_msa_layer(self, cfg: ModelConfig) -> int:
         """L0 = N - N_s, the layer at whose input the streams are inserted."""
         if self.num_msa_layers > cfg.num_layers:
-            raise ValueError(
-                f"num_msa_layers={self.num_msa_layers} exceeds the model's {cfg.num_layers} layers"
-            )
+            raise ValueError(f"num_msa_layers={self.num_msa_layers} exceeds the model's {cfg.num_layers} layers")
         return cfg.num_layers - self.num_msa_layers
 
 
@@ -105,9 +103,7 @@ def init_ss_params(
     l0 = sscfg.first_msa_layer(cfg)
     emb = jnp.asarray(rng.normal(0.0, embed_scale, size=(sscfg.num_streams, h)).astype(np.float32))
     if sscfg.lora_rank == 0:
-        full = tuple(
-            jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), lp) for lp in params.layers[l0:]
-        )
+        full = tuple(jax.tree_util.tree_map(lambda x: jnp.array(x, jnp.float32), lp) for lp in params.layers[l0:])
         return SSParams(stream_embed=emb, full=full)
     r = sscfg.lora_rank
 
@@ -139,9 +135,7 @@ def init_ss_params(
     return SSParams(stream_embed=emb, lora=lora)
 
 
-def stream_layers(
-    cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSParams
-) -> tuple[LayerParams, ...]:
+def stream_layers(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSParams) -> tuple[LayerParams, ...]:
     """Effective weights of the stream path of the MSA layers (LoRA merged into the base weights).
 
     Merging once per call keeps the stream maths identical to `model.project_qkv`/`finish_layer`;
@@ -150,8 +144,7 @@ def stream_layers(
     base = params.layers[l0:]
     if ssp.full is not None:
         return tuple(
-            jax.tree_util.tree_map(lambda f, w: f.astype(w.dtype), f, w)
-            for f, w in zip(ssp.full, base, strict=True)
+            jax.tree_util.tree_map(lambda f, w: f.astype(w.dtype), f, w) for f, w in zip(ssp.full, base, strict=True)
         )
     out = []
     for lp, lo in zip(base, ssp.lora, strict=True):
@@ -189,9 +182,7 @@ def msa_stream_layer(cfg: ModelConfig, lp: LayerParams, xs, k_main, v_main, posi
     qg = q.reshape(b, t, s, nkv, g, cfg.head_dim)
     ks = k.reshape(b, t, s, nkv, cfg.head_dim)
     vs = v.reshape(b, t, s, nkv, cfg.head_dim)
-    sc_ss = (
-        jnp.einsum("btjkgd,btikd->bkgtji", qg, ks, preferred_element_type=jnp.float32) * cfg.head_dim**-0.5
-    )
+    sc_ss = jnp.einsum("btjkgd,btikd->bkgtji", qg, ks, preferred_element_type=jnp.float32) * cfg.head_dim**-0.5
     tri = jnp.tril(jnp.ones((s, s), bool))  # [j, i]: i <= j
     sc_ss = jnp.where(tri, sc_ss, M.NEG_INF).reshape(b, nkv, g, t * s, s)
     probs = jax.nn.softmax(jnp.concatenate([sc_main, sc_ss], axis=-1), axis=-1)

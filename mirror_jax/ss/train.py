@@ -159,9 +159,7 @@ def make_optimizer(
         decay = optax.cosine_decay_schedule(lr, decay_steps)
     else:
         raise ValueError(f"unknown schedule {schedule!r} (linear or cosine)")
-    sched = optax.join_schedules(
-        [optax.linear_schedule(0.0, lr, max(1, warmup_steps)), decay], [warmup_steps]
-    )
+    sched = optax.join_schedules([optax.linear_schedule(0.0, lr, max(1, warmup_steps)), decay], [warmup_steps])
     return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, weight_decay=weight_decay))
 
 
