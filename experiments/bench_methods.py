@@ -26,16 +26,6 @@ from tqdm import tqdm  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def modeled_round_ms(ph: dict, method: str) -> float:
-    """The spec's round time from isolated phase medians (ms)."""
-    if method == "sd":
-        return ph.get("target", 0) + ph.get("verify", 0) + ph.get("draft", 0) + ph.get("channel_fv", 0)
-    return (
-        ph.get("prefix", 0) + ph.get("channel_ee", 0) + max(ph.get("suffix", 0), ph.get("draft", 0))
-        + ph.get("verify", 0) + ph.get("channel_fv", 0) + ph.get("select", 0)
-    )
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts-per-task", type=int, default=2)
@@ -53,6 +43,7 @@ def main(argv=None) -> int:
 
     import jax.numpy as jnp
 
+    from mirror_jax.bench.ladder import modeled_round_ms
     from mirror_jax.bench.report import machine_info, machine_md, markdown_table, write_results
     from mirror_jax.bench.specbench import load_questions
     from mirror_jax.engine.api import generate
@@ -102,7 +93,7 @@ def main(argv=None) -> int:
             ph = res.stats.get("phase_ms_median", {})
             rec = next(r for r in rows if r["placement"] == pl and r["method"] == method)
             rec["phase_ms_median"] = ph
-            rec["modeled_round_ms"] = modeled_round_ms(ph, method)
+            rec["modeled_round_ms"] = modeled_round_ms(ph, method, rec.get("fallback_rate"))["modeled"]
             rec["overlap_efficiency"] = rec["round_wall_ms_median"] / rec["modeled_round_ms"]
 
     cols = ["placement", "method", "tokens_per_s", "speedup_vs_ar", "mean_tokens_per_round", "fallback_rate",

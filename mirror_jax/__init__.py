@@ -30,7 +30,7 @@ _EXPORTS = {
     "verify": "mirror_jax.engine.functions",
     "draft_select": "mirror_jax.engine.functions",
     "draft_propose": "mirror_jax.engine.functions",
-    "generate_ar": "mirror_jax.generate",
+    "generate_ar": "mirror_jax.autoregressive",
     "SamplingParams": "mirror_jax.sampling",
     "ModelConfig": "mirror_jax.config",
     "KVCache": "mirror_jax.kv_cache",

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import pytest
 from engine_models import pair, prompts, target_cfg
 
+from mirror_jax.autoregressive import prefill
 from mirror_jax.engine import functions as F
 from mirror_jax.engine.api import ConfigError, generate
 from mirror_jax.engine.placement import Placement, PlacementError, device_of
-from mirror_jax.generate import prefill
 from mirror_jax.kv_cache import init_cache
 from mirror_jax.params import init_random
 

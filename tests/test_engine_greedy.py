@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from engine_models import pair, prompts
 
+from mirror_jax.autoregressive import decode_step, generate_ar
 from mirror_jax.engine import functions as F
 from mirror_jax.engine.api import generate
-from mirror_jax.generate import decode_step, generate_ar
 
 N_NEW = 24
 

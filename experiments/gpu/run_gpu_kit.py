@@ -5,7 +5,7 @@ no network and no model files. It imports `mirror_jax` from this repository (sys
 RANDOM-weight models (bf16) with the exact shapes of the default pair (Qwen2.5-1.5B target,
 Qwen2.5-0.5B draft) and of a 7B-class target (Qwen2.5-7B), and times the real jitted round
 functions of `mirror_jax.engine.functions` (target_prefix, target_suffix, target_full,
-draft_rollout, draft_propose, verify, draft_select) and `mirror_jax.generate.decode_step` (ar):
+draft_rollout, draft_propose, verify, draft_select) and `mirror_jax.autoregressive.decode_step` (ar):
 
 * each phase blocked on and timed alone (median of --iters calls, compilation excluded);
 * whole rounds dispatched the way the engine does it (asynchronously, one sync per round), so a
@@ -158,9 +158,9 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
     import jax
     import jax.numpy as jnp
 
+    from mirror_jax.autoregressive import decode_step
     from mirror_jax.engine import functions as F
     from mirror_jax.engine.placement import Placement
-    from mirror_jax.generate import decode_step
     from mirror_jax.kv_cache import init_cache
     from mirror_jax.sampling import SamplingParams
 

@@ -566,7 +566,8 @@ def modeled_round_ms(ph: dict, engine: str, fallback_rate: float | None = None,
         sf = ph.get("select_fallback")
         extra = max(0.0, sf - g("select_reuse")) if sf is not None else 0.0
     fb = (fallback_rate or 0.0) * extra
-    common = g("prefix") + g("channel_ee") + g("verify") + g("channel_fv") + g("select_reuse") + fb
+    select = ph["select_reuse"] if ph.get("select_reuse") is not None else g("select")
+    common = g("prefix") + g("channel_ee") + g("verify") + g("channel_fv") + select + fb
     return {"serial": common + g("suffix") + g("draft"), "modeled": common + max(g("suffix"), g("draft")),
             "fallback_share": fb}
 

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 
 import jax
 
+from mirror_jax.autoregressive import GenerationResult, cache_capacity, generate_ar, validate_prompts
 from mirror_jax.engine.decode import SpecSettings, speculative_generate, summarize_rounds
 from mirror_jax.engine.placement import Placement
 from mirror_jax.engine.verify import VERIFIERS
-from mirror_jax.generate import GenerationResult, cache_capacity, generate_ar, validate_prompts
 from mirror_jax.sampling import SamplingParams
 
 METHODS = ("ar", "sd", "mirror")

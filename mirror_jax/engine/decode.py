@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mirror_jax.autoregressive import pad_prompts, prefill, start_sequences, truncate_at_eos
 from mirror_jax.engine import functions as F
 from mirror_jax.engine.placement import Placement
-from mirror_jax.generate import pad_prompts, prefill, start_sequences, truncate_at_eos
 from mirror_jax.kv_cache import check_headroom, init_cache
 from mirror_jax.sampling import SamplingParams
 
