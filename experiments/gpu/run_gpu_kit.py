@@ -161,6 +161,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
     from mirror_jax.autoregressive import decode_step
     from mirror_jax.engine import functions as F
     from mirror_jax.engine.placement import Placement
+    from mirror_jax.engine.rollout import prepare_ss
     from mirror_jax.kv_cache import init_cache
     from mirror_jax.sampling import SamplingParams
 
@@ -275,7 +276,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
 
         sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=16)
         ssp = jax.device_put(init_ss_params(cfg_d, sscfg, p_d), pl.draft)
-        variants["ss"] = {"ss": ssp, "sscfg": sscfg}
+        variants["ss"] = {"ss": prepare_ss(cfg_d, sscfg, p_d, ssp), "sscfg": sscfg}
 
     for vname, ss_kw in variants.items():
         timed(f"draft_propose_{vname}", make_propose(ss_kw), lambda: (reset(), state["cd"])[1:])

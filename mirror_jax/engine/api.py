@@ -165,8 +165,14 @@ def generate(
             "or the plain autoregressive draft for verifier='rejection'"
         )
     tgt = (cfg_t, pl.to_target(p_t))
-    dkw = dict(sample=s.draft_samples, want_q=s.want_q, ss=None if ssp is None else pl.to_draft(ssp), sscfg=sscfg)
-    drf = (cfg_d, pl.to_draft(p_d), dkw)
+    p_d = pl.to_draft(p_d)
+    ss = None
+    if ssp is not None:
+        from mirror_jax.engine.rollout import prepare_ss
+
+        ss = prepare_ss(cfg_d, sscfg, p_d, pl.to_draft(ssp))  # LoRA merged once per call, on the draft device
+    dkw = dict(sample=s.draft_samples, want_q=s.want_q, ss=ss, sscfg=sscfg)
+    drf = (cfg_d, p_d, dkw)
     t0 = time.perf_counter()
     tokens, rounds = [], []
     for row, prompt in enumerate(prompts):
