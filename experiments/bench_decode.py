@@ -46,9 +46,9 @@ sys.path.insert(0, str(ROOT))
 from mirror_jax import model as M  # noqa: E402
 from mirror_jax.autoregressive import generate_ar  # noqa: E402
 from mirror_jax.bench.report import machine_info, machine_md, markdown_table, memory_bandwidth_gbs, write_results  # noqa: E402
-from mirror_jax.config import ModelConfig  # noqa: E402
 from mirror_jax.kv_cache import init_cache, set_lengths  # noqa: E402
 from mirror_jax.params import init_random, param_bytes  # noqa: E402
+from mirror_jax.shapes import QWEN25_0_5B, QWEN25_1_5B  # noqa: E402
 
 PROMPT = (
     "def quicksort(xs: list[int]) -> list[int]:\n"
@@ -56,32 +56,7 @@ PROMPT = (
 )
 
 # The default pair's shapes (used with --random; the real configs come from the GGUF metadata).
-CONFIGS = {
-    "target": ModelConfig(
-        arch="qwen2",
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_layers=28,
-        num_heads=12,
-        num_kv_heads=2,
-        head_dim=128,
-        rope_theta=1e6,
-        qkv_bias=True,
-    ),
-    "draft": ModelConfig(
-        arch="qwen2",
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_layers=24,
-        num_heads=14,
-        num_kv_heads=2,
-        head_dim=64,
-        rope_theta=1e6,
-        qkv_bias=True,
-    ),
-}
+CONFIGS = {"target": QWEN25_1_5B, "draft": QWEN25_0_5B}
 NAMES = {"target": "Qwen2.5-Coder-1.5B", "draft": "Qwen2.5-Coder-0.5B"}
 
 

@@ -41,14 +41,13 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+from mirror_jax import shapes as _shapes  # noqa: E402
+
 # Shapes of the default pair and a 7B-class target (Qwen2.5 family, shared 151936-token vocab).
+_REAL = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
+         "rope_theta", "tie_embeddings")
 SHAPES = {
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2,
-                         head_dim=128, vocab_size=151936, rope_theta=1000000.0, tie_embeddings=False),
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
-                         head_dim=64, vocab_size=151936, rope_theta=1000000.0, tie_embeddings=True),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
-                       head_dim=128, vocab_size=151936, rope_theta=1000000.0, tie_embeddings=False),
+    **{name: {k: getattr(cfg, k) for k in _REAL} for name, cfg in _shapes.SHAPES.items()},
     # --tiny (CPU smoke test)
     "tiny-target": dict(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                         head_dim=16, vocab_size=256, tie_embeddings=False),
