@@ -52,28 +52,33 @@ def main(argv=None) -> int:
     cfg, params = target.cfg, target.params
     qs = load_questions(limit_per_category=args.prompts_per_task)
 
-    @jax.jit
     def layer_ranks(tokens, n_prompt):
-        """[L, T] rank of the final argmax token in each layer's early-exit distribution."""
-        cache = init_cache(cfg, 1, tokens.shape[1])
-        pos = M.token_positions(cache, tokens.shape[1])
+        """[L, G] rank of the final greedy token in each layer's early-exit distribution, at the G
+        positions that predict generated tokens (only those go through the head: memory)."""
+        n = tokens.shape[1]
+        cache = init_cache(cfg, 1, n)
+        pos = M.token_positions(cache, n)
         x = M.embed(params, tokens)
-        mask = M.causal_cache_mask(pos, tokens.shape[1])
-        heads = []
+        mask = M.causal_cache_mask(pos, n)
+        hidden = []
         for lp, kb, vb in zip(params.layers, cache.k, cache.v, strict=True):
             x, _, _ = M.layer_forward(cfg, lp, x, kb, vb, pos, mask)
-            heads.append(M.head(cfg, params, x)[0])  # [T, V]
-        final = jnp.argmax(heads[-1], axis=-1)
-        ranks = [jnp.sum(h > jnp.take_along_axis(h, final[:, None], axis=-1), axis=-1) for h in heads]
+            hidden.append(x[0, n_prompt - 1 : n - 1])  # [G, H]
+        final = jnp.argmax(M.head(cfg, params, hidden[-1]), axis=-1)  # [G]
+        ranks = []
+        for h in hidden:
+            logits = M.head(cfg, params, h)
+            ranks.append(jnp.sum(logits > jnp.take_along_axis(logits, final[:, None], axis=-1), axis=-1))
         return jnp.stack(ranks)
+
+    layer_ranks = jax.jit(layer_ranks, static_argnums=1)
 
     all_ranks = []
     for q in tqdm(qs, desc="sequences"):
         ids = apply_chat_template(tok, [{"role": "user", "content": q["turns"][0]}], target.chat_template)
         gen = generate_ar(cfg, params, [ids], args.max_new_tokens).tokens[0]
         seq = ids + gen
-        r = np.asarray(layer_ranks(jnp.asarray([seq]), len(ids)))
-        all_ranks.append(r[:, len(ids) - 1 : len(seq) - 1])  # positions that predict generated tokens
+        all_ranks.append(np.asarray(layer_ranks(jnp.asarray([seq]), len(ids))))
     ranks = np.concatenate(all_ranks, axis=1)  # [L, positions]
     omega = {k: (ranks < k).mean(axis=1) for k in KAPPAS}  # per layer (1-based index l = i + 1)
     rows = []
