@@ -49,10 +49,11 @@ def main(argv=None) -> int:
     info = machine_info()
     target, draft, tok = default_pair(jnp.float32)
     del draft
-    cfg, params = target.cfg, target.params
+    cfg = target.cfg
+    params = target.params
     qs = load_questions(limit_per_category=args.prompts_per_task)
 
-    def layer_ranks(tokens, n_prompt):
+    def layer_ranks(params, tokens, n_prompt):
         """[L, G] rank of the final greedy token in each layer's early-exit distribution, at the G
         positions that predict generated tokens (only those go through the head: memory)."""
         n = tokens.shape[1]
@@ -71,14 +72,14 @@ def main(argv=None) -> int:
             ranks.append(jnp.sum(logits > jnp.take_along_axis(logits, final[:, None], axis=-1), axis=-1))
         return jnp.stack(ranks)
 
-    layer_ranks = jax.jit(layer_ranks, static_argnums=1)
+    layer_ranks = jax.jit(layer_ranks, static_argnums=2)  # params as an argument, not a 6 GB constant
 
     all_ranks = []
     for q in tqdm(qs, desc="sequences"):
         ids = apply_chat_template(tok, [{"role": "user", "content": q["turns"][0]}], target.chat_template)
         gen = generate_ar(cfg, params, [ids], args.max_new_tokens).tokens[0]
         seq = ids + gen
-        all_ranks.append(np.asarray(layer_ranks(jnp.asarray([seq]), len(ids))))
+        all_ranks.append(np.asarray(layer_ranks(params, jnp.asarray([seq]), len(ids))))
     ranks = np.concatenate(all_ranks, axis=1)  # [L, positions]
     omega = {k: (ranks < k).mean(axis=1) for k in KAPPAS}  # per layer (1-based index l = i + 1)
     rows = []
