@@ -69,20 +69,10 @@ def run_windows(fn, cfg, sscfg, params, ssp, cache, root, gamma: int, windows: i
 
 def load(args):
     if args.tiny:
-        from mirror_jax.config import ModelConfig
         from mirror_jax.params import init_random
+        from mirror_jax.shapes import TINY_QWEN2
 
-        cfg = ModelConfig(
-            arch="qwen2",
-            vocab_size=128,
-            hidden_size=32,
-            intermediate_size=64,
-            num_layers=4,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=8,
-            qkv_bias=True,
-        )
+        cfg = TINY_QWEN2
         params = init_random(cfg, 2, scale=0.2)
         rng = np.random.default_rng(0)
         prompts = rng.integers(2, 128, (args.num_prompts, args.prompt_len)).tolist()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import gc
 import hashlib
 import json
@@ -137,25 +138,14 @@ def distill(target, prompts, gen_len: int, batch: int, partial: Path, budget_s: 
 
 
 def tiny_models():
-    from mirror_jax.config import ModelConfig
     from mirror_jax.params import init_random
+    from mirror_jax.shapes import TINY_QWEN2
 
     class M:
         def __init__(self, cfg, seed):
             self.cfg, self.params, self.sha256 = cfg, init_random(cfg, seed, scale=0.2), None
 
-    cfg = ModelConfig(
-        arch="qwen2",
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        qkv_bias=True,
-        eos_token_ids=(1,),
-    )
+    cfg = dataclasses.replace(TINY_QWEN2, eos_token_ids=(1,))
     return M(cfg, 1), M(cfg, 2)
 
 

@@ -22,3 +22,9 @@ QWEN25_7B = ModelConfig(
 )
 
 SHAPES = {"qwen2.5-1.5b": QWEN25_1_5B, "qwen2.5-0.5b": QWEN25_0_5B, "qwen2.5-7b": QWEN25_7B}
+
+# A tiny Qwen2-shaped model for smoke runs of the experiments (--tiny) on any machine.
+TINY_QWEN2 = ModelConfig(
+    arch="qwen2", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+    head_dim=8, qkv_bias=True,
+)
