@@ -6,7 +6,7 @@ up to a multiple of `CAPACITY_QUANTUM`, and the decode step is one compiled prog
 compiles nothing (see tests/test_generate.py).
 
 Position convention: the token generated at absolute sequence position p of row b is sampled with
-`sampling.position_key(key, b, p)`, so every method reproduces the same samples for a seed.
+`sampling.draw_key(key, Draw.TARGET, b, p)`, so every method reproduces the same samples for a seed.
 """
 
 from __future__ import annotations

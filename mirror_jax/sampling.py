@@ -1,8 +1,9 @@
 """Logit processing and sampling shared by every decoding method.
 
-All methods (autoregressive, speculative, Mirror-SD) sample a token at absolute sequence position
-``p`` of batch row ``b`` with the key ``position_key(key, b, p)``. With the paper's
-sample-and-match verifier this makes a speculative run reproduce the autoregressive run's sampled
+Every random draw of a decoding run comes from one seed key through `draw_key` (see its docstring
+for the streams and why they are disjoint). The target's token at absolute sequence position ``p``
+of batch row ``b`` is drawn with ``draw_key(key, Draw.TARGET, b, p)`` by every method, so with the
+paper's sample-and-match verifier a speculative run reproduces the autoregressive run's sampled
 tokens exactly for the same seed (not only in distribution), which the tests use.
 
 `SamplingParams` holds the user's settings. ``temperature == 0`` means greedy; then nothing is
@@ -14,6 +15,7 @@ largest probabilities whose mass reaches p (at least one token).
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import jax
 import jax.numpy as jnp
@@ -68,21 +70,58 @@ def processed_logprobs(logits: jax.Array, temperature, top_k, top_p) -> jax.Arra
     return jax.nn.log_softmax(x, axis=-1)
 
 
-def position_key(key: jax.Array, row, position) -> jax.Array:
-    """The PRNG key for the token at absolute `position` of batch `row`."""
-    return jax.random.fold_in(jax.random.fold_in(key, row), position)
+class Draw(enum.IntEnum):
+    """The random streams of one decoding run. Each (stream, row, position) is drawn at most once
+    for a committed token, and no two streams share a key (see `draw_key`)."""
+
+    TARGET = 0  # the target's token: ar, the first token after prefill, sample_match verification
+    DRAFT = 1  # the draft's sampled proposal (rejection verifier only), plain or SS draft
+    ACCEPT = 2  # rejection verifier: the acceptance coin of the draft token
+    RESIDUAL = 3  # rejection verifier: the correction from normalise((p - q)+); the bonus (q = 0)
 
 
-def sample_at(key: jax.Array, logprobs: jax.Array, rows: jax.Array, positions: jax.Array) -> jax.Array:
-    """Sample one token per entry. logprobs [..., V]; rows, positions: int arrays of shape [...]."""
+def draw_key(key: jax.Array, stream, row, position) -> jax.Array:
+    """The PRNG key of the draw of `stream` for the token at absolute `position` of batch `row`.
+
+    ``fold_in(fold_in(fold_in(key, stream), row), position)``: distinct (stream, row, position)
+    triples give independent keys, so no draw can see another's noise. (Before, the draft's key was
+    ``fold_in(seed, 1)`` and the acceptance coin's ``fold_in(fold_in(seed, 1), row)``: for row 0 the
+    coin at position p was bit-identical to the uniform behind the Gumbel noise of token 0 in the
+    draft's sample at p, and a drafted token 0 was rejected too often; `tests/test_key_streams.py`
+    keeps that derivation as a negative control.)
+
+    Draft samples are keyed by the *sequence* row and the absolute position, not by branch: at
+    most one branch of a Mirror-SD round becomes the next window, and equal keys make a reused
+    branch identical to the chain a fallback (or vanilla SD) would draw, so reuse never changes
+    the output for a seed. Independence still holds where it matters: a draft token at position p
+    is drawn again in a later round only when the earlier draw at p was past the first rejection,
+    i.e. it influenced nothing that was committed; the same holds for acceptance coins.
+
+    Example::
+
+        k = draw_key(jax.random.key(seed), Draw.ACCEPT, row, 17)   # coin of the draft token at 17
+    """
+    k = jax.random.fold_in(key, jnp.asarray(stream, jnp.uint32))
+    return jax.random.fold_in(jax.random.fold_in(k, row), position)
+
+
+def sample_at(key: jax.Array, stream, logprobs: jax.Array, rows: jax.Array, positions: jax.Array) -> jax.Array:
+    """Sample one token per entry from the `stream` draws. logprobs [..., V]; rows, positions: int
+    arrays of shape [...]."""
     flat_lp = logprobs.reshape(-1, logprobs.shape[-1])
-    keys = jax.vmap(lambda r, p: position_key(key, r, p))(rows.reshape(-1), positions.reshape(-1))
+    keys = jax.vmap(lambda r, p: draw_key(key, stream, r, p))(rows.reshape(-1), positions.reshape(-1))
     toks = jax.vmap(jax.random.categorical)(keys, flat_lp)
     return toks.reshape(rows.shape).astype(jnp.int32)
 
 
+def uniform_at(key: jax.Array, stream, rows: jax.Array, positions: jax.Array) -> jax.Array:
+    """One U[0, 1) draw of `stream` per (row, position) entry; rows, positions: int arrays [...]."""
+    keys = jax.vmap(lambda r, p: draw_key(key, stream, r, p))(rows.reshape(-1), positions.reshape(-1))
+    return jax.vmap(jax.random.uniform)(keys).reshape(rows.shape)
+
+
 def choose_tokens(logits, key, rows, positions, temperature, top_k, top_p, *, greedy: bool):
-    """argmax (greedy) or a sample of the processed distribution at each position."""
+    """The target's token: argmax (greedy) or a `Draw.TARGET` sample of the processed distribution."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return sample_at(key, processed_logprobs(logits, temperature, top_k, top_p), rows, positions)
+    return sample_at(key, Draw.TARGET, processed_logprobs(logits, temperature, top_k, top_p), rows, positions)

@@ -40,3 +40,22 @@ def pair(noise: float = 0.05, arch: str = "qwen2", layers: int = 4, vocab: int =
 def prompts(n: int, seed: int = 0, vocab: int = VOCAB, lo: int = 3, hi: int = 12) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, vocab, size=int(rng.integers(lo, hi))).tolist() for _ in range(n)]
+
+
+def check_round_records(res, ref) -> int:
+    """Recompute every mirror round's hit from its own record, independently of the engine's flag:
+    the next window is reused iff (A, c) was among the branches rolled out, and c is the token ar
+    committed at that position. Returns the number of hits."""
+    hits, rounds = 0, iter(res.stats["per_round"])
+    for toks in ref:
+        end = 1  # tokens committed so far (the first one comes from the prefill)
+        while end < len(toks):
+            r = next(rounds)
+            end += r["a"] + 1
+            assert end > len(toks) or r["c"] == toks[end - 1]
+            want = (r["a"], r["c"]) in r["branches"]
+            assert r["hit"] == want, r
+            assert len(r["branches"]) == res.stats["settings"]["branch_budget"]
+            hits += want
+    assert next(rounds, None) is None
+    return hits

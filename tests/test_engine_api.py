@@ -38,10 +38,11 @@ def test_one_round_by_hand_places_every_array():
     last_t = pl.to_target(jnp.asarray([9], jnp.int32))
     last_d = pl.to_draft(last_t)
     key_d, key_t = pl.to_draft(jax.random.key(0)), pl.to_target(jax.random.key(0))
+    row_d, row_t = pl.to_draft(jnp.int32(0)), pl.to_target(jnp.int32(0))  # the sequence's batch row
     samp = dict(temperature=jnp.float32(1.0), top_k=jnp.int32(0), top_p=jnp.float32(1.0))
     samp_d, samp_t = pl.to_draft(samp), pl.to_target(samp)
     window, _, cache_d, forwards = F.draft_propose(
-        cfg, dp, cache_d, jnp.int32(0), last_d[None], key_d, **samp_d, gamma=gamma
+        cfg, dp, cache_d, pl.to_draft(jnp.int32(0)), last_d[None], key_d, row_d, **samp_d, gamma=gamma
     )
     assert _devices((window, cache_d)) == {pl.draft} and int(forwards) == gamma
 
@@ -53,18 +54,18 @@ def test_one_round_by_hand_places_every_array():
     assert not bool(jnp.any(channel["cand_ids"][:gamma] == win_t[0][:, None]))
 
     ch_d = pl.to_draft({k: channel[k] for k in ("cand_ids", "cand_lp", "path_lp")})
-    branches, cache_d = F.draft_rollout(cfg, dp, cache_d, last_d, window, ch_d, key_d, **samp_d, budget=budget)
+    branches, cache_d = F.draft_rollout(cfg, dp, cache_d, last_d, window, ch_d, key_d, row_d, **samp_d, budget=budget)
     assert _devices((branches, cache_d)) == {pl.draft}
     assert branches["tokens"].shape == (budget, gamma)
 
     logits, cache_t = F.target_suffix(cfg, tp, hidden, cache_t, exit_layer=2)
-    res, cache_t = F.verify(logits, win_t, None, key_t, cache_t, channel["raw_ids"], 0, **samp_t, rule="greedy")
+    res, cache_t = F.verify(logits, win_t, None, key_t, cache_t, channel["raw_ids"], row_t, **samp_t, rule="greedy")
     assert _devices((logits, res, cache_t)) == {pl.target}
     a = int(res["a"])
     assert int(cache_t.lengths[0]) == 4 + a + 1
 
     a_d, c_d = pl.to_draft((res["a"], res["c"]))
-    hit, next_win, _, cache_d, _ = F.draft_select(cfg, dp, cache_d, branches, a_d, c_d, key_d, **samp_d)
+    hit, next_win, _, cache_d, _ = F.draft_select(cfg, dp, cache_d, branches, a_d, c_d, key_d, row_d, **samp_d)
     assert _devices((hit, next_win, cache_d)) == {pl.draft}
     assert int(cache_d.lengths[0]) == 4 + a + 1
     # Prefix + suffix logits equal one unsplit forward over the same window.

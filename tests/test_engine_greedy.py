@@ -3,8 +3,10 @@ recompilation. Tiny random models, float32."""
 
 from __future__ import annotations
 
+import jax
+import numpy as np
 import pytest
-from engine_models import pair, prompts
+from engine_models import check_round_records, pair, prompts
 
 from mirror_jax.autoregressive import decode_step, generate_ar
 from mirror_jax.engine import functions as F
@@ -39,7 +41,7 @@ def test_mirror_greedy_identity(models, ar_reference, gamma, kappa, exit_layer, 
     assert res.tokens == ref
     # The noisy draft must exercise both reuse and (for small budgets) real acceptance.
     assert res.stats["mean_tokens_per_round"] > 1.2
-    assert res.stats["reuse"] + res.stats["fallback"] == res.stats["rounds"]
+    assert res.stats["reuse"] == check_round_records(res, ref)
     assert 0.0 <= res.stats["omega_kappa"] <= 1.0
 
 
@@ -111,6 +113,27 @@ def test_eos_inside_window_truncates_like_ar(models, method):
     assert res.tokens == ref
 
 
+@pytest.mark.parametrize("method", ["sd", "mirror"])
+def test_no_round_runs_after_eos(models, method):
+    """The round that commits an EOS is the last one, even when the EOS is not the last token of
+    its window (before, the loop only looked at a round's last token and ran up to 6 more rounds)."""
+    target, draft = models
+    inside = 0
+    for i, prompt in enumerate(prompts(4, seed=5)):
+        plain = generate(target, [prompt], N_NEW).tokens[0]
+        for e_idx in (N_NEW // 3, N_NEW // 2):
+            eos = [plain[e_idx]]
+            ref = generate(target, [prompt], N_NEW, eos_ids=eos).tokens[0]
+            res = generate(target, [prompt], N_NEW, method=method, draft=draft, gamma=7, kappa=4, eos_ids=eos)
+            assert res.tokens[0] == ref and ref[-1] == eos[0]
+            e = len(ref) - 1  # index of the first EOS
+            ends = 1 + np.cumsum([r["a"] + 1 for r in res.stats["per_round"]])  # tokens after each round
+            assert res.stats["rounds"] == len(ends) >= 1 and ends[-1] > e, (i, e, ends)
+            assert len(ends) == 1 or ends[-2] <= e, (i, e, ends)  # an earlier round did not reach the EOS
+            inside += ends[-1] - 1 > e  # the EOS was not the last token its round committed
+    assert inside >= 2  # the case the old loop got wrong actually occurs
+
+
 @pytest.mark.parametrize("n_new", [1, 2, 5, 9])
 def test_max_new_tokens_inside_window(models, n_new):
     target, draft = models
@@ -134,6 +157,39 @@ def test_no_recompilation_across_rounds_and_prompts(models):
         generate(target, prompts(3, seed=9, lo=5, hi=9), N_NEW, method=m, **kw)
     generate_ar(*target, prompts(2, seed=10, lo=5, hi=9), N_NEW)
     assert [f._cache_size() for f in fns] == sizes
+
+
+def test_mirror_round_dispatch_makes_no_host_transfer(models, monkeypatch):
+    """Everything a mirror round enqueues (prefix, channel, rollout, suffix, verify, select) runs
+    without a host round trip, so the draft and the suffix can overlap; only the explicit device
+    to device token channel is allowed. Negative control: a device_get slipped into the round."""
+    from mirror_jax.engine import decode as D
+    from mirror_jax.engine.api import resolve_settings
+    from mirror_jax.engine.placement import Placement
+    from mirror_jax.sampling import SamplingParams
+
+    (cfg, tp), (_, dp) = models
+    pl = Placement.parse("cpu:0,cpu:1")
+    samp = SamplingParams()
+    s = resolve_settings("mirror", cfg, pl, gamma=3, kappa=4, exit_layer=2, branch_budget=4, verifier=None,
+                         sampling=samp, profile=False, allow_full_exit=False)
+    target = (cfg, pl.to_target(tp))
+    draft = (cfg, pl.to_draft(dp), dict(sample=False, want_q=False, ss=None, sscfg=None))
+    keys = D.run_keys(samp, pl, 0)
+    _, st = D._start(target, draft, prompts(1, seed=12)[0], samp, s, pl, keys, 256, 0)
+    D._mirror_round(target, draft, st, s, pl, keys, D._Timer(False))  # compile outside the guard
+
+    def guarded():
+        with jax.transfer_guard_host_to_device("disallow_explicit"), \
+                jax.transfer_guard_device_to_host("disallow_explicit"), jax.transfer_guard_device_to_device("disallow"):
+            return D._mirror_dispatch(target, draft, st, s, pl, keys, D._Timer(False))
+
+    out = jax.device_get(guarded())
+    assert 0 <= int(out["a"]) <= 3
+    real_suffix = D.F.target_suffix
+    monkeypatch.setattr(D.F, "target_suffix", lambda *a, **k: jax.device_get(real_suffix(*a, **k)))
+    with pytest.raises(RuntimeError, match="[Dd]isallowed"):
+        guarded()
 
 
 def test_sd_and_mirror_propose_the_same_windows(models):

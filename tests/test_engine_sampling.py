@@ -16,7 +16,8 @@ from mirror_jax.engine.verify import accepted_length, verify_window
 from mirror_jax.kv_cache import init_cache
 from mirror_jax.sampling import processed_logprobs
 
-GAMMA, V, N_TRIALS = 3, 6, 20000
+GAMMA, V, N_TRIALS = 3, 6, 200_000
+MIN_SAMPLES = 2000  # per window index: a frequency's std is <= 0.011, so a 5-point shift is >= 4.5 std
 
 
 def chi2_pvalue(samples: np.ndarray, probs: np.ndarray) -> float:
@@ -48,13 +49,17 @@ def _wrong_match(logits, window, key):
 
 @pytest.fixture(scope="module")
 def dists():
+    """Target logits per window index [gamma+1, V] and draft log-probs [gamma, V], close enough
+    that every index (up to the bonus) is reached often."""
     rng = np.random.default_rng(0)
-    p_logits = jnp.asarray(rng.normal(0, 1.2, size=(GAMMA + 1, V)), jnp.float32)
-    q_logits = jnp.asarray(rng.normal(0, 1.2, size=(GAMMA, V)), jnp.float32)
+    p_logits = jnp.asarray(rng.normal(0, 2.0, size=(GAMMA + 1, V)), jnp.float32)
+    q_logits = p_logits[:GAMMA] + jnp.asarray(rng.normal(0, 0.6, size=(GAMMA, V)), jnp.float32)
     return p_logits, jax.nn.log_softmax(q_logits, axis=-1)
 
 
-def _first_committed(rule, p_logits, q_lp, top_k=0, wrong=False):
+def _committed(rule, p_logits, q_lp, top_k=0, wrong=False):
+    """Per trial the token committed at every window index j (-1 past the correction) and A. The
+    window is sampled from q, the verifier's key is independent of the window's."""
     keys = jax.random.split(jax.random.key(123), N_TRIALS)
     t, k, p = jnp.float32(1.0), jnp.int32(top_k), jnp.float32(1.0)
 
@@ -67,42 +72,68 @@ def _first_committed(rule, p_logits, q_lp, top_k=0, wrong=False):
             a, c = _wrong_match(p_logits, window, kv)
         else:
             a, c, _ = verify_window(p_logits, window, q_lp, kv, jnp.int32(5), 0, t, k, p, rule=rule)
-        return jnp.where(a >= 1, window[0], c), a
+        j = jnp.arange(GAMMA + 1)
+        win = jnp.concatenate([window, jnp.zeros((1,), jnp.int32)])
+        return jnp.where(j < a, win, jnp.where(j == a, c, -1)), a
 
-    first, a = jax.jit(jax.vmap(trial))(keys)
-    return np.asarray(first), np.asarray(a)
+    committed, a = jax.jit(jax.vmap(trial))(keys)
+    return np.asarray(committed), np.asarray(a)
+
+
+def _pvalues_by_index(committed, p_logits, top_k=0):
+    """Given the round reached index j (A >= j), the token committed there follows p_j: a drafted
+    token accepted at j, the residual resample at j, or the bonus at j = gamma."""
+    out = []
+    for j in range(GAMMA + 1):
+        x = committed[:, j]
+        x = x[x >= 0]
+        assert len(x) >= MIN_SAMPLES, (j, len(x))
+        pj = np.exp(np.asarray(processed_logprobs(p_logits[j], 1.0, top_k, 1.0), np.float64))
+        out.append(chi2_pvalue(x, pj))
+    return out
 
 
 @pytest.mark.parametrize("rule", ["sample_match", "rejection"])
-def test_first_committed_token_has_target_distribution(dists, rule):
+def test_committed_tokens_have_target_distribution_at_every_index(dists, rule):
     p_logits, q_lp = dists
-    first, a = _first_committed(rule, p_logits, q_lp)
-    p0 = np.asarray(jax.nn.softmax(p_logits[0]), np.float64)
-    assert chi2_pvalue(first, p0) > 1e-3
-    assert (a > 0).mean() > 0.1  # the test exercises acceptance, not only corrections
+    committed, a = _committed(rule, p_logits, q_lp)
+    pv = _pvalues_by_index(committed, p_logits)
+    assert min(pv) > 1e-3, pv
+    # Every kind of commit occurs: rejections at 0 and inside the window, and full acceptance.
+    assert (a == 0).mean() > 0.05 and ((a > 0) & (a < GAMMA)).mean() > 0.1 and (a == GAMMA).mean() > 0.02
 
 
 @pytest.mark.parametrize("rule", ["sample_match", "rejection"])
 def test_wrong_verifier_is_detected(dists, rule):
     p_logits, q_lp = dists
-    first, _ = _first_committed(rule, p_logits, q_lp, wrong=True)
-    p0 = np.asarray(jax.nn.softmax(p_logits[0]))
-    assert chi2_pvalue(first, p0) < 1e-6
+    committed, _ = _committed(rule, p_logits, q_lp, wrong=True)
+    pv = _pvalues_by_index(committed, p_logits)
+    assert pv[0] < 1e-6 and pv[1] < 1e-6, pv  # at index 0 and at a residual / accept inside the window
+
+
+@pytest.mark.parametrize("rule", ["sample_match", "rejection"])
+def test_wrong_bonus_is_detected(dists, rule):
+    """Negative control for the last index: a verifier that draws the bonus (A = gamma) from the
+    wrong row of logits (index 0's instead of gamma's) fails only there."""
+    p_logits, q_lp = dists
+    committed, _ = _committed(rule, p_logits.at[GAMMA].set(p_logits[0]), q_lp)
+    pv = _pvalues_by_index(committed, p_logits)
+    assert pv[GAMMA] < 1e-6 and min(pv[:GAMMA]) > 1e-3, pv
 
 
 @pytest.mark.parametrize("rule", ["sample_match", "rejection"])
 def test_top_k_distribution(dists, rule):
     p_logits, q_lp = dists
-    first, _ = _first_committed(rule, p_logits, q_lp, top_k=3)
+    committed, _ = _committed(rule, p_logits, q_lp, top_k=3)
     p0 = np.exp(np.asarray(processed_logprobs(p_logits[0], 1.0, 3, 1.0)))
     assert (p0 > 0).sum() == 3
-    assert chi2_pvalue(first, p0) > 1e-3
+    assert min(_pvalues_by_index(committed, p_logits, top_k=3)) > 1e-3
 
 
 def test_rejection_accepts_more_than_sample_match(dists):
     p_logits, q_lp = dists
-    _, a_match = _first_committed("sample_match", p_logits, q_lp)
-    _, a_rej = _first_committed("rejection", p_logits, q_lp)
+    _, a_match = _committed("sample_match", p_logits, q_lp)
+    _, a_rej = _committed("rejection", p_logits, q_lp)
     assert a_rej.mean() > a_match.mean()
 
 
@@ -118,6 +149,22 @@ def test_sample_match_reproduces_ar_samples(method, top_k, top_p):
         ref = generate(target, ps, 16, **kw).tokens
         res = generate(target, ps, 16, method=method, draft=draft, gamma=3, kappa=4, **kw)
         assert res.tokens == ref
+
+
+@pytest.mark.parametrize("rule", ["sample_match", "rejection"])
+def test_reuse_never_changes_sampled_output(rule):
+    """Draft samples are keyed by (sequence row, position), not by branch, so a reused Mirror-SD
+    branch is the very window vanilla SD (or a fallback) would draw: for every seed, sd and mirror
+    commit identical tokens, with either sampling verifier."""
+    target, draft = pair(noise=0.05)
+    ps = prompts(3, seed=22)
+    for seed in (0, 1, 2):
+        kw = dict(draft=draft, gamma=3, temperature=1.0, seed=seed, verifier=rule)
+        sd = generate(target, ps, 16, method="sd", **kw)
+        mi = generate(target, ps, 16, method="mirror", kappa=4, branch_budget=16, **kw)
+        assert sd.tokens == mi.tokens
+        assert [r["a"] for r in sd.stats["per_round"]] == [r["a"] for r in mi.stats["per_round"]]
+    assert mi.stats["reuse"] > 0
 
 
 def _exact_second_token_dist(cfg, params, prompt):

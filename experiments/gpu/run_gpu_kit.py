@@ -191,7 +191,8 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
     cap = -(-cap // 128) * 128
     arr = SamplingParams().arrays()
     arr_t, arr_d = pl.to_target(arr), pl.to_draft(arr)
-    key_t, key_d = pl.to_target(jax.random.key(0)), pl.to_draft(jax.random.key(1))
+    key_t, key_d = pl.to_target(jax.random.key(0)), pl.to_draft(jax.random.key(0))
+    row_t, row_d = pl.to_target(jnp.int32(0)), pl.to_draft(jnp.int32(0))
     rng = np.random.default_rng(0)
     V = cfg_t.vocab_size
     win_np = rng.integers(0, V, size=(1, g)).astype(np.int32)
@@ -237,7 +238,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
     logits = timed("target_full", t_full, lambda: (reset(), state["ct"])[1:])
 
     def do_verify(cache, raw=None):
-        r, state["ct"] = F.verify(logits, win_t, None, key_t, cache, raw, 0, **arr_t, rule="greedy")
+        r, state["ct"] = F.verify(logits, win_t, None, key_t, cache, raw, row_t, **arr_t, rule="greedy")
         return r
 
     timed("verify", do_verify, lambda: (reset(), state["ct"])[1:])
@@ -245,7 +246,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
 
     def make_propose(ss_kw):
         def propose(cache):
-            out = F.draft_propose(cfg_d, p_d, cache, jnp.int32(0), first_d, key_d, **arr_d, gamma=g, **ss_kw)
+            out = F.draft_propose(cfg_d, p_d, cache, jnp.int32(0), first_d, key_d, row_d, **arr_d, gamma=g, **ss_kw)
             state["cd"] = out[2]
             return out[0]
         return propose
@@ -281,7 +282,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
         timed(f"draft_propose_{vname}", make_propose(ss_kw), lambda: (reset(), state["cd"])[1:])
 
         def rollout(cache, ss_kw=ss_kw):
-            br, state["cd"] = F.draft_rollout(cfg_d, p_d, cache, last_d, win_d, ch_d, key_d, **arr_d,
+            br, state["cd"] = F.draft_rollout(cfg_d, p_d, cache, last_d, win_d, ch_d, key_d, row_d, **arr_d,
                                               budget=kc.budget, **ss_kw)
             return br
 
@@ -292,7 +293,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
         a_miss, c_miss = pl.to_draft(jnp.int32(g)), pl.to_draft(jnp.int32(c_miss))
 
         def select(cache, a, c, ss_kw=ss_kw, branches=branches):
-            out = F.draft_select(cfg_d, p_d, cache, branches, a, c, key_d, **arr_d, **ss_kw)
+            out = F.draft_select(cfg_d, p_d, cache, branches, a, c, key_d, row_d, **arr_d, **ss_kw)
             state["cd"] = out[3]
             return out[0], out[1]
 
@@ -305,14 +306,15 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
             hidden, ch, ct = F.target_prefix(cfg_t, p_t, ct, last_t, wt, exit_layer=cfg_t.num_layers // 2,
                                              kappa=kappa)
             chd = pl.to_draft({k: ch[k] for k in ("cand_ids", "cand_lp", "path_lp")})
-            br, cd = F.draft_rollout(cfg_d, p_d, cd, last_d, win_d, chd, key_d, **arr_d, budget=kc.budget, **ss_kw)
+            br, cd = F.draft_rollout(cfg_d, p_d, cd, last_d, win_d, chd, key_d, row_d, **arr_d, budget=kc.budget,
+                                     **ss_kw)
             lg, ct = F.target_suffix(cfg_t, p_t, hidden, ct, exit_layer=cfg_t.num_layers // 2)
-            r, ct = F.verify(lg, wt, None, key_t, ct, ch["raw_ids"], 0, **arr_t, rule="greedy")
+            r, ct = F.verify(lg, wt, None, key_t, ct, ch["raw_ids"], row_t, **arr_t, rule="greedy")
             a, c = pl.to_draft((r["a"], r["c"]))
             # Random weights decide nothing useful: force the reuse branch (the fallback cost is added
             # per the measured fallback rate in `project`) while keeping select's wait on verify.
             a, c = a * 0 + a_hit, c * 0 + c_hit
-            out = F.draft_select(cfg_d, p_d, cd, br, a, c, key_d, **arr_d, **ss_kw)
+            out = F.draft_select(cfg_d, p_d, cd, br, a, c, key_d, row_d, **arr_d, **ss_kw)
             state["ct"], state["cd"] = ct, out[3]
             return jax.device_get((r["a"], r["c"], out[0], out[1]))
 
@@ -321,9 +323,9 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
         def sd_round(ct, cd, ss_kw=ss_kw):
             wt = pl.to_target(win_d)
             lg, ct = F.target_full(cfg_t, p_t, ct, last_t, wt)
-            r, ct = F.verify(lg, wt, None, key_t, ct, None, 0, **arr_t, rule="greedy")
+            r, ct = F.verify(lg, wt, None, key_t, ct, None, row_t, **arr_t, rule="greedy")
             a, c = jax.device_get((r["a"], r["c"]))
-            out = F.draft_propose(cfg_d, p_d, cd, jnp.int32(0), pl.to_draft(np.full((1, 1), c, np.int32)), key_d,
+            out = F.draft_propose(cfg_d, p_d, cd, jnp.int32(0), pl.to_draft(np.full((1, 1), c, np.int32)), key_d, row_d,
                                   **arr_d, gamma=g, **ss_kw)
             state["ct"], state["cd"] = ct, out[2]
             return jax.device_get(out[0])

@@ -530,7 +530,7 @@ def _profile_pass(generate, models, cfg: BenchConfig, questions, methods, progre
 # Aggregation and the spec's round-time model
 
 
-_NOT_PHASES = {"a", "hit", "omega_hits", "wall_s", "task", "draft_forwards"}
+_NOT_PHASES = {"a", "c", "hit", "omega_hits", "wall_s", "task", "draft_forwards", "branches"}
 
 
 def phase_summary(rounds: list[dict], engine: str) -> dict:

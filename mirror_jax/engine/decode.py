@@ -98,12 +98,16 @@ def _start(target, draft, prompt, sampling, s: SpecSettings, pl: Placement, keys
     _, cache_d = prefill(cfg_d, p_d, pl.to_draft(padded), pl.to_draft(n_valid), cache_d)
     last_d = pl.to_draft(first)
     window, q, cache_d, _ = F.draft_propose(
-        cfg_d, p_d, cache_d, jnp.int32(0), last_d[None], keys["d"], **keys["arr_d"], gamma=s.gamma, **dkw
+        cfg_d, p_d, cache_d, pl.to_draft(jnp.int32(0)), last_d[None], keys["d"], keys["row_d"], **keys["arr_d"],
+        gamma=s.gamma, **dkw,
     )
     return int(first[0]), _State(cache_t, cache_d, first, last_d, window, q, len(prompt), len(prompt))
 
 
-def _mirror_round(target, draft, st: _State, s: SpecSettings, pl: Placement, keys, timer: _Timer, row):
+def _mirror_dispatch(target, draft, st: _State, s: SpecSettings, pl: Placement, keys, timer: _Timer):
+    """Enqueue one Mirror-SD round; nothing here waits for a device or moves data through the host
+    (tests run it under ``jax.transfer_guard("disallow")``). Returns the device arrays that
+    `_mirror_round` fetches in its one synchronisation."""
     cfg_t, p_t = target
     cfg_d, p_d, dkw = draft
     win_t = timer.lap("channel_fv", pl.to_target(st.window))
@@ -115,7 +119,7 @@ def _mirror_round(target, draft, st: _State, s: SpecSettings, pl: Placement, key
     branches, st.cache_d = timer.lap(
         "draft",
         *F.draft_rollout(
-            cfg_d, p_d, st.cache_d, st.last_d, st.window, ch_d, keys["d"], **keys["arr_d"],
+            cfg_d, p_d, st.cache_d, st.last_d, st.window, ch_d, keys["d"], keys["row_d"], **keys["arr_d"],
             budget=s.branch_budget, **dkw,
         ),
     )
@@ -124,29 +128,39 @@ def _mirror_round(target, draft, st: _State, s: SpecSettings, pl: Placement, key
     )
     res, st.cache_t = timer.lap(
         "verify",
-        *F.verify(logits, win_t, q_t, keys["t"], st.cache_t, ch["raw_ids"], row, **keys["arr_t"], rule=s.verifier),
+        *F.verify(
+            logits, win_t, q_t, keys["t"], st.cache_t, ch["raw_ids"], keys["row_t"], **keys["arr_t"], rule=s.verifier
+        ),
     )
     a_d, c_d = timer.lap("channel_fv", *pl.to_draft((res["a"], res["c"])))
     hit, st.window, st.q, st.cache_d, fb_forwards = timer.lap(
         "select",
-        *F.draft_select(cfg_d, p_d, st.cache_d, branches, a_d, c_d, keys["d"], **keys["arr_d"], **dkw),
+        *F.draft_select(
+            cfg_d, p_d, st.cache_d, branches, a_d, c_d, keys["d"], keys["row_d"], **keys["arr_d"], **dkw
+        ),
     )
-    a, c, hits, hit, win, fw = jax.device_get(
-        (res["a"], res["c"], res["omega_hits"], hit, win_t, branches["forwards"] + fb_forwards)
-    )  # the sync
     st.last_t, st.last_d = res["c"].reshape(1), c_d.reshape(1)
-    return {"a": int(a), "c": int(c), "omega_hits": int(hits), "hit": bool(hit), "win": np.asarray(win)[0],
-            "draft_forwards": int(fw)}
+    return {"a": res["a"], "c": res["c"], "omega_hits": res["omega_hits"], "hit": hit, "win": win_t,
+            "draft_forwards": branches["forwards"] + fb_forwards, "branch_depth": branches["depth"],
+            "branch_root": branches["root"]}
 
 
-def _sd_round(target, draft, st: _State, s: SpecSettings, pl: Placement, keys, timer: _Timer, row):
+def _mirror_round(target, draft, st: _State, s: SpecSettings, pl: Placement, keys, timer: _Timer):
+    out = jax.device_get(_mirror_dispatch(target, draft, st, s, pl, keys, timer))  # the sync
+    return {"a": int(out["a"]), "c": int(out["c"]), "omega_hits": int(out["omega_hits"]), "hit": bool(out["hit"]),
+            "win": np.asarray(out["win"])[0], "draft_forwards": int(out["draft_forwards"]),
+            "branches": [(int(d), int(r)) for d, r in zip(out["branch_depth"], out["branch_root"], strict=True)]}
+
+
+def _sd_round(target, draft, st: _State, s: SpecSettings, pl: Placement, keys, timer: _Timer):
     cfg_t, p_t = target
     cfg_d, p_d, dkw = draft
     win_t = timer.lap("channel_fv", pl.to_target(st.window))
     q_t = None if st.q is None else pl.to_target(st.q)
     logits, st.cache_t = timer.lap("target", *F.target_full(cfg_t, p_t, st.cache_t, st.last_t, win_t))
     res, st.cache_t = timer.lap(
-        "verify", *F.verify(logits, win_t, q_t, keys["t"], st.cache_t, None, row, **keys["arr_t"], rule=s.verifier)
+        "verify",
+        *F.verify(logits, win_t, q_t, keys["t"], st.cache_t, None, keys["row_t"], **keys["arr_t"], rule=s.verifier),
     )
     a, c, win = jax.device_get((res["a"], res["c"], win_t))  # the sync
     a, c, win = int(a), int(c), np.asarray(win)[0]
@@ -162,14 +176,22 @@ def _sd_round(target, draft, st: _State, s: SpecSettings, pl: Placement, keys, t
     st.window, st.q, st.cache_d, forwards = timer.lap(
         "draft",
         *F.draft_propose(
-            cfg_d, p_d, st.cache_d, jnp.int32(new_len - st.draft_len), first_d, keys["d"], **keys["arr_d"],
-            gamma=s.gamma, **dkw,
+            cfg_d, p_d, st.cache_d, pl.to_draft(jnp.int32(new_len - st.draft_len)), first_d, keys["d"],
+            keys["row_d"], **keys["arr_d"], gamma=s.gamma, **dkw,
         ),
     )
     st.draft_len = new_len
     st.last_t = res["c"].reshape(1)
     # `forwards` (a device scalar, fetched after the loop) belongs to the next round's window.
     return {"a": a, "c": c, "omega_hits": -1, "hit": False, "win": win, "draft_forwards": forwards}
+
+
+def run_keys(sampling: SamplingParams, pl: Placement, row: int) -> dict:
+    """The run's seed key, the sequence's batch row and the sampling scalars, placed once on each
+    device (every draw derives its own key from these: `mirror_jax.sampling.draw_key`)."""
+    base, row_arr, arr = jax.random.key(sampling.seed), jnp.int32(row), sampling.arrays()
+    return {"t": pl.to_target(base), "d": pl.to_draft(base), "row_t": pl.to_target(row_arr),
+            "row_d": pl.to_draft(row_arr), "arr_t": pl.to_target(arr), "arr_d": pl.to_draft(arr)}
 
 
 def speculative_generate(
@@ -179,27 +201,25 @@ def speculative_generate(
     """Generate for one prompt with "sd" or "mirror". target: (cfg, params) and draft:
     (cfg, params, draft kwargs: sample/want_q/ss/sscfg), params placed on the placement's devices.
     Returns (tokens, per-round records)."""
-    base = jax.random.key(sampling.seed)
-    arr = sampling.arrays()
-    keys = {
-        "t": pl.to_target(base),
-        "d": pl.to_draft(jax.random.fold_in(base, 1)),
-        "arr_t": pl.to_target(arr),
-        "arr_d": pl.to_draft(arr),
-    }
+    keys = run_keys(sampling, pl, row)
     round_fn = _mirror_round if s.method == "mirror" else _sd_round
     first, st = _start(target, draft, prompt, sampling, s, pl, keys, capacity, row)
+    eos = set(eos_ids)
     out = [first]
     rounds = []
-    while len(out) < max_new_tokens and not (eos_ids and out[-1] in eos_ids):
+    # Stop as soon as any committed token is an EOS id (or max_new_tokens are there): no round runs
+    # after the one that committed the EOS, so statistics count only rounds that produced output.
+    done = first in eos
+    while not done and len(out) < max_new_tokens:
         check_headroom(st.pos, s.margin(), capacity, what="target/draft KV cache")
         timer = _Timer(s.profile)
         t0 = time.perf_counter()
-        rec = round_fn(target, draft, st, s, pl, keys, timer, row)
+        rec = round_fn(target, draft, st, s, pl, keys, timer)
         wall = time.perf_counter() - t0
         a = rec["a"]
-        new = [int(t) for t in rec.pop("win")[:a]] + [rec.pop("c")]
+        new = [int(t) for t in rec.pop("win")[:a]] + [rec["c"]]
         out.extend(new)
+        done = not eos.isdisjoint(new)
         st.pos += a + 1
         rounds.append({**rec, "wall_s": wall, **timer.times})
         if progress is not None:
@@ -229,7 +249,7 @@ def summarize_rounds(rounds: list[dict], s: SpecSettings) -> dict:
         out["fallback_rate"] = float((~hits).mean())
         out["omega_kappa"] = float(sum(r["omega_hits"] for r in rounds) / (a + 1).sum())
     out["draft_forwards_per_round"] = float(np.mean([r["draft_forwards"] for r in rounds]))
-    phases = sorted({k for r in rounds for k in r} - {"a", "hit", "omega_hits", "wall_s", "draft_forwards"})
+    phases = sorted({k for r in rounds for k, v in r.items() if isinstance(v, float)} - {"wall_s"})
     if phases:
         out["phase_ms_median"] = {k: 1e3 * float(np.median([r.get(k, 0.0) for r in rounds])) for k in phases}
     return out

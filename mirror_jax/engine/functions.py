@@ -14,6 +14,14 @@ function           device                  what
 `verify`           target                  accepted length, correction, commit target cache
 `draft_select`     draft                   commit draft cache, reuse branch or fall back
 =================  ======================  ===============================================
+
+Cache donation: every function that takes a KV cache (``cache=``) *donates* it (``jax.jit``
+``donate_argnames``): its buffers are reused for the returned cache and the array you passed in
+is deleted. Always continue with the returned cache (``logits, cache = target_suffix(...,
+cache, ...)``); to keep an old state, copy it first (``jax.tree.map(jnp.copy, cache)``).
+
+Random draws: ``key`` is the run's seed key and ``row`` the sequence's batch row (a device
+scalar); each draw derives its own key with `mirror_jax.sampling.draw_key`.
 """
 
 from __future__ import annotations
@@ -75,7 +83,7 @@ def target_full(cfg, params, cache: KVCache, last, window):
     jax.jit, static_argnames=("cfg", "budget", "sample", "want_q", "sscfg"), donate_argnames=("cache",)
 )
 def draft_rollout(
-    cfg, params, cache: KVCache, last, window, channel, key, temperature, top_k, top_p,
+    cfg, params, cache: KVCache, last, window, channel, key, row, temperature, top_k, top_p,
     *, budget: int, sample: bool = False, want_q: bool = False, ss=None, sscfg=None,
 ):
     """Branch-complete rollouts on the draft device (see `mirror_jax.engine.rollout`).
@@ -85,7 +93,7 @@ def draft_rollout(
     q [n, gamma, V] or None, forwards)."""
     return R.branch_rollout(
         cfg, params, cache, last, window, channel["cand_ids"], channel["cand_lp"], channel["path_lp"],
-        key, temperature, top_k, top_p, budget=budget, sample=sample, want_q=want_q, ss=ss, sscfg=sscfg,
+        key, row, temperature, top_k, top_p, budget=budget, sample=sample, want_q=want_q, ss=ss, sscfg=sscfg,
     )
 
 
@@ -112,21 +120,21 @@ def verify(logits, window, q, key, cache: KVCache, raw_ids, row, temperature, to
     jax.jit, static_argnames=("cfg", "gamma", "sample", "want_q", "sscfg"), donate_argnames=("cache",)
 )
 def draft_propose(
-    cfg, params, cache: KVCache, advance, first, key, temperature, top_k, top_p,
+    cfg, params, cache: KVCache, advance, first, key, row, temperature, top_k, top_p,
     *, gamma: int, sample: bool = False, want_q: bool = False, ss=None, sscfg=None,
 ):
     """Commit `advance` tokens to the draft cache, then draft a chain of gamma tokens after
     `first` [1, n0]. Returns (window [1, gamma], q [1, gamma, V] or None, cache, forwards)."""
     cache = commit(cache, advance)
     return R.propose(
-        cfg, params, cache, first, gamma, key, temperature, top_k, top_p, sample=sample, want_q=want_q,
+        cfg, params, cache, first, gamma, key, row, temperature, top_k, top_p, sample=sample, want_q=want_q,
         ss=ss, sscfg=sscfg,
     )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sample", "want_q", "sscfg"), donate_argnames=("cache",))
 def draft_select(
-    cfg, params, cache: KVCache, branches, a, c, key, temperature, top_k, top_p,
+    cfg, params, cache: KVCache, branches, a, c, key, row, temperature, top_k, top_p,
     *, sample: bool = False, want_q: bool = False, ss=None, sscfg=None,
 ):
     """Commit a + 1 tokens to the draft cache; the next window is the branch rooted at (a, c)
@@ -137,7 +145,7 @@ def draft_select(
 
     def fallback(cache):
         return R.propose(
-            cfg, params, cache, c.reshape(1, 1), gamma, key, temperature, top_k, top_p, sample=sample,
+            cfg, params, cache, c.reshape(1, 1), gamma, key, row, temperature, top_k, top_p, sample=sample,
             want_q=want_q, ss=ss, sscfg=sscfg,
         )
 

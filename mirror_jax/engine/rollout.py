@@ -29,23 +29,24 @@ import jax.numpy as jnp
 
 from mirror_jax import model as M
 from mirror_jax.kv_cache import KVCache, commit
-from mirror_jax.sampling import processed_logprobs, sample_at
+from mirror_jax.sampling import Draw, processed_logprobs, sample_at
 
 
-def _pick(logits, key, positions, temperature, top_k, top_p, *, sample: bool, want_q: bool):
-    """Next token per row from logits [B, V]; also the processed log-probs when `want_q`."""
+def _pick(logits, key, row, positions, temperature, top_k, top_p, *, sample: bool, want_q: bool):
+    """Next token per row from logits [B, V]; also the processed log-probs when `want_q`. Samples
+    are `Draw.DRAFT` draws of sequence `row` at `positions` [B] (branch rows share the row)."""
     if not sample and not want_q:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
     lp = processed_logprobs(logits, temperature, top_k, top_p)
     if sample:
-        tok = sample_at(key, lp, jnp.zeros_like(positions), positions)
+        tok = sample_at(key, Draw.DRAFT, lp, jnp.full_like(positions, row), positions)
     else:
         tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return tok, (lp if want_q else None)
 
 
 def draft_chain(
-    cfg, params, cache: KVCache, first: jax.Array, gamma: int, key, temperature, top_k, top_p,
+    cfg, params, cache: KVCache, first: jax.Array, gamma: int, key, row, temperature, top_k, top_p,
     *, sample: bool = False, want_q: bool = False,
 ):
     """Autoregressive draft of `gamma` tokens per row.
@@ -58,7 +59,7 @@ def draft_chain(
     b, n0 = first.shape
     logits, cache = M.forward(cfg, params, first, cache)
     cache = commit(cache, n0)
-    tok, lp = _pick(logits[:, -1], key, cache.lengths, temperature, top_k, top_p, sample=sample, want_q=want_q)
+    tok, lp = _pick(logits[:, -1], key, row, cache.lengths, temperature, top_k, top_p, sample=sample, want_q=want_q)
     toks = jnp.zeros((b, gamma), jnp.int32).at[:, 0].set(tok)
     lps = None if lp is None else jnp.zeros((b, gamma, lp.shape[-1]), jnp.float32).at[:, 0].set(lp)
 
@@ -66,7 +67,9 @@ def draft_chain(
         cache, tok, toks, lps = carry
         logits, cache = M.forward(cfg, params, tok[:, None], cache)
         cache = commit(cache, 1)
-        tok, lp = _pick(logits[:, 0], key, cache.lengths, temperature, top_k, top_p, sample=sample, want_q=want_q)
+        tok, lp = _pick(
+            logits[:, 0], key, row, cache.lengths, temperature, top_k, top_p, sample=sample, want_q=want_q
+        )
         toks = toks.at[:, i].set(tok)
         if lps is not None:
             lps = lps.at[:, i].set(lp)
@@ -77,7 +80,7 @@ def draft_chain(
 
 
 def propose(
-    cfg, params, cache: KVCache, first: jax.Array, gamma: int, key, temperature, top_k, top_p,
+    cfg, params, cache: KVCache, first: jax.Array, gamma: int, key, row, temperature, top_k, top_p,
     *, sample: bool = False, want_q: bool = False, ss=None, sscfg=None,
 ):
     """A chain of `gamma` draft tokens per row after `first` [B, n0], with the plain
@@ -88,7 +91,7 @@ def propose(
     Returns (tokens [B, gamma], q or None, cache with lengths unchanged, draft forwards)."""
     if ss is None:
         toks, q, cache = draft_chain(
-            cfg, params, cache, first, gamma, key, temperature, top_k, top_p, sample=sample, want_q=want_q
+            cfg, params, cache, first, gamma, key, row, temperature, top_k, top_p, sample=sample, want_q=want_q
         )
         return toks, q, cache, jnp.int32(gamma)
     from mirror_jax.ss.rollout import _ss_rollout
@@ -133,7 +136,7 @@ def broadcast_rows(cache: KVCache, rows: int, lengths: jax.Array) -> KVCache:
 
 
 def branch_rollout(
-    cfg, params, cache: KVCache, last, window, cand_ids, cand_lp, path_lp, key, temperature, top_k, top_p,
+    cfg, params, cache: KVCache, last, window, cand_ids, cand_lp, path_lp, key, row, temperature, top_k, top_p,
     *, budget: int, sample: bool = False, want_q: bool = False, ss=None, sscfg=None,
 ):
     """Path forward + branch choice + one batched rollout of every chosen branch.
@@ -148,7 +151,7 @@ def branch_rollout(
     depth, root, _ = choose_branches(cand_ids, cand_lp, path_lp, budget)
     rows = broadcast_rows(cache, budget, cache.lengths[0] + 1 + depth)
     toks, q, _, forwards = propose(
-        cfg, params, rows, root[:, None], gamma, key, temperature, top_k, top_p, sample=sample, want_q=want_q,
+        cfg, params, rows, root[:, None], gamma, key, row, temperature, top_k, top_p, sample=sample, want_q=want_q,
         ss=ss, sscfg=sscfg,
     )
     return {"depth": depth, "root": root, "tokens": toks, "q": q, "forwards": forwards + 1}, cache

@@ -12,7 +12,10 @@ decoding would produce it):
   proposal maximising the match probability).
 * ``rejection`` (Leviathan/Chen speculative sampling): accept d_j with probability
   min(1, p(d_j)/q(d_j)); on rejection resample from normalise((p - q)+). Needs the draft's
-  probabilities q of the window, and the draft must *sample* its window from q.
+  probabilities q of the window, and the draft must *sample* its window from q (with the
+  `Draw.DRAFT` stream; the coins and the residual use `Draw.ACCEPT` / `Draw.RESIDUAL`).
+
+`key` is the run's seed key; every draw derives its own key with `mirror_jax.sampling.draw_key`.
 
 Indexing (gamma = 3): logits[i] is the target's distribution after [y, d1..di], i = 0..3. A is the
 number of accepted window tokens; the correction/bonus c is the target's token at index A.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mirror_jax.sampling import position_key, processed_logprobs, sample_at
+from mirror_jax.sampling import Draw, processed_logprobs, sample_at, uniform_at
 
 VERIFIERS = ("greedy", "sample_match", "rejection")
 
@@ -47,7 +50,7 @@ def verify_window(
     if rule == "greedy":
         y = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     elif rule == "sample_match":
-        y = sample_at(key, processed_logprobs(logits, temperature, top_k, top_p), rows, positions)
+        y = sample_at(key, Draw.TARGET, processed_logprobs(logits, temperature, top_k, top_p), rows, positions)
     elif rule == "rejection":
         return _rejection(logits, window, q_logprobs, key, positions, row, temperature, top_k, top_p)
     else:
@@ -61,8 +64,7 @@ def _rejection(logits, window, q_logprobs, key, positions, row, temperature, top
     p_lp = processed_logprobs(logits, temperature, top_k, top_p)  # [gamma+1, V]
     p_d = jnp.take_along_axis(p_lp[:gamma], window[:, None], axis=-1)[:, 0]
     q_d = jnp.take_along_axis(q_logprobs, window[:, None], axis=-1)[:, 0]
-    ukey = jax.random.fold_in(key, 1)  # acceptance coins, independent of the resampling keys
-    u = jax.vmap(lambda p: jax.random.uniform(position_key(ukey, row, p)))(positions[:gamma])
+    u = uniform_at(key, Draw.ACCEPT, jnp.full((gamma,), row, jnp.int32), positions[:gamma])
     accept = jnp.log(u) < jnp.minimum(0.0, p_d - q_d)
     a = accepted_length(accept)
     p_a = jnp.exp(p_lp[a])
@@ -70,7 +72,6 @@ def _rejection(logits, window, q_logprobs, key, positions, row, temperature, top
     resid = jnp.maximum(p_a - q_a, 0.0)
     total = jnp.sum(resid)
     resid_lp = jnp.where(total > 0, jnp.log(resid / jnp.where(total > 0, total, 1.0)), p_lp[a])
-    rkey = jax.random.fold_in(key, 2)
-    c = jax.random.categorical(position_key(rkey, row, positions[a]), resid_lp).astype(jnp.int32)
+    c = sample_at(key, Draw.RESIDUAL, resid_lp, jnp.asarray(row, jnp.int32), positions[a])
     y = jnp.concatenate([window, jnp.zeros((1,), jnp.int32)]).at[a].set(c)
     return a, c, y

@@ -8,8 +8,8 @@ Both functions share one contract::
   token, at position ``L_b`` and not yet in the cache.
 * ``tokens[b] = [y_{L_b+1}, ..., y_{L_b+gamma}]`` is the draft's own continuation: at temperature
   0 its greedy continuation; with sampling, the token for absolute position q is drawn from the
-  main-stream distribution with ``fold_in(fold_in(key, b), q)``, so `ss_rollout` and
-  `ar_rollout` return the same tokens for the same key.
+  main-stream distribution with ``draw_key(key, Draw.DRAFT, b, q)`` (`mirror_jax.sampling`), so
+  `ss_rollout` and `ar_rollout` return the same tokens for the same key.
 * On return the main-stream K/V of ``root, y_{L_b+1}, ..., y_{L_b+gamma-1}`` are written at slots
   ``L_b .. L_b+gamma-1``; ``cache.lengths`` is unchanged (the caller commits).
 
@@ -39,27 +39,19 @@ from mirror_jax import model as M
 from mirror_jax.config import ModelConfig
 from mirror_jax.kv_cache import KVCache, check_headroom
 from mirror_jax.params import ModelParams
+from mirror_jax.sampling import Draw, sample_at
 from mirror_jax.ss.model import SSConfig, SSParams, ss_hidden, stream_layers
 
 
-def _row_keys(key, batch: int):
-    """[B] per-row keys fold_in(key, b)."""
-    return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch, dtype=jnp.uint32))
-
-
-def pick_tokens(logits, positions, *, greedy: bool, row_keys=None, temperature: float = 1.0):
+def pick_tokens(logits, positions, *, greedy: bool, key=None, temperature: float = 1.0):
     """Choose the token at absolute `positions` [B, K] from `logits` [B, K, V].
 
-    Greedy: argmax. Sampling: categorical(logits / temperature) with key
-    fold_in(row_keys[b], position), so the draw depends only on (row, position, logits)."""
+    Greedy: argmax. Sampling: categorical(logits / temperature) with the `Draw.DRAFT` key of
+    (row b, position), so the draw depends only on (row, position, logits)."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    keys = jax.vmap(lambda rk, ps: jax.vmap(lambda p: jax.random.fold_in(rk, p))(ps))(
-        row_keys, positions.astype(jnp.uint32)
-    )  # [B, K] keys
-    scaled = logits.astype(jnp.float32) / temperature
-    draw = jax.vmap(jax.vmap(lambda k, lg: jax.random.categorical(k, lg)))
-    return draw(keys, scaled).astype(jnp.int32)
+    rows = jnp.broadcast_to(jnp.arange(logits.shape[0])[:, None], positions.shape)
+    return sample_at(key, Draw.DRAFT, jax.nn.log_softmax(logits.astype(jnp.float32) / temperature), rows, positions)
 
 
 def _check(cache: KVCache, extra: int, greedy: bool, key, temperature: float, what: str):
@@ -78,9 +70,8 @@ def _ss_rollout(cfg, sscfg, params, ssp, slayers, cache, roots, num_tokens, gree
     k_in = s + 1  # tokens fed per forward
     base = cache.lengths
     rows = jnp.arange(bsz)
-    row_keys = None if greedy else _row_keys(key, bsz)
     out_w = num_tokens + k_in  # room for the last forward's overshoot
-    pick = partial(pick_tokens, greedy=greedy, row_keys=row_keys, temperature=temperature)
+    pick = partial(pick_tokens, greedy=greedy, key=key, temperature=temperature)
 
     def cond(st):
         return jnp.any(st["n"] < num_tokens)
@@ -170,14 +161,11 @@ def ss_rollout(
 def _ar_rollout(cfg, params, cache, roots, num_tokens, greedy, key, temperature):
     bsz = roots.shape[0]
     base = cache.lengths
-    row_keys = None if greedy else _row_keys(key, bsz)
 
     def body(i, carry):
         tok, c, out = carry
         logits, c = M.forward(cfg, params, tok[:, None], c.replace(lengths=base + i))
-        nxt = pick_tokens(logits, (base + i + 1)[:, None], greedy=greedy, row_keys=row_keys, temperature=temperature)[
-            :, 0
-        ]
+        nxt = pick_tokens(logits, (base + i + 1)[:, None], greedy=greedy, key=key, temperature=temperature)[:, 0]
         return nxt, c.replace(lengths=base), out.at[:, i].set(nxt)
 
     out = jnp.zeros((bsz, num_tokens), jnp.int32)
