@@ -44,11 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mirror_jax import model as M  # noqa: E402
-from mirror_jax.autoregressive import generate_ar  # noqa: E402
 from mirror_jax.bench.report import machine_info, machine_md, markdown_table, memory_bandwidth_gbs, write_results  # noqa: E402
+from mirror_jax.config import QWEN25_0_5B, QWEN25_1_5B  # noqa: E402
+from mirror_jax.engine.autoregressive import generate_ar  # noqa: E402
 from mirror_jax.kv_cache import init_cache, set_lengths  # noqa: E402
 from mirror_jax.params import init_random, param_bytes  # noqa: E402
-from mirror_jax.shapes import QWEN25_0_5B, QWEN25_1_5B  # noqa: E402
 
 PROMPT = (
     "def quicksort(xs: list[int]) -> list[int]:\n"

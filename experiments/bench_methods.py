@@ -18,7 +18,10 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mirror_jax.xla_env import ensure_host_devices  # noqa: E402
+
+ensure_host_devices(2)  # before jax is imported: the two-device placement
 
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -43,10 +46,10 @@ def main(argv=None) -> int:
 
     import jax.numpy as jnp
 
-    from mirror_jax.bench.ladder import modeled_round_ms
+    from mirror_jax.bench.questions import load_questions
     from mirror_jax.bench.report import machine_info, machine_md, markdown_table, write_results
-    from mirror_jax.bench.specbench import load_questions
     from mirror_jax.engine.api import generate
+    from mirror_jax.engine.stats import modeled_round_ms
     from mirror_jax.loading import default_pair
     from mirror_jax.tokenizer import apply_chat_template
 
@@ -68,7 +71,7 @@ def main(argv=None) -> int:
                 r = generate(target, [p], n_new, method=method, placement=pl, **kw)
                 tokens.append(r.tokens[0])
                 per_prompt.append({"task": q["task"], "qid": q["question_id"], "tokens": len(r.tokens[0]),
-                                   "seconds": r.stats["total_s"],
+                                   "seconds": r.stats["total_s"], "rounds": r.stats.get("rounds"),
                                    **{k: r.stats.get(k) for k in ("mean_tokens_per_round", "fallback_rate",
                                                                    "omega_kappa", "round_wall_ms_median")}})
             if method == "ar":
@@ -76,7 +79,8 @@ def main(argv=None) -> int:
             tot_tok = sum(x["tokens"] for x in per_prompt)
             tot_s = sum(x["seconds"] for x in per_prompt)
             rec = {"placement": pl, "method": method, "tokens": tot_tok, "seconds": tot_s,
-                   "tokens_per_s": tot_tok / tot_s, "identical_to_ar": tokens == ar_tokens}
+                   "tokens_per_s": tot_tok / tot_s, "identical_to_ar": tokens == ar_tokens,
+                   "rounds": sum(x["rounds"] or 0 for x in per_prompt) if method != "ar" else None}
             for k in ("mean_tokens_per_round", "fallback_rate", "omega_kappa", "round_wall_ms_median"):
                 vals = [x[k] for x in per_prompt if x[k] is not None]
                 rec[k] = float(np.mean(vals)) if vals else None
@@ -96,14 +100,19 @@ def main(argv=None) -> int:
             rec["modeled_round_ms"] = modeled_round_ms(ph, method, rec.get("fallback_rate"))["modeled"]
             rec["overlap_efficiency"] = rec["round_wall_ms_median"] / rec["modeled_round_ms"]
 
-    cols = ["placement", "method", "tokens_per_s", "speedup_vs_ar", "mean_tokens_per_round", "fallback_rate",
+    cols = ["placement", "method", "tokens", "rounds", "tokens_per_s", "speedup_vs_ar", "mean_tokens_per_round",
+            "fallback_rate",
             "omega_kappa", "round_wall_ms_median", "modeled_round_ms", "overlap_efficiency", "identical_to_ar"]
-    fmt = {c: "{:.3f}" for c in cols[2:-1]}
+    fmt = {c: "{:.3f}" for c in cols[4:-1]}
     md = [f"# Methods on the default pair (greedy, {len(prompts)} SpecBench prompts, {n_new} new tokens)\n",
           machine_md(info),
           f"\nSettings: gamma={args.gamma}, kappa={args.kappa}, branch_budget={args.branch_budget}, "
           f"exit layer N/2. Command: `python experiments/bench_methods.py {' '.join(argv or sys.argv[1:])}`\n\n",
-          markdown_table(rows, cols, fmt), "\nPer-phase medians (ms, instrumented pass):\n\n"]
+          markdown_table(rows, cols, fmt), "\nPer prompt (seconds, tokens, rounds):\n\n",
+          *[f"- {k}: " + ", ".join(f"q{x['qid']} ({x['task']}) {x['seconds']:.1f} s / {x['tokens']} tok"
+                                   + (f" / {x['rounds']} rounds" if x["rounds"] else "") for x in v) + "\n"
+            for k, v in runs.items()],
+          "\nPer-phase medians (ms, instrumented pass):\n\n"]
     for r in rows:
         if "phase_ms_median" in r:
             md.append(f"- {r['method']} @ {r['placement']}: "

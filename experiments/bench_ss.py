@@ -4,7 +4,7 @@ For each held-out Python-stdlib prompt (files the SS adapter never saw, see
 `train_ss_draft.split_of`), the draft is prefilled with the prompt and then produces
 ``--windows`` consecutive gamma-token windows of its own greedy continuation, each window with
 
-* ``ar_rollout`` - one draft forward per token (gamma forwards), and
+* the plain chain (`mirror_jax.rounds.draft.draft_chain`) - one draft forward per token, and
 * ``ss_rollout`` - several tokens per forward, for the trained adapter and for untrained streams
   (the stream embeddings/LoRA at initialisation, a control).
 
@@ -39,9 +39,19 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 from mirror_jax import model as M  # noqa: E402
 from mirror_jax.kv_cache import commit, init_cache  # noqa: E402
-from mirror_jax.ss.checkpoint import REPO_CHECKPOINTS, restore_ss_checkpoint  # noqa: E402
+from mirror_jax.rounds.draft import draft_chain  # noqa: E402
+from mirror_jax.sampling import SamplingParams  # noqa: E402
+from mirror_jax.ss.checkpoint import DEFAULT_ADAPTER_NAME, restore_ss_checkpoint  # noqa: E402
 from mirror_jax.ss.model import SSConfig, init_ss_params  # noqa: E402
-from mirror_jax.ss.rollout import ar_rollout, ss_rollout  # noqa: E402
+from mirror_jax.ss.rollout import ss_draft, ss_rollout  # noqa: E402
+
+_CHAIN = jax.jit(draft_chain, static_argnames=("cfg", "gamma"))
+
+
+def ar_rollout(cfg, params, ss, cache, root, gamma):
+    """The plain draft chain with `ss_rollout`'s return shape: (tokens, q, forwards, cache)."""
+    toks, q, cache = _CHAIN(cfg, params, cache, root[:, None], gamma, SamplingParams().arrays())
+    return toks, q, gamma, cache
 
 
 def prefill(cfg, params, prompt: list[int], capacity: int):
@@ -51,13 +61,13 @@ def prefill(cfg, params, prompt: list[int], capacity: int):
     return commit(cache, len(prompt) - 1), jnp.asarray([prompt[-1]], jnp.int32)
 
 
-def run_windows(fn, cfg, sscfg, params, ssp, cache, root, gamma: int, windows: int):
+def run_windows(fn, cfg, params, ss, cache, root, gamma: int, windows: int):
     """`windows` consecutive gamma-token windows; returns (tokens [windows*gamma], forwards per
     window, seconds per window)."""
     toks, fwd, secs = [], [], []
     for _ in range(windows):
         t0 = time.perf_counter()
-        out, nf, cache = fn(cfg, sscfg, params, ssp, cache, root, gamma)
+        out, _, nf, cache = fn(cfg, params, ss, cache, root, gamma)
         out = np.asarray(out)
         secs.append(time.perf_counter() - t0)
         fwd.append(int(nf))
@@ -70,9 +80,9 @@ def run_windows(fn, cfg, sscfg, params, ssp, cache, root, gamma: int, windows: i
 def load(args):
     if args.tiny:
         from mirror_jax.params import init_random
-        from mirror_jax.shapes import TINY_QWEN2
+        from mirror_jax.testing import tiny_config
 
-        cfg = TINY_QWEN2
+        cfg = tiny_config(vocab_size=128, num_layers=4)
         params = init_random(cfg, 2, scale=0.2)
         rng = np.random.default_rng(0)
         prompts = rng.integers(2, 128, (args.num_prompts, args.prompt_len)).tolist()
@@ -91,7 +101,7 @@ def load(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--ckpt", default=str(REPO_CHECKPOINTS / "ss_default_draft"))
+    ap.add_argument("--ckpt", default=str(ROOT / "checkpoints" / DEFAULT_ADAPTER_NAME))
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=48)
     ap.add_argument("--windows", type=int, default=6)
@@ -104,27 +114,27 @@ def main(argv=None):
     methods = {}
     if args.tiny:
         sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
-        methods["ss (untrained streams)"] = (ss_rollout, sscfg, init_ss_params(cfg, sscfg, params))
         meta = {"steps": 0}
     else:
         sscfg, ssp, meta = restore_ss_checkpoint(args.ckpt, cfg, params)
-        methods[f"ss (trained, {meta['steps']} steps)"] = (ss_rollout, sscfg, ssp)
-        methods["ss (untrained streams)"] = (ss_rollout, sscfg, init_ss_params(cfg, sscfg, params))
-    methods = {"ar": (ar_rollout, sscfg, None), **methods}
+        methods[f"ss (trained, {meta['steps']} steps)"] = (ss_rollout, ss_draft(cfg, sscfg, params, ssp))
+    untrained = ss_draft(cfg, sscfg, params, init_ss_params(cfg, sscfg, params))
+    methods["ss (untrained streams)"] = (ss_rollout, untrained)
+    methods = {"ar": (ar_rollout, None), **methods}
     capacity = args.prompt_len + args.windows * max(gammas) + sscfg.num_streams + 8
 
     rows, mismatches = [], 0
     for gamma in gammas:
         # warm-up / compile every method once
         cache, root = prefill(cfg, params, prompts[0], capacity)
-        for fn, sc, sp in methods.values():
-            run_windows(fn, cfg, sc, params, sp, cache, root, gamma, 1)
+        for fn, ss in methods.values():
+            run_windows(fn, cfg, params, ss, cache, root, gamma, 1)
         per = {m: {"fwd": [], "sec": []} for m in methods}
         for prompt in tqdm(prompts, desc=f"gamma={gamma}"):
             cache, root = prefill(cfg, params, prompt, capacity)
             ref = None
-            for m, (fn, sc, sp) in methods.items():
-                toks, fwd, secs = run_windows(fn, cfg, sc, params, sp, cache, root, gamma, args.windows)
+            for m, (fn, ss) in methods.items():
+                toks, fwd, secs = run_windows(fn, cfg, params, ss, cache, root, gamma, args.windows)
                 ref = toks if ref is None else ref
                 mismatches += int(toks != ref)
                 per[m]["fwd"] += fwd

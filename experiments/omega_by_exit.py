@@ -39,9 +39,9 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from mirror_jax import model as M
-    from mirror_jax.autoregressive import generate_ar
+    from mirror_jax.bench.questions import load_questions
     from mirror_jax.bench.report import machine_info, machine_md, markdown_table, write_results
-    from mirror_jax.bench.specbench import load_questions
+    from mirror_jax.engine.autoregressive import generate_ar
     from mirror_jax.kv_cache import init_cache
     from mirror_jax.loading import default_pair
     from mirror_jax.tokenizer import apply_chat_template

@@ -7,7 +7,7 @@ Pipeline (each stage cached / resumable):
    docstring, left-truncated to exactly ``--prompt-len`` tokens. Files are split train/held-out by
    a hash of their path (`split_of`); ``experiments/bench_ss.py`` uses the held-out files.
 2. Distillation: the TARGET model greedily continues each prompt by ``--gen-len`` tokens
-   (`mirror_jax.autoregressive.generate_ar`). Cached as an .npz under ``--work-dir``; the target is then
+   (`mirror_jax.engine.autoregressive.generate_ar`). Cached as an .npz under ``--work-dir``; the target is then
    freed before training.
 3. Frozen main-stream features of the draft (hidden state at L0 = N - N_s and the MSA layers' K/V)
    are computed once for the whole data set (`precompute_main`).
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import gc
 import hashlib
 import json
@@ -105,7 +104,7 @@ def distill(target, prompts, gen_len: int, batch: int, partial: Path, budget_s: 
 
     Saved to `partial` after every batch (resumable); with `budget_s` > 0 generation stops after that
     many seconds and only the finished rows are returned."""
-    from mirror_jax.autoregressive import generate_ar
+    from mirror_jax.engine.autoregressive import generate_ar
 
     p = len(prompts[0])
     toks = np.zeros((len(prompts), p + gen_len), np.int32)
@@ -139,13 +138,13 @@ def distill(target, prompts, gen_len: int, batch: int, partial: Path, budget_s: 
 
 def tiny_models():
     from mirror_jax.params import init_random
-    from mirror_jax.shapes import TINY_QWEN2
+    from mirror_jax.testing import tiny_config
 
     class M:
         def __init__(self, cfg, seed):
             self.cfg, self.params, self.sha256 = cfg, init_random(cfg, seed, scale=0.2), None
 
-    cfg = dataclasses.replace(TINY_QWEN2, eos_token_ids=(1,))
+    cfg = tiny_config(vocab_size=128, num_layers=4, eos_token_ids=(1,))
     return M(cfg, 1), M(cfg, 2)
 
 

@@ -8,8 +8,9 @@ Quick start::
     res = generate(target, [ids], 64, method="mirror", draft=draft)
     print(tok.decode(res.tokens[0]), res.stats["tokens_per_s"])
 
-The four jitted round functions (`target_prefix`, `target_suffix`, `draft_rollout`, `verify`) and
-`Placement` are exported for use from your own JAX code. Imports are lazy so that
+The four jitted round functions (`target_prefix`, `target_suffix`, `draft_rollout`, `verify`, in
+`mirror_jax.rounds`), `draft_select`, `draft_propose` and `Placement` are exported for use from your
+own JAX code. Imports are lazy so that
 ``XLA_FLAGS`` (e.g. virtual host devices) can still be set after ``import mirror_jax``.
 """
 
@@ -24,14 +25,16 @@ _EXPORTS = {
     "ConfigError": "mirror_jax.engine.api",
     "Placement": "mirror_jax.engine.placement",
     "PlacementError": "mirror_jax.engine.placement",
-    "target_prefix": "mirror_jax.engine.functions",
-    "target_suffix": "mirror_jax.engine.functions",
-    "draft_rollout": "mirror_jax.engine.functions",
-    "verify": "mirror_jax.engine.functions",
-    "draft_select": "mirror_jax.engine.functions",
-    "draft_propose": "mirror_jax.engine.functions",
-    "generate_ar": "mirror_jax.autoregressive",
+    "target_prefix": "mirror_jax.rounds",
+    "target_suffix": "mirror_jax.rounds",
+    "target_full": "mirror_jax.rounds",
+    "draft_rollout": "mirror_jax.rounds",
+    "verify": "mirror_jax.rounds",
+    "draft_select": "mirror_jax.rounds",
+    "draft_propose": "mirror_jax.rounds",
+    "generate_ar": "mirror_jax.engine.autoregressive",
     "SamplingParams": "mirror_jax.sampling",
+    "SamplingArrays": "mirror_jax.sampling",
     "ModelConfig": "mirror_jax.config",
     "KVCache": "mirror_jax.kv_cache",
     "init_cache": "mirror_jax.kv_cache",

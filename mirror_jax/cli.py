@@ -11,24 +11,10 @@ the error message gives the install command when they are missing). Prints the t
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-
-def _device_count_needed(placement: str | None) -> int:
-    if not placement:
-        return 1
-    ids = [p.split(":")[1] for p in placement.split(",") if p.strip().startswith("cpu:") and ":" in p]
-    return max([int(i) + 1 for i in ids if i.isdigit()] or [1])
-
-
-def _ensure_host_devices(placement: str | None) -> None:
-    """Virtual host devices must be requested before jax is imported."""
-    n = _device_count_needed(placement)
-    if n > 1 and "jax" not in sys.modules:
-        flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_force_host_platform_device_count" not in flags:
-            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+from mirror_jax.bench.cli import add_bench_args, run_bench
+from mirror_jax.xla_env import ensure_host_devices
 
 
 def _load(path: str | None, dtype):
@@ -60,7 +46,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args) -> int:
-    _ensure_host_devices(args.placement)
+    ensure_host_devices(args.placement)
     import jax
     import jax.numpy as jnp
 
@@ -108,12 +94,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mirror-jax", description="Mirror Speculative Decoding in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
     add_generate_args(sub.add_parser("generate", help="generate text with ar, sd or mirror"))
-    try:
-        from mirror_jax.bench.cli import add_bench_args, run_bench  # noqa: F401
-    except ImportError:
-        run_bench = None
-    else:
-        add_bench_args(sub.add_parser("bench", help="SpecBench method ladder"))
+    add_bench_args(sub.add_parser("bench", help="SpecBench method ladder"))
     args = parser.parse_args(argv)
     if args.command == "generate":
         return run_generate(args)

@@ -7,7 +7,12 @@ decoder-only families the library supports:
 * ``llama``  - Llama / SmolLM2 (no biases, optional llama3 / linear RoPE scaling),
 * ``qwen3``  - Qwen3 (RMSNorm on q and k per head, no biases).
 
-Build one from a transformers config with `ModelConfig.from_hf`, or directly for tests.
+Build one from a transformers config with `ModelConfig.from_hf`, or directly for tests. Named
+shapes (`SHAPES`: the default pair's exact configurations and a 7B-class target) serve random-weight
+benchmarks where the real weights cannot travel (e.g. a GPU machine)::
+
+    cfg = QWEN25_1_5B                    # same shapes as the default target's GGUF
+    params = init_random(cfg, device=d)  # random weights run at the same speed as real ones
 """
 
 from __future__ import annotations
@@ -152,3 +157,18 @@ class ModelConfig:
             per_layer += 2 * self.head_dim
         emb = self.vocab_size * h * (1 if self.tie_embeddings else 2)
         return layers * per_layer + emb + h
+
+
+_QWEN2 = dict(arch="qwen2", vocab_size=151936, rope_theta=1e6, qkv_bias=True, tie_embeddings=False)
+
+QWEN25_1_5B = ModelConfig(
+    hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12, num_kv_heads=2, head_dim=128, **_QWEN2
+)
+QWEN25_0_5B = ModelConfig(
+    hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64, **_QWEN2
+)
+QWEN25_7B = ModelConfig(
+    hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, **_QWEN2
+)
+
+SHAPES = {"qwen2.5-1.5b": QWEN25_1_5B, "qwen2.5-0.5b": QWEN25_0_5B, "qwen2.5-7b": QWEN25_7B}

@@ -46,9 +46,6 @@ class KVCache:
     def batch(self) -> int:
         return self.k[0].shape[0]
 
-    def layer_slice(self, start: int, stop: int | None = None) -> tuple[tuple, tuple]:
-        return self.k[start:stop], self.v[start:stop]
-
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32, device=None) -> KVCache:
     shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)

@@ -39,10 +39,6 @@ class ModelParams:
     final_norm: jax.Array  # [H]
     lm_head: jax.Array  # [H, V] (a transposed copy of embed when embeddings are tied)
 
-    def split(self, exit_layer: int) -> tuple[tuple[LayerParams, ...], tuple[LayerParams, ...]]:
-        """(layers[:exit_layer], layers[exit_layer:])."""
-        return self.layers[:exit_layer], self.layers[exit_layer:]
-
 
 def param_bytes(params, *, exclude_embed: bool = False) -> int:
     """Bytes held by the parameters. With exclude_embed the embedding table is left out: a decode
@@ -52,16 +48,32 @@ def param_bytes(params, *, exclude_embed: bool = False) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in leaves))
 
 
-def init_random(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.02) -> ModelParams:
-    """Random parameters (normal, std `scale`) for tests and benchmarks of model shapes."""
-    rng = np.random.default_rng(seed)
+def init_random(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.02, *, device=None) -> ModelParams:
+    """Random parameters (normal, std `scale`; norms ~ 1 + N(0, 0.1)) for tests and benchmarks of
+    model shapes.
 
-    def w(*shape, s=scale):
-        return jnp.asarray(rng.normal(0.0, s, size=shape).astype(np.float32), dtype=dtype)
+    Without `device`, numpy draws them on the host (reproducible across machines; the tests' tiny
+    models). With `device`, `jax.random` draws them on that device (seconds instead of minutes for
+    a 7B shape, and no host copy); the values then differ from the host draw for the same seed."""
+    if device is None:
+        rng = np.random.default_rng(seed)
+        w = lambda *shape: jnp.asarray(rng.normal(0.0, scale, size=shape).astype(np.float32), dtype=dtype)
+        ones_ish = lambda n: jnp.asarray((1.0 + rng.normal(0.0, 0.1, size=(n,))).astype(np.float32), dtype=dtype)
+        return _build(cfg, w, ones_ish)
+    key = [jax.random.key(seed)]
 
-    def ones_ish(n):
-        return jnp.asarray((1.0 + rng.normal(0.0, 0.1, size=(n,))).astype(np.float32), dtype=dtype)
+    def normal(shape, std):
+        key[0], k = jax.random.split(key[0])
+        return (jax.random.normal(k, shape, jnp.float32) * std).astype(dtype)
 
+    with jax.default_device(device):
+        params = _build(cfg, lambda *shape: normal(shape, scale), lambda n: normal((n,), 0.1) + jnp.asarray(1, dtype))
+    return jax.device_put(params, device)
+
+
+def _build(cfg: ModelConfig, w, ones_ish) -> ModelParams:
+    """The parameter tree of `cfg`: matrices and biases from ``w(*shape)``, norms from ``ones_ish(n)``
+    (drawn in a fixed order, so a seeded generator gives the same tree every time)."""
     h, i = cfg.hidden_size, cfg.intermediate_size
     qkv = cfg.q_size + 2 * cfg.kv_size
     layers = tuple(
@@ -81,8 +93,3 @@ def init_random(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: float
     embed = w(cfg.vocab_size, h)
     lm_head = embed.T if cfg.tie_embeddings else w(h, cfg.vocab_size)
     return ModelParams(embed=embed, layers=layers, final_norm=ones_ish(h), lm_head=jnp.asarray(lm_head))
-
-
-def cast_params(params: ModelParams, dtype) -> ModelParams:
-    """Cast every floating-point leaf to `dtype`."""
-    return jax.tree_util.tree_map(lambda x: x.astype(dtype), params)

@@ -9,7 +9,15 @@ tokens exactly for the same seed (not only in distribution), which the tests use
 `SamplingParams` holds the user's settings. ``temperature == 0`` means greedy; then nothing is
 sampled and the other fields are ignored. Top-k and top-p are applied after temperature, like
 transformers' warpers: top-k keeps the k largest logits; top-p keeps the smallest set of the
-largest probabilities whose mass reaches p (at least one token).
+largest probabilities whose mass reaches p (at least one token). `SamplingArrays` is what the
+jitted functions take: the seed key, the batch row(s) and the three scalars as device arrays
+(changing any of them never recompiles). `pick` is the one token picker of every method and of
+both models; `accepted_length` the one longest-agreeing-prefix rule.
+
+Example::
+
+    samp = SamplingParams(temperature=0.8, seed=3).arrays(row=0)
+    tok, lp = pick(logits, samp, positions, stream=Draw.DRAFT, sample=True, want_logprobs=True)
 """
 
 from __future__ import annotations
@@ -19,8 +27,25 @@ import enum
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 NEG_INF = -1e30
+
+
+@struct.dataclass
+class SamplingArrays:
+    """The sampling state of a run as device arrays (a pytree; pass it to the jitted functions)."""
+
+    key: jax.Array  # the run's seed key (typed PRNG key); every draw derives its own with `draw_key`
+    row: jax.Array  # int32 [] or [B]: the batch row(s) of the sequence(s) being decoded
+    temperature: jax.Array  # float32 [] (> 0; ignored when greedy)
+    top_k: jax.Array  # int32 [] (0 = off)
+    top_p: jax.Array  # float32 [] (1 = off)
+
+    def rows_for(self, positions: jax.Array) -> jax.Array:
+        """`row` broadcast over `positions` [B, ...] (or [...] for a scalar row)."""
+        r = jnp.asarray(self.row, jnp.int32)
+        return jnp.broadcast_to(r.reshape(r.shape + (1,) * (positions.ndim - r.ndim)), positions.shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,13 +67,15 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def arrays(self) -> dict:
-        """The varying scalars as device arrays (changing them never recompiles)."""
-        return {
-            "temperature": jnp.float32(max(self.temperature, 1e-6)),
-            "top_k": jnp.int32(self.top_k),
-            "top_p": jnp.float32(self.top_p),
-        }
+    def arrays(self, row=0) -> SamplingArrays:
+        """The run's `SamplingArrays` for batch row(s) `row` (an int, or a list for a batch)."""
+        return SamplingArrays(
+            key=jax.random.key(self.seed),
+            row=jnp.asarray(row, jnp.int32),
+            temperature=jnp.float32(max(self.temperature, 1e-6)),
+            top_k=jnp.int32(self.top_k),
+            top_p=jnp.float32(self.top_p),
+        )
 
 
 def processed_logprobs(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
@@ -120,8 +147,23 @@ def uniform_at(key: jax.Array, stream, rows: jax.Array, positions: jax.Array) ->
     return jax.vmap(jax.random.uniform)(keys).reshape(rows.shape)
 
 
-def choose_tokens(logits, key, rows, positions, temperature, top_k, top_p, *, greedy: bool):
-    """The target's token: argmax (greedy) or a `Draw.TARGET` sample of the processed distribution."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return sample_at(key, Draw.TARGET, processed_logprobs(logits, temperature, top_k, top_p), rows, positions)
+def pick(logits, samp: SamplingArrays, positions, *, stream, sample: bool, want_logprobs: bool = False):
+    """The token at each of `positions` [...] from `logits` [..., V], and the processed
+    log-probabilities [..., V] when `want_logprobs` (else None).
+
+    ``sample=False``: argmax (greedy decoding; the draft's proposals under greedy or sample-match
+    verification). ``sample=True``: a draw of `stream` from the processed distribution, keyed by
+    (``samp.rows_for(positions)``, position)."""
+    if not sample and not want_logprobs:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
+    lp = processed_logprobs(logits, samp.temperature, samp.top_k, samp.top_p)
+    if sample:
+        tok = sample_at(samp.key, stream, lp, samp.rows_for(positions), positions)
+    else:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tok, (lp if want_logprobs else None)
+
+
+def accepted_length(match: jax.Array) -> jax.Array:
+    """Length of the all-True prefix along the last axis of `match` [..., n] -> int32 [...]."""
+    return jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)

@@ -1,20 +1,20 @@
 """Shared pytest configuration and fixtures.
 
-Helpers live in the plain module `tests/helpers.py` (``from helpers import make_tiny_hf_model``)."""
+Test helpers live in `tests/helpers.py` (``from tests.helpers import make_tiny_hf_model``); tiny
+random models for engine tests in `mirror_jax.testing`."""
 
 from __future__ import annotations
 
 import os
-import sys
+
+from mirror_jax.xla_env import ensure_host_devices
 
 # Two virtual host devices for placement tests; must be set before jax is first imported.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+ensure_host_devices(2)
 
 import pytest  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from helpers import make_tiny_hf_model  # noqa: E402
+from tests.helpers import make_tiny_hf_model  # noqa: E402
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""Shared test helpers: tiny random transformers models saved to disk, and tiny GGUF files.
+"""Shared test helpers: tiny random transformers models saved to disk, tiny GGUF files, and an
+independent check of Mirror-SD round records.
 
-Import from test files with ``from helpers import make_tiny_hf_model`` (pytest puts ``tests/`` on
-``sys.path``). torch is imported lazily, only by the helpers that need it.
+Import from test files with ``from tests.helpers import make_tiny_hf_model``. torch is imported
+lazily, only by the helpers that need it.
 """
 
 from __future__ import annotations
@@ -162,3 +163,22 @@ def write_tiny_gguf(path, hf_model, arch: str, extra_tensors: dict | None = None
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+def check_round_records(res, ref) -> int:
+    """Recompute every mirror round's hit from its own record, independently of the engine's flag:
+    the next window is reused iff (A, c) was among the branches rolled out, and c is the token ar
+    committed at that position. Returns the number of hits."""
+    hits, rounds = 0, iter(res.stats["per_round"])
+    for toks in ref:
+        end = 1  # tokens committed so far (the first one comes from the prefill)
+        while end < len(toks):
+            r = next(rounds)
+            end += r["a"] + 1
+            assert end > len(toks) or r["c"] == toks[end - 1]
+            want = (r["a"], r["c"]) in r["branches"]
+            assert r["hit"] == want, r
+            assert len(r["branches"]) == res.stats["settings"]["branch_budget"]
+            hits += want
+    assert next(rounds, None) is None
+    return hits

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from mirror_jax.bench.ladder import LADDER, BenchConfig, LadderError, modeled_round_ms, parse_methods, run_ladder
-from mirror_jax.bench.specbench import QuestionFileError
+from mirror_jax.bench.models import LADDER, LadderError, parse_methods
+from mirror_jax.bench.questions import QuestionFileError
+from mirror_jax.bench.runner import BenchConfig, run_ladder
 from mirror_jax.cli import main as cli_main
+from mirror_jax.engine.stats import modeled_round_ms
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -106,23 +108,22 @@ def test_round_time_model():
     assert sd["modeled"] == sd["serial"] == pytest.approx(6.6)
 
 
-def test_gpu_kit_random_params_match_init_random():
-    import jax
+def test_specbench_questions_ship_with_the_package():
+    """No ../shared needed: the 480 SpecBench questions (and their provenance and licence) are package
+    data, found without --questions, and declared so a wheel carries them."""
+    import tomllib
 
-    sys.path.insert(0, str(REPO / "experiments" / "gpu"))
-    import run_gpu_kit as kit
+    from mirror_jax.bench.questions import TASKS, default_question_file, load_questions
 
-    from mirror_jax.params import init_random
-
-    cfg = kit.model_cfg("tiny-target")
-    a = kit.random_params(cfg, jax.numpy.bfloat16, jax.devices("cpu")[0])
-    b = init_random(cfg, 0, jax.numpy.bfloat16)
-    sa = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), a)
-    sb = jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), b)
-    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b) and sa == sb
-    # the real-size shapes are the Qwen2.5 ones
-    big = kit.model_cfg("qwen2.5-1.5b")
-    assert (big.hidden_size, big.num_layers, big.q_size, big.kv_size) == (1536, 28, 1536, 256)
+    path = default_question_file()
+    assert path.is_file() and "mirror_jax" in path.parts
+    rows = load_questions()
+    assert len(rows) == 480 and {r["task"] for r in rows} == set(TASKS)
+    assert [r["question_id"] for r in rows] == list(range(81, 561))
+    for name in ("SOURCE.md", "LICENSE-Apache-2.0.txt"):
+        assert (path.parent / name).is_file()
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert any(path.relative_to(REPO / "mirror_jax" / "bench").match(g) for g in data["mirror_jax.bench"])
 
 
 def test_gpu_kit_tiny_cpu_path(tiny_run, tmp_path):

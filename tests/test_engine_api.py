@@ -6,14 +6,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import pytest
-from engine_models import pair, prompts, target_cfg
 
-from mirror_jax.autoregressive import prefill
-from mirror_jax.engine import functions as F
+from mirror_jax import rounds as R
 from mirror_jax.engine.api import ConfigError, generate
 from mirror_jax.engine.placement import Placement, PlacementError, device_of
+from mirror_jax.engine.prefill import prefill
 from mirror_jax.kv_cache import init_cache
 from mirror_jax.params import init_random
+from mirror_jax.sampling import SamplingParams
+from mirror_jax.testing import noisy_pair as pair
+from mirror_jax.testing import pair_config as target_cfg
+from mirror_jax.testing import random_prompts as prompts
 
 
 def _devices(tree):
@@ -37,39 +40,36 @@ def test_one_round_by_hand_places_every_array():
     _, cache_d = prefill(cfg, dp, pl.to_draft(prompt), pl.to_draft(n), init_cache(cfg, 1, 64, device=pl.draft))
     last_t = pl.to_target(jnp.asarray([9], jnp.int32))
     last_d = pl.to_draft(last_t)
-    key_d, key_t = pl.to_draft(jax.random.key(0)), pl.to_target(jax.random.key(0))
-    row_d, row_t = pl.to_draft(jnp.int32(0)), pl.to_target(jnp.int32(0))  # the sequence's batch row
-    samp = dict(temperature=jnp.float32(1.0), top_k=jnp.int32(0), top_p=jnp.float32(1.0))
+    samp = SamplingParams(seed=0).arrays(row=0)  # seed key, batch row, temperature/top-k/top-p
     samp_d, samp_t = pl.to_draft(samp), pl.to_target(samp)
-    window, _, cache_d, forwards = F.draft_propose(
-        cfg, dp, cache_d, pl.to_draft(jnp.int32(0)), last_d[None], key_d, row_d, **samp_d, gamma=gamma
-    )
-    assert _devices((window, cache_d)) == {pl.draft} and int(forwards) == gamma
+    proposal, cache_d = R.draft_propose(cfg, dp, cache_d, pl.to_draft(jnp.int32(0)), last_d[None], samp_d, gamma=gamma)
+    window = proposal.window
+    assert _devices((proposal, cache_d)) == {pl.draft} and int(proposal.forwards) == gamma
 
     win_t = pl.to_target(window)
-    hidden, channel, cache_t = F.target_prefix(cfg, tp, cache_t, last_t, win_t, exit_layer=2, kappa=kappa)
-    assert _devices((hidden, channel, cache_t)) == {pl.target}
-    assert channel["cand_ids"].shape == (gamma + 1, kappa) and channel["cand_ids"].dtype == jnp.int32
+    hidden, ee, cache_t = R.target_prefix(cfg, tp, cache_t, last_t, win_t, exit_layer=2, kappa=kappa)
+    assert _devices((hidden, ee, cache_t)) == {pl.target}
+    assert ee.channel.cand_ids.shape == (gamma + 1, kappa) and ee.channel.cand_ids.dtype == jnp.int32
     # The on-path draft token is never among its own depth's candidates.
-    assert not bool(jnp.any(channel["cand_ids"][:gamma] == win_t[0][:, None]))
+    assert not bool(jnp.any(ee.channel.cand_ids[:gamma] == win_t[0][:, None]))
 
-    ch_d = pl.to_draft({k: channel[k] for k in ("cand_ids", "cand_lp", "path_lp")})
-    branches, cache_d = F.draft_rollout(cfg, dp, cache_d, last_d, window, ch_d, key_d, row_d, **samp_d, budget=budget)
+    ch_d = pl.to_draft(ee.channel)  # the token channel: ids and log-probs only
+    branches, cache_d = R.draft_rollout(cfg, dp, cache_d, last_d, window, ch_d, samp_d, budget=budget)
     assert _devices((branches, cache_d)) == {pl.draft}
-    assert branches["tokens"].shape == (budget, gamma)
+    assert branches.tokens.shape == (budget, gamma)
 
-    logits, cache_t = F.target_suffix(cfg, tp, hidden, cache_t, exit_layer=2)
-    res, cache_t = F.verify(logits, win_t, None, key_t, cache_t, channel["raw_ids"], row_t, **samp_t, rule="greedy")
-    assert _devices((logits, res, cache_t)) == {pl.target}
-    a = int(res["a"])
+    logits, cache_t = R.target_suffix(cfg, tp, hidden, cache_t, exit_layer=2)
+    verdict, cache_t = R.verify(logits, win_t, None, cache_t, samp_t, ee.top_ids, rule="greedy")
+    assert _devices((logits, verdict, cache_t)) == {pl.target}
+    a = int(verdict.a)
     assert int(cache_t.lengths[0]) == 4 + a + 1
 
-    a_d, c_d = pl.to_draft((res["a"], res["c"]))
-    hit, next_win, _, cache_d, _ = F.draft_select(cfg, dp, cache_d, branches, a_d, c_d, key_d, row_d, **samp_d)
-    assert _devices((hit, next_win, cache_d)) == {pl.draft}
+    a_d, c_d = pl.to_draft((verdict.a, verdict.c))
+    hit, nxt, cache_d = R.draft_select(cfg, dp, cache_d, branches, a_d, c_d, samp_d)
+    assert _devices((hit, nxt, cache_d)) == {pl.draft}
     assert int(cache_d.lengths[0]) == 4 + a + 1
     # Prefix + suffix logits equal one unsplit forward over the same window.
-    full, _ = F.target_full(cfg, tp, cache_t.replace(lengths=jnp.asarray([4], jnp.int32)), last_t, win_t)
+    full, _ = R.target_full(cfg, tp, cache_t.replace(lengths=jnp.asarray([4], jnp.int32)), last_t, win_t)
     assert jnp.max(jnp.abs(full - logits)) < 1e-4
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from engine_models import check_round_records, pair, prompts
 
-from mirror_jax.autoregressive import decode_step, generate_ar
-from mirror_jax.engine import functions as F
+from mirror_jax import rounds as R
 from mirror_jax.engine.api import generate
+from mirror_jax.engine.autoregressive import decode_step, generate_ar
+from mirror_jax.testing import noisy_pair as pair
+from mirror_jax.testing import random_prompts as prompts
+from tests.helpers import check_round_records
 
 N_NEW = 24
 
@@ -145,8 +147,8 @@ def test_max_new_tokens_inside_window(models, n_new):
 
 def test_no_recompilation_across_rounds_and_prompts(models):
     target, draft = models
-    fns = [F.target_prefix, F.target_suffix, F.draft_rollout, F.verify, F.draft_select, F.draft_propose,
-           F.target_full, decode_step]
+    fns = [R.target_prefix, R.target_suffix, R.draft_rollout, R.verify, R.draft_select, R.draft_propose,
+           R.target_full, decode_step]
     kw = dict(draft=draft, gamma=3, kappa=4)
     warm = prompts(2, seed=8, lo=5, hi=9)  # same prompt bucket (16) and cache size as below
     for m in ("sd", "mirror"):
@@ -163,7 +165,7 @@ def test_mirror_round_dispatch_makes_no_host_transfer(models, monkeypatch):
     """Everything a mirror round enqueues (prefix, channel, rollout, suffix, verify, select) runs
     without a host round trip, so the draft and the suffix can overlap; only the explicit device
     to device token channel is allowed. Negative control: a device_get slipped into the round."""
-    from mirror_jax.engine import decode as D
+    from mirror_jax.engine import speculative as S
     from mirror_jax.engine.api import resolve_settings
     from mirror_jax.engine.placement import Placement
     from mirror_jax.sampling import SamplingParams
@@ -173,21 +175,19 @@ def test_mirror_round_dispatch_makes_no_host_transfer(models, monkeypatch):
     samp = SamplingParams()
     s = resolve_settings("mirror", cfg, pl, gamma=3, kappa=4, exit_layer=2, branch_budget=4, verifier=None,
                          sampling=samp, profile=False, allow_full_exit=False)
-    target = (cfg, pl.to_target(tp))
-    draft = (cfg, pl.to_draft(dp), dict(sample=False, want_q=False, ss=None, sscfg=None))
-    keys = D.run_keys(samp, pl, 0)
-    _, st = D._start(target, draft, prompts(1, seed=12)[0], samp, s, pl, keys, 256, 0)
-    D._mirror_round(target, draft, st, s, pl, keys, D._Timer(False))  # compile outside the guard
+    dec = S.SpecDecoder(S.TargetModel(cfg, pl.to_target(tp)), S.DraftModel(cfg, pl.to_draft(dp)), s, pl, samp, 256)
+    _, st = dec.start(prompts(1, seed=12)[0])
+    dec.round_mirror(st, S.PhaseTimer(False))  # compile outside the guard
 
     def guarded():
         with jax.transfer_guard_host_to_device("disallow_explicit"), \
                 jax.transfer_guard_device_to_host("disallow_explicit"), jax.transfer_guard_device_to_device("disallow"):
-            return D._mirror_dispatch(target, draft, st, s, pl, keys, D._Timer(False))
+            return dec.dispatch_mirror(st, S.PhaseTimer(False))
 
     out = jax.device_get(guarded())
-    assert 0 <= int(out["a"]) <= 3
-    real_suffix = D.F.target_suffix
-    monkeypatch.setattr(D.F, "target_suffix", lambda *a, **k: jax.device_get(real_suffix(*a, **k)))
+    assert 0 <= int(out["verdict"].a) <= 3
+    real_suffix = S.target_suffix
+    monkeypatch.setattr(S, "target_suffix", lambda *a, **k: jax.device_get(real_suffix(*a, **k)))
     with pytest.raises(RuntimeError, match="[Dd]isallowed"):
         guarded()
 

@@ -7,14 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from engine_models import pair, prompts
 from scipy import stats
 
 from mirror_jax import model as M
 from mirror_jax.engine.api import generate
-from mirror_jax.engine.verify import accepted_length, verify_window
 from mirror_jax.kv_cache import init_cache
-from mirror_jax.sampling import processed_logprobs
+from mirror_jax.rounds.verify import verify_window
+from mirror_jax.sampling import SamplingArrays, accepted_length, processed_logprobs
+from mirror_jax.testing import noisy_pair as pair
+from mirror_jax.testing import random_prompts as prompts
 
 GAMMA, V, N_TRIALS = 3, 6, 200_000
 MIN_SAMPLES = 2000  # per window index: a frequency's std is <= 0.011, so a 5-point shift is >= 4.5 std
@@ -61,17 +62,17 @@ def _committed(rule, p_logits, q_lp, top_k=0, wrong=False):
     """Per trial the token committed at every window index j (-1 past the correction) and A. The
     window is sampled from q, the verifier's key is independent of the window's."""
     keys = jax.random.split(jax.random.key(123), N_TRIALS)
-    t, k, p = jnp.float32(1.0), jnp.int32(top_k), jnp.float32(1.0)
-
     def trial(key):
         kd, kv = jax.random.split(key)
+        samp = SamplingArrays(key=kv, row=jnp.int32(0), temperature=jnp.float32(1.0), top_k=jnp.int32(top_k),
+                              top_p=jnp.float32(1.0))
         window = jax.random.categorical(kd, q_lp, axis=-1).astype(jnp.int32)  # draft samples from q
         if wrong and rule == "rejection":
             a, c = _wrong_rejection(p_logits, window, q_lp, kv)
         elif wrong:
             a, c = _wrong_match(p_logits, window, kv)
         else:
-            a, c, _ = verify_window(p_logits, window, q_lp, kv, jnp.int32(5), 0, t, k, p, rule=rule)
+            a, c, _ = verify_window(p_logits, window, q_lp, samp, jnp.int32(5), rule=rule)
         j = jnp.arange(GAMMA + 1)
         win = jnp.concatenate([window, jnp.zeros((1,), jnp.int32)])
         return jnp.where(j < a, win, jnp.where(j == a, c, -1)), a

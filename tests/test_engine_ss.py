@@ -1,14 +1,15 @@
 """The engine with the speculative-streaming draft: still lossless, fewer draft forwards when the
-streams predict well, and a clear error for the verifier it cannot serve."""
+streams predict well, and the same sampled proposals as the plain draft (rejection sampling)."""
 
 from __future__ import annotations
 
 import jax
 import pytest
-from engine_models import pair, prompts
 
-from mirror_jax.engine.api import ConfigError, generate
+from mirror_jax.engine.api import generate
 from mirror_jax.ss.model import SSConfig, init_ss_params
+from mirror_jax.testing import noisy_pair as pair
+from mirror_jax.testing import random_prompts as prompts
 
 N_NEW = 20
 
@@ -47,7 +48,16 @@ def test_ss_draft_sample_match_reproduces_ar(setup):
     assert res.tokens == ref
 
 
-def test_ss_draft_rejects_rejection_sampling(setup):
+@pytest.mark.parametrize("method", ["sd", "mirror"])
+def test_ss_draft_rejection_sampling_equals_plain_draft(setup, method):
+    """With rejection sampling the draft samples its window (Draw.DRAFT keys by position) and hands
+    over q: the SS draft emits exactly the plain draft's samples and q, so for every seed the
+    committed tokens and accepted lengths are the same as with the plain draft."""
     target, draft, adapter, ps, _ = setup
-    with pytest.raises(ConfigError, match="greedily"):
-        generate(target, ps, 4, method="sd", draft=draft, ss_adapter=adapter, temperature=1.0, verifier="rejection")
+    for seed in (0, 1):
+        kw = dict(draft=draft, gamma=4, kappa=4, temperature=1.0, seed=seed, verifier="rejection")
+        plain = generate(target, ps, N_NEW, method=method, **kw)
+        ss = generate(target, ps, N_NEW, method=method, ss_adapter=adapter, **kw)
+        assert ss.tokens == plain.tokens
+        assert [r["a"] for r in ss.stats["per_round"]] == [r["a"] for r in plain.stats["per_round"]]
+        assert ss.stats["draft_kind"] == "ss"

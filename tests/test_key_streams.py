@@ -20,19 +20,18 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from mirror_jax import rounds as R
 from mirror_jax import sampling
-from mirror_jax.autoregressive import prefill
-from mirror_jax.config import ModelConfig
-from mirror_jax.engine import functions as F
+from mirror_jax.engine.prefill import prefill
 from mirror_jax.kv_cache import init_cache
 from mirror_jax.params import init_random
-from mirror_jax.sampling import Draw, draw_key
+from mirror_jax.sampling import Draw, SamplingParams, draw_key
+from mirror_jax.testing import tiny_config
 
 P = np.array([0.40, 0.20, 0.15, 0.10, 0.10, 0.05])
 Q = np.array([0.70, 0.10, 0.08, 0.05, 0.04, 0.03])
 GAMMA, N_SEEDS, CHUNK = 3, 40_000, 10_000
-CFG = ModelConfig(arch="qwen2", vocab_size=len(P), hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
-                  num_kv_heads=1, head_dim=8, qkv_bias=True)
+CFG = tiny_config(vocab_size=len(P), hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1)
 
 
 def constant_model(probs: np.ndarray, seed: int):
@@ -68,17 +67,17 @@ def engine_round():
     prompt, n = jnp.asarray([[1, 2, 3, 4]], jnp.int32), jnp.asarray([4], jnp.int32)
     _, ct = prefill(CFG, tp, prompt, n, init_cache(CFG, 1, 32))
     _, cd = prefill(CFG, dp, prompt, n, init_cache(CFG, 1, 32))
-    samp = dict(temperature=jnp.float32(1.0), top_k=jnp.int32(0), top_p=jnp.float32(1.0))
-    last, row = jnp.asarray([5], jnp.int32), jnp.int32(0)
+    base = SamplingParams(temperature=1.0).arrays(row=0)
+    last = jnp.asarray([5], jnp.int32)
 
     def one(key):
-        window, q, _, _ = F.draft_propose(CFG, dp, cd, jnp.int32(0), last[None], key, row, **samp, gamma=GAMMA,
-                                          sample=True, want_q=True)
-        logits, c_t = F.target_full(CFG, tp, ct, last, window)
-        res, _ = F.verify(logits, window, q, key, c_t, None, row, **samp, rule="rejection")
+        samp = base.replace(key=key)  # the engine derives every draw's key from this one seed key
+        prop, _ = R.draft_propose(CFG, dp, cd, jnp.int32(0), last[None], samp, gamma=GAMMA, sample=True)
+        logits, c_t = R.target_full(CFG, tp, ct, last, prop.window)
+        v, _ = R.verify(logits, prop.window, prop.q, c_t, samp, rule="rejection")
         j = jnp.arange(GAMMA + 1)
-        win = jnp.concatenate([window[0], jnp.zeros((1,), jnp.int32)])
-        return jnp.where(j < res["a"], win, jnp.where(j == res["a"], res["c"], -1)), res["a"]
+        win = jnp.concatenate([prop.window[0], jnp.zeros((1,), jnp.int32)])
+        return jnp.where(j < v.a, win, jnp.where(j == v.a, v.c, -1)), v.a
 
     run = jax.jit(jax.vmap(one))
 

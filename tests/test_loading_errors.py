@@ -14,7 +14,6 @@ import uuid
 
 import numpy as np
 import pytest
-from helpers import make_tiny_hf_model, write_tiny_gguf
 
 from mirror_jax.config import UnsupportedArchitectureError
 from mirror_jax.loading import (
@@ -28,6 +27,7 @@ from mirror_jax.loading import (
     load_hf_dir,
 )
 from mirror_jax.tokenizer import apply_chat_template, encode
+from tests.helpers import make_tiny_hf_model, write_tiny_gguf
 
 # `mirror_jax.loading.default_pair` (the attribute) is the function; get the module itself.
 dp = importlib.import_module("mirror_jax.loading.default_pair")
@@ -222,7 +222,7 @@ def test_assemble_ok_and_cheap_reverify(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("should not be called on a verified cache")
 
-    monkeypatch.setattr(dp, "_sha256_file", boom)
+    monkeypatch.setattr(dp, "sha256_file", boom)
     monkeypatch.setattr(dp, "find_parts", boom)
     assert dp.assemble(spec, cache) == out
 

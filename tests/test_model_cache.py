@@ -9,19 +9,21 @@ import numpy as np
 import pytest
 
 from mirror_jax import model as M
-from mirror_jax.autoregressive import decode_step, generate_ar, prefill
 from mirror_jax.config import ModelConfig
+from mirror_jax.engine.autoregressive import decode_step, generate_ar
+from mirror_jax.engine.prefill import prefill
 from mirror_jax.kv_cache import CacheCapacityError, check_headroom, commit, init_cache, set_lengths, write_slots
 from mirror_jax.params import init_random
 from mirror_jax.sampling import SamplingParams
+from mirror_jax.testing import tiny_config
 
 TOL = 1e-4
 
 
 def cfg_for(arch: str) -> ModelConfig:
-    return ModelConfig(
-        arch=arch, vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=4, num_heads=4,
-        num_kv_heads=2, head_dim=16 if arch != "qwen3" else 24, qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
+    return tiny_config(
+        arch, vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=4,
+        head_dim=16 if arch != "qwen3" else 24,
         rope_scaling=("llama3", 8.0, 1.0, 4.0, 64.0) if arch == "llama" else None,
     )
 
@@ -128,3 +130,21 @@ def test_bad_sampling_settings():
     for kw in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             SamplingParams(**kw)
+
+
+def test_init_random_on_device_has_the_host_tree():
+    """init_random(device=...) draws on the device (fast for 7B shapes) the same tree, shapes and
+    dtypes as the seeded host draw; values differ, scales do not."""
+    import jax
+
+    cfg = cfg_for("qwen3")
+    host = init_random(cfg, 0, jnp.bfloat16)
+    dev = init_random(cfg, 0, jnp.bfloat16, device=jax.devices("cpu")[1])
+    meta = lambda t: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), t)
+    assert jax.tree_util.tree_structure(host) == jax.tree_util.tree_structure(dev) and meta(host) == meta(dev)
+    assert {d for x in jax.tree_util.tree_leaves(dev) for d in x.devices()} == {jax.devices("cpu")[1]}
+    for a, b in zip(jax.tree_util.tree_leaves(host), jax.tree_util.tree_leaves(dev), strict=True):
+        assert not np.array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+        if a.size >= 1024:  # enough values for the spread to be comparable
+            np.testing.assert_allclose(float(jnp.std(b.astype(jnp.float32))), float(jnp.std(a.astype(jnp.float32))),
+                                       rtol=0.2)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import jax_logits, make_tiny_hf_model, torch_logits, write_tiny_gguf
 
 from mirror_jax.loading import load_gguf, load_hf_dir
+from tests.helpers import jax_logits, make_tiny_hf_model, torch_logits, write_tiny_gguf
 
 pytest.importorskip("torch")
 

@@ -12,9 +12,9 @@ import importlib
 
 import jax.numpy as jnp
 import pytest
-from engine_models import check_round_records
 
 from mirror_jax.loading import DRAFT_SPEC, TARGET_SPEC, MissingModelPackagesError
+from tests.helpers import check_round_records
 
 pytestmark = pytest.mark.slow
 

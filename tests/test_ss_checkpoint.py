@@ -9,28 +9,22 @@ import numpy as np
 import pytest
 
 from mirror_jax.config import ModelConfig
+from mirror_jax.files import CHECKPOINTS_ENV, CheckpointsNotFoundError, checkpoint_search_path, checkpoints_dir
 from mirror_jax.params import init_random
 from mirror_jax.ss.checkpoint import (
+    DEFAULT_ADAPTER_NAME,
     CheckpointCorruptedError,
     CheckpointMismatchError,
+    default_adapter_dirs,
     load_default_ss_adapter,
     read_metadata,
     restore_ss_checkpoint,
     save_ss_checkpoint,
 )
 from mirror_jax.ss.model import SSConfig, init_ss_params
+from mirror_jax.testing import tiny_config
 
-CFG = ModelConfig(
-    arch="qwen2",
-    vocab_size=40,
-    hidden_size=16,
-    intermediate_size=32,
-    num_layers=3,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=8,
-    qkv_bias=True,
-)
+CFG = tiny_config(vocab_size=40, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1)
 PARAMS = init_random(CFG, seed=0)
 
 
@@ -92,20 +86,42 @@ def test_corruption_errors(tmp_path):
         restore_ss_checkpoint(tmp_path / "nope", CFG, PARAMS)
 
 
-def test_load_default_adapter(tmp_path):
+def test_load_default_adapter(tmp_path, monkeypatch):
+    """The default adapter is looked up in a checkpoints directory (argument, $MIRROR_JAX_CHECKPOINTS,
+    the checkout, ./checkpoints) and only returned for the model it was trained for."""
     class Draft:
         cfg, params = CFG, PARAMS
 
+    monkeypatch.chdir(tmp_path)  # no ./checkpoints here
+    monkeypatch.delenv(CHECKPOINTS_ENV, raising=False)
     assert load_default_ss_adapter(Draft, tmp_path / "absent") is None
     sscfg = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=2)
     ssp = _ssp(sscfg)
-    save_ss_checkpoint(tmp_path / "dflt", CFG, PARAMS, sscfg, ssp)
-    got = load_default_ss_adapter(Draft, tmp_path / "dflt")
-    assert got is not None and got[0] == sscfg
+    save_ss_checkpoint(tmp_path / "ck" / DEFAULT_ADAPTER_NAME, CFG, PARAMS, sscfg, ssp)
+    got = load_default_ss_adapter(Draft, tmp_path / "ck")
+    assert got is not None and got[0] == sscfg and got[2]["directory"] == str(tmp_path / "ck" / DEFAULT_ADAPTER_NAME)
     np.testing.assert_array_equal(np.asarray(got[1].stream_embed), np.asarray(ssp.stream_embed))
+    monkeypatch.setenv(CHECKPOINTS_ENV, str(tmp_path / "ck"))
+    assert default_adapter_dirs()[0] == tmp_path / "ck" / DEFAULT_ADAPTER_NAME
+    assert load_default_ss_adapter(Draft) is not None
 
     class OtherDraft:
         cfg, params = CFG, init_random(CFG, seed=3)
 
-    assert load_default_ss_adapter(OtherDraft, tmp_path / "dflt") is None
-    assert Path(tmp_path / "dflt" / "metadata.json").is_file()
+    assert load_default_ss_adapter(OtherDraft, tmp_path / "ck") is None
+    assert Path(tmp_path / "ck" / DEFAULT_ADAPTER_NAME / "metadata.json").is_file()
+
+
+def test_checkpoints_dir_lookup_and_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(CHECKPOINTS_ENV, raising=False)
+    searched = checkpoint_search_path()
+    assert searched[-1] == tmp_path / "checkpoints"
+    if not any(p.is_dir() for p in searched):  # a non-editable install: nothing to find
+        with pytest.raises(CheckpointsNotFoundError, match=CHECKPOINTS_ENV):
+            checkpoints_dir()
+    with pytest.raises(CheckpointsNotFoundError, match="nowhere"):
+        checkpoints_dir(tmp_path / "nowhere")
+    (tmp_path / "checkpoints").mkdir()
+    monkeypatch.setenv(CHECKPOINTS_ENV, str(tmp_path / "checkpoints"))
+    assert checkpoints_dir() == tmp_path / "checkpoints"

@@ -6,25 +6,14 @@ import numpy as np
 import pytest
 
 from mirror_jax import model as M
-from mirror_jax.config import ModelConfig
 from mirror_jax.kv_cache import commit, init_cache
 from mirror_jax.params import init_random
 from mirror_jax.ss.model import SSConfig, init_ss_params, ss_forward, ss_hidden, ss_train_forward
+from mirror_jax.testing import tiny_config
 
 
 def tiny_cfg(arch="qwen2", layers=4):
-    return ModelConfig(
-        arch=arch,
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_layers=layers,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        qkv_bias=arch == "qwen2",
-        qk_norm=arch == "qwen3",
-    )
+    return tiny_config(arch, vocab_size=97, num_layers=layers)
 
 
 def perturbed_ssp(cfg, sscfg, params, seed=1):

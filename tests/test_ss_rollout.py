@@ -1,4 +1,5 @@
-"""SS rollout == AR rollout == the draft's own continuation via model.forward."""
+"""SS rollout == the plain draft chain == the draft's own continuation via model.forward, greedy and
+sampled (the same tokens and q for the same sampling arrays)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,26 +7,30 @@ import numpy as np
 import pytest
 
 from mirror_jax import model as M
-from mirror_jax.config import ModelConfig
 from mirror_jax.kv_cache import CacheCapacityError, commit, init_cache
 from mirror_jax.params import init_random
+from mirror_jax.rounds.draft import draft_chain
+from mirror_jax.sampling import SamplingParams
 from mirror_jax.ss.model import SSConfig, SSParams, init_ss_params
-from mirror_jax.ss.rollout import ar_rollout, ss_rollout
+from mirror_jax.ss.rollout import ss_draft, ss_rollout
+from mirror_jax.testing import tiny_config
 
-CFG = ModelConfig(
-    arch="qwen2",
-    vocab_size=61,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    qkv_bias=True,
-)
+CFG = tiny_config(vocab_size=61)  # an odd vocabulary: shape bugs cannot hide
 PARAMS = init_random(CFG, seed=0, scale=0.3)
 CAP = 40
 FWD = jax.jit(M.forward, static_argnums=0)
+_CHAIN = jax.jit(draft_chain, static_argnames=("cfg", "gamma", "sample"))
+
+
+def chain(params, cache, roots, gamma, samp=None, sample=False):
+    """The plain draft chain (one token per forward): (tokens, q, cache)."""
+    samp = samp if samp is not None else SamplingParams().arrays(row=np.arange(roots.shape[0]))
+    return _CHAIN(CFG, params, cache, roots[:, None], gamma, samp, sample=sample)
+
+
+def ss(params, sscfg, ssp, cache, roots, gamma, samp=None, sample=False):
+    """Speculative streaming: (tokens, q, forwards, cache)."""
+    return ss_rollout(CFG, params, ss_draft(CFG, sscfg, params, ssp), cache, roots, gamma, samp, sample=sample)
 
 
 def _prefilled(batch, seed=0):
@@ -58,11 +63,11 @@ def test_greedy_equal(batch, gamma):
     ssp = init_ss_params(CFG, sscfg, PARAMS, seed=batch + gamma, embed_scale=0.3)
     cache, roots = _prefilled(batch, seed=gamma)
     ref = _greedy_reference(cache, roots, gamma)
-    ar, nf_ar, c_ar = ar_rollout(CFG, sscfg, PARAMS, ssp, cache, roots, gamma)
-    ss, nf_ss, c_ss = ss_rollout(CFG, sscfg, PARAMS, ssp, cache, roots, gamma)
+    ar, _, c_ar = chain(PARAMS, cache, roots, gamma)
+    toks, _, nf_ss, c_ss = ss(PARAMS, sscfg, ssp, cache, roots, gamma)
     np.testing.assert_array_equal(np.asarray(ar), ref)
-    np.testing.assert_array_equal(np.asarray(ss), ref)
-    assert int(nf_ar) == gamma and 1 <= int(nf_ss) <= gamma
+    np.testing.assert_array_equal(np.asarray(toks), ref)
+    assert 1 <= int(nf_ss) <= gamma
     np.testing.assert_array_equal(np.asarray(c_ss.lengths), np.asarray(cache.lengths))
     # The K/V of root, y_1 .. y_{gamma-1} are written at slots L .. L+gamma-1 in both.
     for b in range(batch):
@@ -81,7 +86,7 @@ def test_perfect_streams_need_fewer_forwards():
     ssp = init_ss_params(CFG, sscfg, params)
     cache = init_cache(CFG, 2, CAP).replace(lengths=jnp.asarray([2, 4], jnp.int32))
     roots = jnp.asarray([0, 0], jnp.int32)
-    toks, nf, _ = ss_rollout(CFG, sscfg, params, ssp, cache, roots, 7)
+    toks, _, nf, _ = ss(params, sscfg, ssp, cache, roots, 7)
     assert np.all(np.asarray(toks) == 0)
     assert int(nf) == 3  # 3 tokens per forward: 3 + 3 + 3 >= 7
 
@@ -91,11 +96,12 @@ def test_sampling_equal():
     ssp = init_ss_params(CFG, sscfg, PARAMS, seed=3, embed_scale=0.3)
     cache, roots = _prefilled(4, seed=11)
     for seed in range(3):
-        key = jax.random.key(seed)
-        ar, _, _ = ar_rollout(CFG, sscfg, PARAMS, ssp, cache, roots, 6, greedy=False, key=key, temperature=0.8)
-        ss, _, _ = ss_rollout(CFG, sscfg, PARAMS, ssp, cache, roots, 6, greedy=False, key=key, temperature=0.8)
-        np.testing.assert_array_equal(np.asarray(ss), np.asarray(ar))
-    greedy, _, _ = ar_rollout(CFG, sscfg, PARAMS, ssp, cache, roots, 6)
+        samp = SamplingParams(temperature=0.8, top_k=20, seed=seed).arrays(row=np.arange(4))
+        ar, q_ar, _ = chain(PARAMS, cache, roots, 6, samp, sample=True)
+        toks, q_ss, _, _ = ss(PARAMS, sscfg, ssp, cache, roots, 6, samp, sample=True)
+        np.testing.assert_array_equal(np.asarray(toks), np.asarray(ar))
+        np.testing.assert_allclose(np.asarray(q_ss), np.asarray(q_ar), atol=1e-5)  # the law of the samples
+    greedy, _, _ = chain(PARAMS, cache, roots, 6)
     assert not np.array_equal(np.asarray(ar), np.asarray(greedy))  # sampling really samples
 
 
@@ -104,6 +110,6 @@ def test_errors():
     ssp: SSParams = init_ss_params(CFG, sscfg, PARAMS)
     cache = init_cache(CFG, 1, 8).replace(lengths=jnp.asarray([3], jnp.int32))
     with pytest.raises(CacheCapacityError):
-        ss_rollout(CFG, sscfg, PARAMS, ssp, cache, jnp.asarray([1]), 4)
-    with pytest.raises(ValueError, match="key"):
-        ss_rollout(CFG, sscfg, PARAMS, ssp, cache, jnp.asarray([1]), 1, greedy=False)
+        ss(PARAMS, sscfg, ssp, cache, jnp.asarray([1]), 4)
+    with pytest.raises(ValueError, match="samp"):
+        ss(PARAMS, sscfg, ssp, cache, jnp.asarray([1]), 1, sample=True)

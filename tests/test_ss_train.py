@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mirror_jax.config import ModelConfig
 from mirror_jax.params import init_random
 from mirror_jax.ss.model import SSConfig, init_ss_params, ss_train_forward
 from mirror_jax.ss.train import (
@@ -16,19 +15,11 @@ from mirror_jax.ss.train import (
     precompute_main,
     ss_loss,
 )
+from mirror_jax.testing import tiny_config
 
 ss_loss_jit = jax.jit(ss_loss, static_argnums=(0, 1), static_argnames=("chunk", "start"))
 
-CFG = ModelConfig(
-    arch="llama",
-    vocab_size=50,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-)
+CFG = tiny_config("llama", vocab_size=50)
 PARAMS = init_random(CFG, seed=0, scale=0.2)
 
 

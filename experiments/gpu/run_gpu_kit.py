@@ -4,8 +4,8 @@ Runs on a machine with one GPU and nothing but jax/flax/optax/orbax/transformers
 no network and no model files. It imports `mirror_jax` from this repository (sys.path), builds
 RANDOM-weight models (bf16) with the exact shapes of the default pair (Qwen2.5-1.5B target,
 Qwen2.5-0.5B draft) and of a 7B-class target (Qwen2.5-7B), and times the real jitted round
-functions of `mirror_jax.engine.functions` (target_prefix, target_suffix, target_full,
-draft_rollout, draft_propose, verify, draft_select) and `mirror_jax.autoregressive.decode_step` (ar):
+functions of `mirror_jax.rounds` (target_prefix, target_suffix, target_full, draft_rollout,
+draft_propose, verify, draft_select) and `mirror_jax.engine.autoregressive.decode_step` (ar):
 
 * each phase blocked on and timed alone (median of --iters calls, compilation excluded);
 * whole rounds dispatched the way the engine does it (asynchronously, one sync per round), so a
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import sys
 import time
@@ -41,19 +40,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
-from mirror_jax import shapes as _shapes  # noqa: E402
+from mirror_jax.config import SHAPES  # noqa: E402
 
-# Shapes of the default pair and a 7B-class target (Qwen2.5 family, shared 151936-token vocab).
-_REAL = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "vocab_size",
-         "rope_theta", "tie_embeddings")
-SHAPES = {
-    **{name: {k: getattr(cfg, k) for k in _REAL} for name, cfg in _shapes.SHAPES.items()},
-    # --tiny (CPU smoke test)
-    "tiny-target": dict(hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                        head_dim=16, vocab_size=256, tie_embeddings=False),
-    "tiny-draft": dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
-                       head_dim=16, vocab_size=256, tie_embeddings=True),
-}
 METHODS = ("sd_ar", "sd_ss", "mirror_ar", "mirror_ss")
 
 
@@ -70,54 +58,16 @@ class KitConfig:
 
 
 def model_cfg(shape: str):
-    from mirror_jax.config import ModelConfig
+    """The default pair's / a 7B-class target's exact shapes (`mirror_jax.config.SHAPES`), or the
+    tiny shapes of the CPU smoke test."""
+    from mirror_jax.testing import tiny_config
 
-    return ModelConfig(arch="qwen2", qkv_bias=True, eos_token_ids=(), **SHAPES[shape])
-
-
-def random_params(cfg, dtype, device, seed: int = 0, scale: float = 0.02):
-    """Random ModelParams built ON `device` with jax.random (numpy's generator would take minutes for
-    a 7B model); same tree and shapes as `mirror_jax.params.init_random` (checked by the tests)."""
-    import jax
-    import jax.numpy as jnp
-
-    key = [jax.random.key(seed)]
-
-    def w(*shape, s=scale):
-        key[0], k = jax.random.split(key[0])
-        return (jax.random.normal(k, shape, jnp.float32) * s).astype(dtype)
-
-    def ones_ish(n):
-        return w(n, s=0.1) + jnp.asarray(1.0, dtype)
-
-    with jax.default_device(device):
-        return jax.device_put(_build(cfg, w, ones_ish), device)
-
-
-def _build(cfg, w, ones_ish):
-    from mirror_jax.params import LayerParams, ModelParams
-
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    qkv = cfg.q_size + 2 * cfg.kv_size
-    layers = tuple(
-        LayerParams(
-            attn_norm=ones_ish(h), w_qkv=w(h, qkv), b_qkv=w(qkv) if cfg.qkv_bias else None,
-            q_norm=ones_ish(cfg.head_dim) if cfg.qk_norm else None,
-            k_norm=ones_ish(cfg.head_dim) if cfg.qk_norm else None,
-            w_o=w(cfg.q_size, h), mlp_norm=ones_ish(h), w_gate_up=w(h, 2 * i), w_down=w(i, h),
-        )
-        for _ in range(cfg.num_layers)
-    )
-    embed = w(cfg.vocab_size, h)
-    lm_head = embed.T if cfg.tie_embeddings else w(h, cfg.vocab_size)
-    return ModelParams(embed=embed, layers=layers, final_norm=ones_ish(h), lm_head=lm_head)
-
-
-def _accepts(fn, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+    if shape == "tiny-target":
+        return tiny_config(num_layers=4, hidden_size=64, intermediate_size=128, head_dim=16, vocab_size=256)
+    if shape == "tiny-draft":
+        return tiny_config(num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16, vocab_size=256,
+                           tie_embeddings=True)
+    return SHAPES[shape]
 
 
 class Budget:
@@ -157,12 +107,13 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
     import jax
     import jax.numpy as jnp
 
-    from mirror_jax.autoregressive import decode_step
-    from mirror_jax.engine import functions as F
+    from mirror_jax import rounds as F
+    from mirror_jax.engine.autoregressive import decode_step
     from mirror_jax.engine.placement import Placement
-    from mirror_jax.engine.rollout import prepare_ss
     from mirror_jax.kv_cache import init_cache
+    from mirror_jax.params import init_random
     from mirror_jax.sampling import SamplingParams
+    from mirror_jax.ss import ss_draft
 
     pl = Placement.parse(kc.placement)
     cfg_t, cfg_d = model_cfg(kc.target), model_cfg(kc.draft)
@@ -174,12 +125,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
         key = (shape, str(dtype), str(dev))
         if key not in models:
             t0 = time.perf_counter()
-            if shape.startswith("tiny"):
-                from mirror_jax.params import init_random
-
-                models[key] = jax.device_put(init_random(cfg, 0, dtype), dev)
-            else:
-                models[key] = jax.block_until_ready(random_params(cfg, dtype, dev))
+            models[key] = jax.block_until_ready(init_random(cfg, 0, dtype, device=dev))  # drawn on the device
             print(f"  built {shape} ({dtype.__name__ if hasattr(dtype, '__name__') else dtype}) on {dev} "
                   f"in {time.perf_counter() - t0:.1f}s", flush=True)
         return models[key]
@@ -189,10 +135,8 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
     g, kappa = kc.gamma, kc.kappa
     cap = ctx + 4 * g + 64
     cap = -(-cap // 128) * 128
-    arr = SamplingParams().arrays()
-    arr_t, arr_d = pl.to_target(arr), pl.to_draft(arr)
-    key_t, key_d = pl.to_target(jax.random.key(0)), pl.to_draft(jax.random.key(0))
-    row_t, row_d = pl.to_target(jnp.int32(0)), pl.to_draft(jnp.int32(0))
+    samp = SamplingParams().arrays(row=0)
+    samp_t, samp_d = pl.to_target(samp), pl.to_draft(samp)
     rng = np.random.default_rng(0)
     V = cfg_t.vocab_size
     win_np = rng.integers(0, V, size=(1, g)).astype(np.int32)
@@ -220,7 +164,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
 
     # ar: one decode step of the target
     def ar_step(tok, cache):
-        nxt, cache = decode_step(cfg_t, p_t, tok, cache, key_t, **arr_t, greedy=True)
+        nxt, cache = decode_step(cfg_t, p_t, tok, cache, samp_t, greedy=True)
         state["ct"] = cache
         return nxt
 
@@ -238,7 +182,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
     logits = timed("target_full", t_full, lambda: (reset(), state["ct"])[1:])
 
     def do_verify(cache, raw=None):
-        r, state["ct"] = F.verify(logits, win_t, None, key_t, cache, raw, row_t, **arr_t, rule="greedy")
+        r, state["ct"] = F.verify(logits, win_t, None, cache, samp_t, raw, rule="greedy")
         return r
 
     timed("verify", do_verify, lambda: (reset(), state["ct"])[1:])
@@ -246,9 +190,8 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
 
     def make_propose(ss_kw):
         def propose(cache):
-            out = F.draft_propose(cfg_d, p_d, cache, jnp.int32(0), first_d, key_d, row_d, **arr_d, gamma=g, **ss_kw)
-            state["cd"] = out[2]
-            return out[0]
+            prop, state["cd"] = F.draft_propose(cfg_d, p_d, cache, jnp.int32(0), first_d, samp_d, gamma=g, **ss_kw)
+            return prop.window
         return propose
 
     small = np.zeros((1, g), np.int32)
@@ -261,8 +204,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
         return hidden, ch
 
     hidden, ch = timed("prefix", prefix, lambda: (reset(), state["ct"])[1:])
-    ch_small = {k: ch[k] for k in ("cand_ids", "cand_lp", "path_lp")}
-    ch_d = timed("channel_ee", lambda x: pl.to_draft(x), lambda: (ch_small,))
+    ch_d = timed("channel_ee", lambda x: pl.to_draft(x), lambda: (ch.channel,))
 
     def suffix(cache):
         lg, state["ct"] = F.target_suffix(cfg_t, p_t, hidden, cache, exit_layer=cfg_t.num_layers // 2)
@@ -276,26 +218,24 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
 
         sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=16)
         ssp = jax.device_put(init_ss_params(cfg_d, sscfg, p_d), pl.draft)
-        variants["ss"] = {"ss": prepare_ss(cfg_d, sscfg, p_d, ssp), "sscfg": sscfg}
+        variants["ss"] = {"ss": ss_draft(cfg_d, sscfg, p_d, ssp)}
 
     for vname, ss_kw in variants.items():
         timed(f"draft_propose_{vname}", make_propose(ss_kw), lambda: (reset(), state["cd"])[1:])
 
         def rollout(cache, ss_kw=ss_kw):
-            br, state["cd"] = F.draft_rollout(cfg_d, p_d, cache, last_d, win_d, ch_d, key_d, row_d, **arr_d,
-                                              budget=kc.budget, **ss_kw)
+            br, state["cd"] = F.draft_rollout(cfg_d, p_d, cache, last_d, win_d, ch_d, samp_d, budget=kc.budget, **ss_kw)
             return br
 
         branches = timed(f"draft_rollout_{vname}", rollout, lambda: (reset(), state["cd"])[1:])
-        depth, root = np.asarray(branches["depth"]), np.asarray(branches["root"])
+        depth, root = np.asarray(branches.depth), np.asarray(branches.root)
         a_hit, c_hit = pl.to_draft(jnp.int32(depth[0])), pl.to_draft(jnp.int32(root[0]))
         c_miss = next(v for v in range(V) if not np.any((depth == g) & (root == v)))
         a_miss, c_miss = pl.to_draft(jnp.int32(g)), pl.to_draft(jnp.int32(c_miss))
 
         def select(cache, a, c, ss_kw=ss_kw, branches=branches):
-            out = F.draft_select(cfg_d, p_d, cache, branches, a, c, key_d, row_d, **arr_d, **ss_kw)
-            state["cd"] = out[3]
-            return out[0], out[1]
+            hit, prop, state["cd"] = F.draft_select(cfg_d, p_d, cache, branches, a, c, samp_d, **ss_kw)
+            return hit, prop.window
 
         timed(f"select_reuse_{vname}", select, lambda a=a_hit, c=c_hit: (reset(), state["cd"], a, c)[1:])
         timed(f"select_fallback_{vname}", select, lambda a=a_miss, c=c_miss: (reset(), state["cd"], a, c)[1:])
@@ -305,30 +245,29 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
             wt = pl.to_target(win_d)
             hidden, ch, ct = F.target_prefix(cfg_t, p_t, ct, last_t, wt, exit_layer=cfg_t.num_layers // 2,
                                              kappa=kappa)
-            chd = pl.to_draft({k: ch[k] for k in ("cand_ids", "cand_lp", "path_lp")})
-            br, cd = F.draft_rollout(cfg_d, p_d, cd, last_d, win_d, chd, key_d, row_d, **arr_d, budget=kc.budget,
-                                     **ss_kw)
+            chd = pl.to_draft(ch.channel)
+            br, cd = F.draft_rollout(cfg_d, p_d, cd, last_d, win_d, chd, samp_d, budget=kc.budget, **ss_kw)
             lg, ct = F.target_suffix(cfg_t, p_t, hidden, ct, exit_layer=cfg_t.num_layers // 2)
-            r, ct = F.verify(lg, wt, None, key_t, ct, ch["raw_ids"], row_t, **arr_t, rule="greedy")
-            a, c = pl.to_draft((r["a"], r["c"]))
+            r, ct = F.verify(lg, wt, None, ct, samp_t, ch.top_ids, rule="greedy")
+            a, c = pl.to_draft((r.a, r.c))
             # Random weights decide nothing useful: force the reuse branch (the fallback cost is added
             # per the measured fallback rate in `project`) while keeping select's wait on verify.
             a, c = a * 0 + a_hit, c * 0 + c_hit
-            out = F.draft_select(cfg_d, p_d, cd, br, a, c, key_d, row_d, **arr_d, **ss_kw)
-            state["ct"], state["cd"] = ct, out[3]
-            return jax.device_get((r["a"], r["c"], out[0], out[1]))
+            hit, prop, cd = F.draft_select(cfg_d, p_d, cd, br, a, c, samp_d, **ss_kw)
+            state["ct"], state["cd"] = ct, cd
+            return jax.device_get((r.a, r.c, hit, prop.window))
 
         timed(f"mirror_round_{vname}", mirror_round, lambda: (reset(), state["ct"], state["cd"])[1:])
 
         def sd_round(ct, cd, ss_kw=ss_kw):
             wt = pl.to_target(win_d)
             lg, ct = F.target_full(cfg_t, p_t, ct, last_t, wt)
-            r, ct = F.verify(lg, wt, None, key_t, ct, None, row_t, **arr_t, rule="greedy")
-            a, c = jax.device_get((r["a"], r["c"]))
-            out = F.draft_propose(cfg_d, p_d, cd, jnp.int32(0), pl.to_draft(np.full((1, 1), c, np.int32)), key_d, row_d,
-                                  **arr_d, gamma=g, **ss_kw)
-            state["ct"], state["cd"] = ct, out[2]
-            return jax.device_get(out[0])
+            r, ct = F.verify(lg, wt, None, ct, samp_t, rule="greedy")
+            a, c = jax.device_get((r.a, r.c))
+            prop, cd = F.draft_propose(cfg_d, p_d, cd, jnp.int32(0), pl.to_draft(np.full((1, 1), c, np.int32)), samp_d,
+                                       gamma=g, **ss_kw)
+            state["ct"], state["cd"] = ct, cd
+            return jax.device_get(prop.window)
 
         timed(f"sd_round_{vname}", sd_round, lambda: (reset(), state["ct"], state["cd"])[1:])
     return res
@@ -340,7 +279,7 @@ def load_acceptance(path: str | None) -> dict | None:
         return None
     d = json.loads(Path(path).read_text())
     if "aggregate" in d:  # a ladder results.json
-        from mirror_jax.bench.ladder import acceptance_summary
+        from mirror_jax.bench.aggregate import acceptance_summary
 
         return {**acceptance_summary(d), "source": str(path)}
     if "methods" not in d:
@@ -464,7 +403,6 @@ def main(argv=None) -> int:
     import jax
 
     from mirror_jax.bench.report import machine_info, write_results
-    from mirror_jax.engine import functions as F
 
     try:
         have_gpu = bool(jax.devices("gpu"))
@@ -475,9 +413,9 @@ def main(argv=None) -> int:
     notes = []
     if not have_gpu and mode != "tiny":
         notes.append("no GPU found: the configurations ran on the CPU instead (numbers are NOT GPU numbers)")
-    with_ss = not args.no_ss and _accepts(F.draft_propose, "sscfg")
+    with_ss = not args.no_ss
     if not with_ss:
-        notes.append("SS-draft variants not measured (--no-ss, or the engine's round functions take no SS adapter)")
+        notes.append("SS-draft variants not measured (--no-ss)")
     else:
         notes.append("SS draft: a random LoRA adapter (2 streams, 2 MSA layers, rank 16); timing only")
     ctx = args.ctx or (32 if mode == "tiny" else 512)

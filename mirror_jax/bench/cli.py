@@ -1,11 +1,12 @@
-"""``mirror-jax bench``: the SpecBench method ladder (see `mirror_jax.bench.ladder`).
+"""``mirror-jax bench``: the SpecBench method ladder (see `mirror_jax.bench.runner`).
 
     mirror-jax bench --limit-per-category 1 --max-new-tokens 64              # default pair
     mirror-jax bench --tiny --categories qa translation --max-new-tokens 8   # tiny random models
     mirror-jax bench --methods ar,mirror_ar --placement cpu:0,cpu:1 --run-name two_dev
 
-Results land in ``experiments/results/<run-name>/`` (results.json, results.md, acceptance.json,
-speedup.png, phases.png, accepted_hist.png).
+Results land in ``experiments/results/<run-name>/`` under the working directory, or under --out
+(results.json, results.md, acceptance.json, speedup.png, phases.png, accepted_hist.png). The
+questions default to the SpecBench file shipped with the package.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import argparse
 import shlex
 import sys
 
-from mirror_jax.bench.ladder import LADDER, LadderError, parse_methods
+from mirror_jax.bench.models import LADDER, LadderError, parse_methods
+from mirror_jax.xla_env import ensure_host_devices
 
 
 def _methods(s: str) -> list[str]:
@@ -35,7 +37,9 @@ def _positive(s: str) -> int:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--questions", default=None, help="SpecBench question.jsonl (default: the shared copy)")
+    p.add_argument("--questions", default=None,
+                   help="a SpecBench-format question.jsonl (default: the 480 SpecBench questions shipped with "
+                        "mirror_jax)")
     p.add_argument("--categories", nargs="+", default=None,
                    help="tasks (mt_bench translation summarization qa math_reasoning rag) or MT-bench categories")
     p.add_argument("--limit-per-category", type=_positive, default=2, help="questions per task (default 2)")
@@ -55,14 +59,17 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-max-questions", type=_positive, default=None,
                    help="cap on the instrumented pass's questions (default: all selected by --profile-per-task)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="results root (default experiments/results)")
+    p.add_argument("--out", default=None, help="results root (default ./experiments/results)")
+    p.add_argument("--checkpoints", default=None,
+                   help="directory with trained adapters (default: $MIRROR_JAX_CHECKPOINTS, the checkout's "
+                        "checkpoints/, ./checkpoints)")
     p.add_argument("--run-name", default=None, help="sub-directory of --out (default specbench_<kind>_<time>)")
     p.add_argument("--tiny", action="store_true", help="tiny random models instead of the default pair (CI/smoke)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def config_from_args(args, argv=None):
-    from mirror_jax.bench.ladder import BenchConfig
+    from mirror_jax.bench.runner import BenchConfig
 
     cmd = "mirror-jax bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:]))
     return BenchConfig(
@@ -72,16 +79,14 @@ def config_from_args(args, argv=None):
         exit_layer=args.exit_layer, placement=args.placement, profile_per_task=args.profile_per_task,
         profile_max_new_tokens=args.profile_max_new_tokens, profile_max_questions=args.profile_max_questions,
         seed=args.seed, out=args.out, run_name=args.run_name,
-        tiny=args.tiny, command=cmd,
+        tiny=args.tiny, checkpoints=args.checkpoints, command=cmd,
     )
 
 
 def run_bench(args, argv=None) -> int:
-    from mirror_jax.cli import _ensure_host_devices
-
-    _ensure_host_devices(args.placement)
-    from mirror_jax.bench.ladder import run_ladder
-    from mirror_jax.bench.specbench import QuestionFileError
+    ensure_host_devices(args.placement)
+    from mirror_jax.bench.questions import QuestionFileError
+    from mirror_jax.bench.runner import run_ladder
     from mirror_jax.engine.api import ConfigError
     from mirror_jax.engine.placement import PlacementError
 
@@ -105,7 +110,7 @@ def run_bench(args, argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    """Standalone entry (``python -m mirror_jax.bench.cli``, experiments/specbench.py)."""
+    """Standalone entry (``python -m mirror_jax.bench.cli``)."""
     parser = argparse.ArgumentParser(prog="mirror-jax bench", description="SpecBench method ladder")
     add_bench_args(parser)
     argv = list(sys.argv[1:] if argv is None else argv)

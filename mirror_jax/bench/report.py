@@ -1,8 +1,10 @@
 """What every benchmark records next to its numbers, and how it writes them.
 
 `machine_info()` captures the CPU model, cores, memory, JAX devices, package versions, the git
-commit and the date; `write_results(name, payload, table_md)` writes
-``experiments/results/<name>.json`` and ``<name>.md`` atomically (temp file + rename).
+commit and the date; `write_results(out_dir, name, payload, table_md)` writes ``<name>.json`` and
+``<name>.md`` atomically (temp file + rename); `markdown_table` is the one table formatter. For the
+SpecBench ladder, `results_markdown` renders its tables and `write_artifacts` writes everything a
+run leaves behind (JSON, markdown, acceptance summary, the plots of `mirror_jax.bench.plots`).
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from mirror_jax.files import atomic_write_text
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "torch", "numpy", "gguf")
 
@@ -45,7 +48,7 @@ def _mem_gib() -> float | None:
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parents[2])
+                             cwd=Path(__file__).resolve().parent)  # the checkout this package runs from, if any
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -86,20 +89,12 @@ def memory_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return 2 * nbytes / best / 1e9
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_results(out_dir: str | os.PathLike, name: str, payload: dict, table_md: str) -> tuple[Path, Path]:
     """Write <out_dir>/<name>.json and <name>.md; returns both paths."""
     out = Path(out_dir)
     jp, mp = out / f"{name}.json", out / f"{name}.md"
-    _atomic_write(jp, json.dumps(payload, indent=2, default=_json_default))
-    _atomic_write(mp, table_md)
+    atomic_write_text(jp, json.dumps(payload, indent=2, default=_json_default))
+    atomic_write_text(mp, table_md)
     return jp, mp
 
 
@@ -111,14 +106,15 @@ def _json_default(x):
     return str(x)
 
 
-def markdown_table(rows: list[dict], columns: list[str], fmt: dict | None = None) -> str:
+def markdown_table(rows, columns, fmt: dict | None = None) -> str:
+    """A markdown table. rows: dicts (keyed by column) or sequences (in column order); fmt: per
+    column a format string (``"{:.2f}"``) applied to present values."""
     fmt = fmt or {}
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for r in rows:
-        cells = []
-        for c in columns:
-            v = r.get(c, "")
-            cells.append(fmt[c].format(v) if c in fmt and v not in ("", None) else str(v))
+        vals = [r.get(c, "") for c in columns] if isinstance(r, dict) else list(r)
+        cells = [fmt[c].format(v) if c in fmt and v not in ("", None) else str(v)
+                 for c, v in zip(columns, vals, strict=True)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -130,3 +126,104 @@ def machine_md(info: dict) -> str:
         f"jax {v.get('jax')}, transformers {v.get('transformers')}, torch {v.get('torch')}; "
         f"commit {str(info['git_commit'])[:10]}; {info['date']}; load average at start {info['load_average']}.\n"
     )
+
+
+MODELED_LABEL = "MODELED"
+
+
+# Artifacts
+
+
+def _f(v, nd=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def results_markdown(p: dict) -> str:
+    c = p["config"]
+    agg = p["aggregate"]
+    methods = p["methods"]
+    lines = [f"# SpecBench method ladder: {p['run_name']}\n", machine_md(p["machine"]),
+             f"\nModels: {p['models']['name']}. Placement: {p['placement']}. SS draft: {p['models']['ss_note']}.\n",
+             f"\nSettings: {len(p['questions'])} questions, max_new_tokens={c['max_new_tokens']}, "
+             f"temperature={c['temperature']}, repeats={c['repeats']}, gamma={c['gamma'] or 'device default'}, "
+             f"kappa={c['kappa'] or 'device default'}, branch_budget={c['branch_budget'] or 'device default'}, "
+             f"exit_layer={c['exit_layer'] or 'N/2'}, batch 1.\n"]
+    if c.get("command"):
+        lines.append(f"\nCommand: `{c['command']}`\n")
+    for m, why in p["skipped"].items():
+        lines.append(f"\n**{m}**: {why}\n")
+    cols = ["method", "tokens/s", "speedup", "tokens/round", "draft forwards/round", "fallback", "Omega_kappa",
+            "round ms (measured)", "identical to ar"]
+    lines.append("\n## Overall\n\n" + _tbl(cols, [[
+        m, _f(s.get("tokens_per_s")), _f(s.get("speedup_vs_ar")), _f(s.get("mean_tokens_per_round")),
+        _f(s.get("draft_forwards_per_round")), _f(s.get("fallback_rate")), _f(s.get("omega_kappa")),
+        _f(s.get("round_wall_ms_median")),
+        "yes" if p["identical_to_ar"].get(m) else "NO"] for m, s in agg["overall"].items()]))
+    lines.append("\n## Per task: speed-up over ar (tokens/s ratio)\n\n" + _tbl(
+        ["task"] + methods, [[t] + [_f(st.get(m, {}).get("speedup_vs_ar")) for m in methods]
+                             for t, st in agg["tasks"].items()]))
+    lines.append("\n## Per task: tokens/s | tokens per round | fallback rate\n\n" + _tbl(
+        ["task"] + methods, [[t] + [" / ".join(_f(st.get(m, {}).get(k)) for k in
+                                               ("tokens_per_s", "mean_tokens_per_round", "fallback_rate"))
+                                    for m in methods] for t, st in agg["tasks"].items()]))
+    spec = [m for m in methods if m != "ar"]
+    lines.append("\n## Per task: Omega_kappa | measured round ms | MODELED round ms | overlap efficiency\n\n"
+                 "(phase times per task come from that task's profiled questions, else from all profiled ones)\n\n"
+                 + _tbl(["task"] + spec, [[t] + [" / ".join(_f(st.get(m, {}).get(k)) for k in (
+                     "omega_kappa", "round_wall_ms_median", "modeled_round_ms", "overlap_efficiency"))
+                     for m in spec] for t, st in agg["tasks"].items()]))
+    prof = {m: s for m, s in agg["overall"].items() if s.get("phase_ms_median")}
+    if prof:
+        names = sorted({k for s in prof.values() for k in s["phase_ms_median"]})
+        lines.append("\n## Per-phase medians (ms, instrumented pass: each phase blocked on and timed alone)\n\n"
+                     + _tbl(["method"] + names, [[m] + [_f(s["phase_ms_median"].get(k)) for k in names]
+                                                   for m, s in prof.items()]))
+        lines.append(
+            f"\n## {MODELED_LABEL} multi-device round time vs measured\n\n"
+            "MODELED = the spec's formula from the isolated phase times above, as if prefix/suffix and draft "
+            "ran on separate devices: `T_prefix + T_rv_ee + max(T_suffix, T_draft) + T_verify + T_rv_fv + "
+            "T_select(reuse) + fallback_rate x (T_select(fallback) - T_select(reuse))` (sd: serial sum). "
+            "Measured = median round wall time of the timed pass with the actual placement "
+            f"({p['placement']}). Overlap efficiency = measured / modeled. Speed-ups here are decode-only "
+            "(tokens per round / round time, against ar's decode ms per token).\n\n"
+            + _tbl(["method", "serial sum ms", f"{MODELED_LABEL} round ms", "measured round ms",
+                      "overlap efficiency", "measured decode speed-up", f"{MODELED_LABEL} speed-up"],
+                     [[m, _f(s.get("serial_round_ms")), _f(s.get("modeled_round_ms")),
+                       _f(s.get("round_wall_ms_median")), _f(s.get("overlap_efficiency")),
+                       _f(s.get("measured_round_speedup_vs_ar")), _f(s.get("modeled_speedup_vs_ar"))]
+                      for m, s in prof.items()]))
+    lines.append("\n## Output identity (greedy / sample-match outputs must equal ar's)\n\n")
+    if p["mismatches"]:
+        lines.append(_tbl(["question", "method", "turn", "first differing token"],
+                            [[x["question_id"], x["method"], x["turn"], x["first_diff"]] for x in p["mismatches"]]))
+    else:
+        lines.append("Every method's output equals ar's on every question and turn.\n")
+    errs = [r for r in p["records"] if "error" in r]
+    if errs:
+        lines.append("\n## Errors\n\n" + "".join(f"- q{r['question_id']} {r['method']}: {r['error']}\n" for r in errs))
+    lines.append("\nColumns: tokens/s = generated tokens / wall time (prefill included, compilation excluded); "
+                 "speedup = tokens/s over ar's on the same questions in this run; tokens/round = mean accepted "
+                 "length + 1; fallback = share of Mirror-SD rounds whose next window was not among the "
+                 "precomputed branches; Omega_kappa = share of target tokens inside the early-exit top-kappa.\n")
+    lines.append("\nPlots: ![speed-up](speedup.png) ![phases](phases.png) ![accepted](accepted_hist.png)\n")
+    return "".join(lines)
+
+
+def _tbl(cols, rows) -> str:
+    return markdown_table(rows, cols)
+
+
+def write_artifacts(payload: dict, run_dir: Path) -> dict:
+    from mirror_jax.bench.aggregate import acceptance_summary
+    from mirror_jax.bench.plots import make_plots
+
+    run_dir = Path(run_dir)
+    jp, mp = write_results(run_dir, "results", payload, results_markdown(payload))
+    acc = run_dir / "acceptance.json"
+    atomic_write_text(acc, json.dumps(acceptance_summary(payload), indent=2))
+    plots = make_plots(payload, run_dir)
+    return {"json": jp, "md": mp, "acceptance": acc, "plots": plots}

@@ -19,13 +19,14 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
-import jax
-
-from mirror_jax.autoregressive import GenerationResult, cache_capacity, generate_ar, validate_prompts
-from mirror_jax.engine.decode import SpecSettings, speculative_generate, summarize_rounds
+from mirror_jax.engine.autoregressive import GenerationResult, generate_ar
 from mirror_jax.engine.placement import Placement
-from mirror_jax.engine.verify import VERIFIERS
+from mirror_jax.engine.prefill import cache_capacity, validate_prompts
+from mirror_jax.engine.speculative import DraftModel, SpecDecoder, SpecSettings, TargetModel
+from mirror_jax.engine.stats import summarize
+from mirror_jax.rounds.verify import VERIFIERS
 from mirror_jax.sampling import SamplingParams
+from mirror_jax.ss.rollout import ss_draft
 
 METHODS = ("ar", "sd", "mirror")
 
@@ -135,7 +136,7 @@ def generate(
 
     `ss_adapter`: a speculative-streaming adapter for the draft, ``(SSConfig, SSParams)`` or the
     ``(sscfg, ssp, metadata)`` returned by `mirror_jax.ss.checkpoint.load_default_ss_adapter`; the
-    draft then emits several tokens per forward (its proposals stay its own greedy continuation)."""
+    draft then emits several tokens per forward (the same tokens as the plain draft)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     sampling = SamplingParams(temperature, top_k, top_p, seed)
@@ -159,38 +160,22 @@ def generate(
     )
     capacity = cache_capacity(max(map(len, prompts)), max_new_tokens, s.margin(), max_len)
     sscfg, ssp = (None, None) if ss_adapter is None else tuple(ss_adapter)[:2]
-    if ssp is not None and s.draft_samples:
-        raise ConfigError(
-            "the speculative-streaming draft proposes greedily; use verifier='sample_match' (or greedy) with it, "
-            "or the plain autoregressive draft for verifier='rejection'"
-        )
-    tgt = (cfg_t, pl.to_target(p_t))
+    tgt = TargetModel(cfg_t, pl.to_target(p_t))
     p_d = pl.to_draft(p_d)
-    ss = None
-    if ssp is not None:
-        from mirror_jax.engine.rollout import prepare_ss
-
-        ss = prepare_ss(cfg_d, sscfg, p_d, pl.to_draft(ssp))  # LoRA merged once per call, on the draft device
-    dkw = dict(sample=s.draft_samples, want_q=s.want_q, ss=ss, sscfg=sscfg)
-    drf = (cfg_d, p_d, dkw)
+    # An SS adapter's LoRA is merged once per call, on the draft's device.
+    drf = DraftModel(cfg_d, p_d, None if ssp is None else ss_draft(cfg_d, sscfg, p_d, pl.to_draft(ssp)))
     t0 = time.perf_counter()
     tokens, rounds = [], []
     for row, prompt in enumerate(prompts):
-        toks, recs = speculative_generate(
-            tgt, drf, prompt, max_new_tokens, sampling, s, pl, eos_ids=eos, capacity=capacity, row=row,
-            progress=progress,
-        )
+        dec = SpecDecoder(tgt, drf, s, pl, sampling, capacity, row=row)
+        toks, recs = dec.generate(prompt, max_new_tokens, eos_ids=eos, progress=progress)
         tokens.append(toks)
         rounds.extend(recs)
     total = time.perf_counter() - t0
     stats = {"method": method, "total_s": total, "settings": dataclasses.asdict(s), "placement": pl.describe(),
              "draft_kind": "ar" if ssp is None else "ss"}
-    stats.update(summarize_rounds(rounds, s))
+    stats.update(summarize(rounds, s.gamma))
     res = GenerationResult(tokens=tokens, stats=stats)
     res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)
-    res.stats["per_round"] = rounds
+    res.stats["per_round"] = [r.to_dict() for r in rounds]
     return res
-
-
-def jax_devices_summary() -> str:
-    return ", ".join(f"{d.platform}:{d.id}" for d in jax.devices())

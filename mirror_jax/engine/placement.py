@@ -81,10 +81,6 @@ class Placement:
             raise PlacementError(f"placement {spec!r} must name one device or two ('target,draft')")
         return cls(parse_device(parts[0]), parse_device(parts[1]))
 
-    @classmethod
-    def from_devices(cls, target, draft=None) -> Placement:
-        return cls(target, draft if draft is not None else target)
-
     @property
     def separate(self) -> bool:
         """True when target and draft run on different devices (overlap is possible)."""

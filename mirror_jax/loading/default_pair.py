@@ -22,6 +22,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from mirror_jax.files import atomic_write_text, sha256_file
 from mirror_jax.loading.gguf_loader import load_gguf
 from mirror_jax.loading.keymap import LoadedModel
 
@@ -111,24 +112,8 @@ def find_parts(spec: PartSpec) -> list[Path]:
     return paths
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_sidecar(target: Path, digest: str) -> None:
-    side = target.with_name(target.name + ".sha256")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{side.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{digest}  {target.name}\n")
-        os.replace(tmp, side)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(target.with_name(target.name + ".sha256"), f"{digest}  {target.name}\n")
 
 
 def _sidecar_ok(target: Path, spec: PartSpec) -> bool:
@@ -165,7 +150,7 @@ def assemble(spec: PartSpec, cache_dir: str | os.PathLike | None = None) -> Path
     if target.is_file() and target.stat().st_size == spec.size:
         if _sidecar_ok(target, spec):
             return target
-        if _sha256_file(target) == spec.sha256:  # no (valid) sidecar: hash once, then remember
+        if sha256_file(target) == spec.sha256:  # no (valid) sidecar: hash once, then remember
             _write_sidecar(target, spec.sha256)
             return target
     parts = find_parts(spec)

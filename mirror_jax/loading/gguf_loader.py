@@ -26,6 +26,7 @@ from mirror_jax.loading.keymap import (
     build_params,
     gguf_to_hf_name,
     llama_unpermute,
+    quiet_transformers,
 )
 
 
@@ -123,6 +124,7 @@ def gguf_tokenizer(reader) -> Any:
     uses) on metadata read with the ``gguf`` package, so torch is not needed."""
     if "tokenizer.ggml.tokens" not in reader.fields:
         return None
+    quiet_transformers()
     from transformers import PreTrainedTokenizerFast
     from transformers.integrations.gguf.gguf_tokenizer_mapping import (
         _SPECIAL_TOKENS,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mirror_jax.config import ModelConfig
-from mirror_jax.loading.keymap import LoadedModel, WeightLoadError, build_params
+from mirror_jax.loading.keymap import LoadedModel, WeightLoadError, build_params, quiet_transformers
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -93,6 +93,7 @@ class _SafetensorsReader:
 
 
 def _hf_config(path: Path):
+    quiet_transformers()
     from transformers import AutoConfig
 
     cfg_file = path / "config.json"
@@ -122,6 +123,7 @@ def load_tokenizer_dir(path: str | os.PathLike):
     path = Path(path)
     if not any((path / f).is_file() for f in _TOKENIZER_FILES):
         return None
+    quiet_transformers()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -19,7 +19,10 @@ the arrays are converted with ``jnp.asarray(..., dtype)`` only at the end, one t
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,6 +31,23 @@ import numpy as np
 
 from mirror_jax.config import ModelConfig
 from mirror_jax.params import LayerParams, ModelParams
+
+
+def quiet_transformers():
+    """Import transformers without its "PyTorch was not found" advice: mirror_jax uses only its
+    tokenizer and config code (torch is the tests' reference implementation, not a dependency).
+    The advisory switch is set for the import only; the user's environment is left as it was."""
+    if "transformers" in sys.modules:
+        return sys.modules["transformers"]
+    old = os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    try:
+        return importlib.import_module("transformers")
+    finally:
+        if old is None:
+            del os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"]
+        else:
+            os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = old
 
 
 class WeightLoadError(ValueError):

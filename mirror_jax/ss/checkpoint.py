@@ -35,11 +35,11 @@ import jax
 import numpy as np
 
 from mirror_jax.config import ModelConfig
+from mirror_jax.files import checkpoint_search_path, sha256_file
 from mirror_jax.params import ModelParams
 from mirror_jax.ss.model import SSConfig, SSParams, init_ss_params
 
 FORMAT_VERSION = 1
-REPO_CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 DEFAULT_ADAPTER_NAME = "ss_default_draft"
 
 
@@ -80,16 +80,8 @@ def _unflatten(template: SSParams, flat: dict[str, Any]) -> SSParams:
     return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(flat[n]) for n in names])
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _manifest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): _sha256(p) for p in sorted((root / "params").rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted((root / "params").rglob("*")) if p.is_file()}
 
 
 def save_ss_checkpoint(
@@ -194,7 +186,7 @@ def restore_ss_checkpoint(
         p = d / rel
         if not p.is_file():
             raise CheckpointCorruptedError(f"SS checkpoint {d}: file {rel} is missing")
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             raise CheckpointCorruptedError(f"SS checkpoint {d}: file {rel} is corrupted (sha256 mismatch)")
     diffs = _diffs(meta, cfg, sscfg, fingerprint or base_fingerprint(cfg, params))
     if diffs:
@@ -215,15 +207,24 @@ def restore_ss_checkpoint(
     return sscfg, _unflatten(template, flat), meta
 
 
-def load_default_ss_adapter(draft, directory: str | os.PathLike | None = None):
+def default_adapter_dirs(checkpoints: str | os.PathLike | None = None) -> list[Path]:
+    """Where the committed adapter for the default draft is looked for, in order (see
+    `mirror_jax.files.checkpoint_search_path`: the argument, $MIRROR_JAX_CHECKPOINTS, the checkout's
+    ``checkpoints/``, ``./checkpoints``)."""
+    return [p / DEFAULT_ADAPTER_NAME for p in checkpoint_search_path(checkpoints)]
+
+
+def load_default_ss_adapter(draft, checkpoints: str | os.PathLike | None = None):
     """The committed SS adapter for `draft` (an object with `.cfg` and `.params`), or None.
 
-    Looks for ``checkpoints/ss_default_draft`` (or `directory`); returns None when it is absent or
-    was trained for another base model. Returns (sscfg, ssp, metadata) otherwise."""
-    d = Path(directory) if directory is not None else REPO_CHECKPOINTS / DEFAULT_ADAPTER_NAME
-    if not (d / "metadata.json").is_file():
+    Takes the first of `default_adapter_dirs(checkpoints)` that holds one; returns None when none
+    does or it was trained for another base model. Returns (sscfg, ssp, metadata) otherwise, with
+    the directory it came from as ``metadata["directory"]``."""
+    d = next((p for p in default_adapter_dirs(checkpoints) if (p / "metadata.json").is_file()), None)
+    if d is None:
         return None
     try:
-        return restore_ss_checkpoint(d, draft.cfg, draft.params)
+        sscfg, ssp, meta = restore_ss_checkpoint(d, draft.cfg, draft.params)
     except CheckpointMismatchError:
         return None
+    return sscfg, ssp, {**meta, "directory": str(d)}

@@ -1,15 +1,21 @@
-"""Draft rollouts: speculative streaming (several tokens per forward) and the plain AR reference.
+"""Speculative-streaming rollouts of the draft: several tokens per forward, the same tokens.
 
-Both functions share one contract::
+`ss_draft(cfg, sscfg, params, ssp)` prepares an `SSDraft` (the adapter plus its stream-path layer
+weights with the LoRA merged once, by a separate jitted call: merged inside the rollout each SS
+forward of the 0.5B draft took ~50% longer on CPU). `ss_chain` is the traceable rollout that
+`mirror_jax.rounds.draft.propose` calls; `ss_rollout` is the same with host-side checks, for use
+on its own. Contract (shared with the plain chain `mirror_jax.rounds.draft.draft_chain`)::
 
-    tokens, num_forwards, cache = rollout(cfg, sscfg, params, ssp, cache, roots, gamma, ...)
+    tokens, q, num_forwards, cache = ss_chain(cfg, params, ss, cache, roots, gamma, samp, sample=...)
 
 * Row b has committed cache length ``L_b = cache.lengths[b]``; ``roots[b]`` is its next input
   token, at position ``L_b`` and not yet in the cache.
-* ``tokens[b] = [y_{L_b+1}, ..., y_{L_b+gamma}]`` is the draft's own continuation: at temperature
-  0 its greedy continuation; with sampling, the token for absolute position q is drawn from the
-  main-stream distribution with ``draw_key(key, Draw.DRAFT, b, q)`` (`mirror_jax.sampling`), so
-  `ss_rollout` and `ar_rollout` return the same tokens for the same key.
+* ``tokens[b] = [y_{L_b+1}, ..., y_{L_b+gamma}]`` is the draft's own continuation: its greedy
+  continuation, or with ``sample=True`` the `Draw.DRAFT` draw of ``samp`` at each absolute
+  position from the main stream's processed distribution (whose log-probs are ``q``), so the
+  tokens (and q) equal the plain chain's for the same `SamplingArrays`. Lookahead streams draw
+  their guess for position q with the same key, which couples them to the main stream's later
+  draw and raises the hard-match rate without touching what is emitted.
 * On return the main-stream K/V of ``root, y_{L_b+1}, ..., y_{L_b+gamma-1}`` are written at slots
   ``L_b .. L_b+gamma-1``; ``cache.lengths`` is unchanged (the caller commits).
 
@@ -33,72 +39,70 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 from jax import lax
 
 from mirror_jax import model as M
 from mirror_jax.config import ModelConfig
 from mirror_jax.kv_cache import KVCache, check_headroom
-from mirror_jax.params import ModelParams
-from mirror_jax.sampling import Draw, sample_at
+from mirror_jax.params import LayerParams, ModelParams
+from mirror_jax.sampling import Draw, SamplingArrays, SamplingParams, accepted_length, pick
 from mirror_jax.ss.model import SSConfig, SSParams, ss_hidden, stream_layers
 
 
-def pick_tokens(logits, positions, *, greedy: bool, key=None, temperature: float = 1.0):
-    """Choose the token at absolute `positions` [B, K] from `logits` [B, K, V].
+@struct.dataclass
+class SSDraft:
+    """A speculative-streaming adapter ready to roll out: the static config, the trained
+    parameters and the stream path's layer weights with the LoRA merged (see `ss_draft`)."""
 
-    Greedy: argmax. Sampling: categorical(logits / temperature) with the `Draw.DRAFT` key of
-    (row b, position), so the draw depends only on (row, position, logits)."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    rows = jnp.broadcast_to(jnp.arange(logits.shape[0])[:, None], positions.shape)
-    return sample_at(key, Draw.DRAFT, jax.nn.log_softmax(logits.astype(jnp.float32) / temperature), rows, positions)
-
-
-def _check(cache: KVCache, extra: int, greedy: bool, key, temperature: float, what: str):
-    if not greedy:
-        if key is None:
-            raise ValueError(f"{what}: sampling (greedy=False) needs a PRNG `key`")
-        if not temperature > 0:
-            raise ValueError(f"{what}: temperature must be > 0 when sampling, got {temperature}")
-    if not isinstance(cache.lengths, jax.core.Tracer):
-        check_headroom(cache.lengths, extra, cache.capacity, what=f"{what} KV cache")
+    sscfg: SSConfig = struct.field(pytree_node=False)
+    ssp: SSParams
+    layers: tuple[LayerParams, ...]
 
 
-@partial(jax.jit, static_argnames=("cfg", "sscfg", "num_tokens", "greedy", "temperature"))
-def _ss_rollout(cfg, sscfg, params, ssp, slayers, cache, roots, num_tokens, greedy, key, temperature):
-    bsz, s, cap = roots.shape[0], sscfg.num_streams, cache.capacity
+_merge = jax.jit(stream_layers, static_argnums=(0, 1))
+
+
+def ss_draft(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSParams) -> SSDraft:
+    """Merge the adapter's LoRA into the stream path once (on the parameters' device)."""
+    return SSDraft(sscfg=sscfg, ssp=ssp, layers=_merge(cfg, sscfg, params, ssp))
+
+
+def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache, roots, num_tokens: int,
+             samp: SamplingArrays | None = None, *, sample: bool = False):
+    """Speculative-streaming rollout of `num_tokens` tokens per row (traceable; see the module
+    docstring). roots: [B]. Returns (tokens [B, num_tokens], q [B, num_tokens, V] or None, forwards
+    (int32 []: until every row had its tokens), cache with lengths unchanged)."""
+    bsz, s, cap = roots.shape[0], ss.sscfg.num_streams, cache.capacity
     k_in = s + 1  # tokens fed per forward
     base = cache.lengths
     rows = jnp.arange(bsz)
     out_w = num_tokens + k_in  # room for the last forward's overshoot
-    pick = partial(pick_tokens, greedy=greedy, key=key, temperature=temperature)
-
-    def cond(st):
-        return jnp.any(st["n"] < num_tokens)
+    choose = partial(pick, samp=samp, stream=Draw.DRAFT, sample=sample)
 
     def body(st):
         active = st["n"] < num_tokens  # [B]
         p = st["p"]  # [B] position of x0
         toks = jnp.concatenate([st["x0"][:, None], st["look"]], axis=1)  # [B, s+1]
         pos_in = jnp.where(active, p, cap)  # finished rows: every write lands out of range
-        hf, hs, c = ss_hidden(cfg, sscfg, params, ssp, toks, st["cache"].replace(lengths=pos_in), slayers)
-        g = pick(M.head(cfg, params, hf), p[:, None] + 1 + jnp.arange(k_in))  # [B, s+1]
-        match = (st["look"] == g[:, :s]).astype(jnp.int32)  # [B, s]
-        a = jnp.sum(jnp.cumprod(match, axis=1), axis=1)  # [B] accepted lookaheads
+        hf, hs, c = ss_hidden(cfg, ss.sscfg, params, ss.ssp, toks, st["cache"].replace(lengths=pos_in), ss.layers)
+        g, lp = choose(M.head(cfg, params, hf), positions=p[:, None] + 1 + jnp.arange(k_in), want_logprobs=sample)
+        a = accepted_length(st["look"] == g[:, :s])  # [B] accepted lookaheads
         # Emit g_0 .. g_a into out[n .. n+a] (only for active rows; the rest are dropped).
         j = jnp.arange(k_in)[None, :]
         idx = jnp.where((j <= a[:, None]) & active[:, None], st["n"][:, None] + j, out_w)
         out = st["out"].at[rows[:, None], idx].set(g, mode="drop")
+        q = None if lp is None else st["q"].at[rows[:, None], idx].set(lp, mode="drop")
         # New lookaheads from the streams at the last accepted position p+a.
         hs_a = hs[rows, a]  # [B, s, H]
-        look = pick(M.head(cfg, params, hs_a), (p + a + 1)[:, None] + jnp.arange(1, s + 1))  # [B, s]
-        upd = active[:, None]
+        look, _ = choose(M.head(cfg, params, hs_a), positions=(p + a + 1)[:, None] + jnp.arange(1, s + 1))
         return dict(
             p=jnp.where(active, p + a + 1, p),
             x0=jnp.where(active, g[rows, a], st["x0"]),
-            look=jnp.where(upd, look, st["look"]),
+            look=jnp.where(active[:, None], look, st["look"]),
             n=jnp.where(active, st["n"] + a + 1, st["n"]),
             out=out,
+            q=q,
             cache=c.replace(lengths=base),
             it=st["it"] + 1,
         )
@@ -110,92 +114,26 @@ def _ss_rollout(cfg, sscfg, params, ssp, slayers, cache, roots, num_tokens, gree
         look=jnp.broadcast_to(roots[:, None], (bsz, s)),  # placeholder proposals for the 1st forward
         n=jnp.zeros((bsz,), jnp.int32),
         out=jnp.zeros((bsz, out_w), jnp.int32),
+        q=jnp.zeros((bsz, out_w, cfg.vocab_size), jnp.float32) if sample else None,
         cache=cache,
         it=jnp.zeros((), jnp.int32),
     )
-    st = lax.while_loop(cond, body, st)
-    return st["out"][:, :num_tokens], st["it"], st["cache"]
+    st = lax.while_loop(lambda st: jnp.any(st["n"] < num_tokens), body, st)
+    q = None if st["q"] is None else st["q"][:, :num_tokens]
+    return st["out"][:, :num_tokens], q, st["it"], st["cache"]
 
 
-_merge = jax.jit(stream_layers, static_argnums=(0, 1))
+_ss_chain = jax.jit(ss_chain, static_argnames=("cfg", "num_tokens", "sample"))
 
 
-def ss_rollout(
-    cfg: ModelConfig,
-    sscfg: SSConfig,
-    params: ModelParams,
-    ssp: SSParams,
-    cache: KVCache,
-    roots,
-    num_tokens: int,
-    *,
-    greedy: bool = True,
-    key=None,
-    temperature: float = 1.0,
-):
-    """Speculative-streaming rollout of `num_tokens` (gamma) draft tokens per row.
-
-    Returns (tokens [B, gamma] int32, num_forwards (int32 scalar: forwards until every row had
-    gamma tokens), cache). Output tokens equal `ar_rollout`'s; only num_forwards differs."""
-    _check(cache, num_tokens + sscfg.num_streams, greedy, key, temperature, "ss_rollout")
-    # The LoRA is merged by a separate jitted call and passed in as an argument: merged inside the
-    # same jitted function one 3-token SS forward of the 0.5B draft took 335 ms instead of 227 ms
-    # (2-core CPU; probably XLA fusing the weight addition into the matmuls).
-    slayers = _merge(cfg, sscfg, params, ssp)
-    return _ss_rollout(
-        cfg,
-        sscfg,
-        params,
-        ssp,
-        slayers,
-        cache,
-        jnp.asarray(roots),
-        num_tokens,
-        greedy,
-        key if not greedy else None,
-        float(temperature),
-    )
-
-
-@partial(jax.jit, static_argnames=("cfg", "num_tokens", "greedy", "temperature"))
-def _ar_rollout(cfg, params, cache, roots, num_tokens, greedy, key, temperature):
-    bsz = roots.shape[0]
-    base = cache.lengths
-
-    def body(i, carry):
-        tok, c, out = carry
-        logits, c = M.forward(cfg, params, tok[:, None], c.replace(lengths=base + i))
-        nxt = pick_tokens(logits, (base + i + 1)[:, None], greedy=greedy, key=key, temperature=temperature)[:, 0]
-        return nxt, c.replace(lengths=base), out.at[:, i].set(nxt)
-
-    out = jnp.zeros((bsz, num_tokens), jnp.int32)
-    _, cache, out = lax.fori_loop(0, num_tokens, body, (roots.astype(jnp.int32), cache, out))
-    return out, jnp.asarray(num_tokens, jnp.int32), cache
-
-
-def ar_rollout(
-    cfg: ModelConfig,
-    sscfg: SSConfig | None,
-    params: ModelParams,
-    ssp: SSParams | None,
-    cache: KVCache,
-    roots,
-    num_tokens: int,
-    *,
-    greedy: bool = True,
-    key=None,
-    temperature: float = 1.0,
-):
-    """Plain autoregressive reference with `ss_rollout`'s signature (sscfg/ssp are ignored):
-    one token per forward, num_forwards == gamma."""
-    _check(cache, num_tokens, greedy, key, temperature, "ar_rollout")
-    return _ar_rollout(
-        cfg,
-        params,
-        cache,
-        jnp.asarray(roots),
-        num_tokens,
-        greedy,
-        key if not greedy else None,
-        float(temperature),
-    )
+def ss_rollout(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache, roots, num_tokens: int,
+               samp: SamplingArrays | None = None, *, sample: bool = False):
+    """`ss_chain`, jitted, after host-side checks (cache headroom; `samp` given when sampling).
+    Greedy by default (``samp`` defaults to ``SamplingParams().arrays()``, rows 0..B-1)."""
+    roots = jnp.asarray(roots)
+    if sample and samp is None:
+        raise ValueError("ss_rollout: sample=True needs `samp` (SamplingParams(temperature=...).arrays(rows))")
+    if samp is None:
+        samp = SamplingParams().arrays(row=jnp.arange(roots.shape[0]))
+    check_headroom(cache.lengths, num_tokens + ss.sscfg.num_streams, cache.capacity, what="ss_rollout KV cache")
+    return _ss_chain(cfg, params, ss, cache, roots, num_tokens, samp, sample=sample)

@@ -15,7 +15,9 @@ decoding would produce it):
   probabilities q of the window, and the draft must *sample* its window from q (with the
   `Draw.DRAFT` stream; the coins and the residual use `Draw.ACCEPT` / `Draw.RESIDUAL`).
 
-`key` is the run's seed key; every draw derives its own key with `mirror_jax.sampling.draw_key`.
+`samp` is the run's `SamplingArrays` (seed key, row, temperature/top-k/top-p); every draw derives
+its own key with `mirror_jax.sampling.draw_key`. The jitted `verify` also commits A + 1 tokens to
+the target's cache and counts Omega_kappa hits.
 
 Indexing (gamma = 3): logits[i] is the target's distribution after [y, d1..di], i = 0..3. A is the
 number of accepted window tokens; the correction/bonus c is the target's token at index A.
@@ -23,22 +25,19 @@ number of accepted window tokens; the correction/bonus c is the target's token a
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from mirror_jax.sampling import Draw, processed_logprobs, sample_at, uniform_at
+from mirror_jax.kv_cache import KVCache, commit
+from mirror_jax.rounds.payloads import Verdict
+from mirror_jax.sampling import Draw, SamplingArrays, accepted_length, pick, processed_logprobs, sample_at, uniform_at
 
 VERIFIERS = ("greedy", "sample_match", "rejection")
 
 
-def accepted_length(match: jax.Array) -> jax.Array:
-    """Length of the all-True prefix of match [gamma]."""
-    return jnp.sum(jnp.cumprod(match.astype(jnp.int32))).astype(jnp.int32)
-
-
-def verify_window(
-    logits, window, q_logprobs, key, pos0, row, temperature, top_k, top_p, *, rule: str
-):
+def verify_window(logits, window, q_logprobs, samp: SamplingArrays, pos0, *, rule: str):
     """Verify `window` [gamma] given target logits [gamma+1, V].
 
     pos0: absolute position of window[0]. q_logprobs: draft log-probs [gamma, V] (rejection only).
@@ -46,32 +45,46 @@ def verify_window(
     at index j when j <= A (window[j] for j < A, c at A)."""
     gamma = window.shape[0]
     positions = pos0 + jnp.arange(gamma + 1, dtype=jnp.int32)
-    rows = jnp.full((gamma + 1,), row, jnp.int32)
-    if rule == "greedy":
-        y = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    elif rule == "sample_match":
-        y = sample_at(key, Draw.TARGET, processed_logprobs(logits, temperature, top_k, top_p), rows, positions)
+    if rule in ("greedy", "sample_match"):
+        y, _ = pick(logits, samp, positions, stream=Draw.TARGET, sample=rule == "sample_match")
     elif rule == "rejection":
-        return _rejection(logits, window, q_logprobs, key, positions, row, temperature, top_k, top_p)
+        return _rejection(logits, window, q_logprobs, samp, positions)
     else:
         raise ValueError(f"unknown verifier {rule!r}; choose one of {VERIFIERS}")
     a = accepted_length(window == y[:gamma])
     return a, y[a], y
 
 
-def _rejection(logits, window, q_logprobs, key, positions, row, temperature, top_k, top_p):
+def _rejection(logits, window, q_logprobs, samp: SamplingArrays, positions):
     gamma = window.shape[0]
-    p_lp = processed_logprobs(logits, temperature, top_k, top_p)  # [gamma+1, V]
+    p_lp = processed_logprobs(logits, samp.temperature, samp.top_k, samp.top_p)  # [gamma+1, V]
     p_d = jnp.take_along_axis(p_lp[:gamma], window[:, None], axis=-1)[:, 0]
     q_d = jnp.take_along_axis(q_logprobs, window[:, None], axis=-1)[:, 0]
-    u = uniform_at(key, Draw.ACCEPT, jnp.full((gamma,), row, jnp.int32), positions[:gamma])
+    u = uniform_at(samp.key, Draw.ACCEPT, samp.rows_for(positions[:gamma]), positions[:gamma])
     accept = jnp.log(u) < jnp.minimum(0.0, p_d - q_d)
     a = accepted_length(accept)
     p_a = jnp.exp(p_lp[a])
     q_a = jnp.where(a < gamma, jnp.exp(q_logprobs[jnp.minimum(a, gamma - 1)]), 0.0)
-    resid = jnp.maximum(p_a - q_a, 0.0)
+    resid = jnp.maximum(p_a - q_a, 0.0)  # q = 0 at a == gamma: the bonus is drawn from p itself
     total = jnp.sum(resid)
     resid_lp = jnp.where(total > 0, jnp.log(resid / jnp.where(total > 0, total, 1.0)), p_lp[a])
-    c = sample_at(key, Draw.RESIDUAL, resid_lp, jnp.asarray(row, jnp.int32), positions[a])
+    c = sample_at(samp.key, Draw.RESIDUAL, resid_lp, samp.rows_for(positions[a]), positions[a])
     y = jnp.concatenate([window, jnp.zeros((1,), jnp.int32)]).at[a].set(c)
     return a, c, y
+
+
+@functools.partial(jax.jit, static_argnames=("rule",), donate_argnames=("cache",))
+def verify(logits, window, q, cache: KVCache, samp: SamplingArrays, top_ids=None, *, rule: str):
+    """Verify the window and commit A + 1 tokens to the target cache (donated).
+
+    logits: [1, gamma+1, V]; window: [1, gamma]; q: [1, gamma, V] draft log-probs or None;
+    top_ids: [gamma+1, kappa] raw early-exit top-kappa (`EarlyExit.top_ids`) or None. Returns
+    (`Verdict`, cache); ``omega_hits`` counts the committed tokens (indices <= A) inside top_ids."""
+    pos0 = cache.lengths[0] + 1
+    a, c, y = verify_window(logits[0], window[0], None if q is None else q[0], samp, pos0, rule=rule)
+    if top_ids is None:
+        hits = jnp.int32(-1)
+    else:
+        inside = jnp.any(top_ids == y[:, None], axis=-1)
+        hits = jnp.sum(jnp.where(jnp.arange(y.shape[0]) <= a, inside, False)).astype(jnp.int32)
+    return Verdict(a=a, c=c, omega_hits=hits), commit(cache, a + 1)

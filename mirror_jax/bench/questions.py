@@ -3,12 +3,16 @@
 The file is JSON lines with ``question_id``, ``category`` and ``turns`` (a list of user messages).
 SpecBench's six tasks: the eight MT-bench categories form "mt_bench" (multi-turn conversation);
 the others are translation, summarization, qa, math_reasoning and rag.
+
+The 480 SpecBench questions ship with the package (``mirror_jax/bench/data/spec_bench/``, Apache-2.0;
+provenance in its SOURCE.md); ``$MIRROR_JAX_SPECBENCH`` or an explicit path selects another file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from pathlib import Path
 
 MT_BENCH = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -20,20 +24,11 @@ class QuestionFileError(ValueError):
 
 
 def default_question_file() -> Path:
+    """``$MIRROR_JAX_SPECBENCH`` if set, else the copy shipped with the package."""
     env = os.environ.get("MIRROR_JAX_SPECBENCH")
     if env:
         return Path(env)
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        cand = parent / "shared" / "data" / "spec_bench" / "question.jsonl"
-        if cand.exists():
-            return cand
-        cand = parent.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
-        if cand.exists():
-            return cand
-    raise QuestionFileError(
-        "SpecBench question file not found: pass --questions PATH or set MIRROR_JAX_SPECBENCH"
-    )
+    return Path(str(resources.files("mirror_jax.bench").joinpath("data", "spec_bench", "question.jsonl")))
 
 
 def task_of(category: str) -> str:

@@ -1,0 +1,107 @@
+"""Prompts in, first token out: the start every decoding method shares.
+
+Shapes are static: prompts are right-padded to a power-of-two bucket (`prompt_bucket`), the cache
+capacity is rounded up to a multiple of `CAPACITY_QUANTUM` (`cache_capacity`), so prompts of the
+same bucket reuse the compiled programs. `start_sequences` prefills a fresh cache on a device and
+chooses each row's first token with the target's `Draw.TARGET` key of (row, position), exactly as
+every later token is chosen.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mirror_jax import model as M
+from mirror_jax.config import ModelConfig
+from mirror_jax.kv_cache import CacheCapacityError, KVCache, commit, init_cache
+from mirror_jax.params import ModelParams
+from mirror_jax.sampling import Draw, SamplingArrays, SamplingParams, pick
+
+MIN_PROMPT_BUCKET = 16
+CAPACITY_QUANTUM = 256
+
+
+def prompt_bucket(n: int) -> int:
+    """Smallest power of two >= max(n, MIN_PROMPT_BUCKET)."""
+    return max(MIN_PROMPT_BUCKET, 1 << (int(n) - 1).bit_length())
+
+
+def cache_capacity(max_prompt: int, max_new_tokens: int, margin: int = 0, max_len: int | None = None) -> int:
+    """Cache slots needed for prompt + generation + speculative margin, rounded up; or `max_len`,
+    checked."""
+    need = max_prompt + max_new_tokens + margin
+    if max_len is None:
+        return -(-max(need, prompt_bucket(max_prompt)) // CAPACITY_QUANTUM) * CAPACITY_QUANTUM
+    if need > max_len:
+        raise CacheCapacityError(
+            f"prompt ({max_prompt} tokens) + max_new_tokens ({max_new_tokens}) + speculative margin "
+            f"({margin}) = {need} exceeds the cache size max_len={max_len}; shorten the prompt, lower "
+            f"max_new_tokens or raise max_len"
+        )
+    return int(max_len)
+
+
+def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, str | bytes) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of token-id lists (tokenize text first)")
+    out = []
+    for i, p in enumerate(prompts):
+        p = [int(t) for t in p]
+        if not p:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {vocab_size}): {bad[:5]}")
+        out.append(p)
+    return out
+
+
+def pad_prompts(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad to the bucket -> (tokens [B, T_bucket] int32, lengths [B] int32)."""
+    t = prompt_bucket(max(len(p) for p in prompts))
+    toks = np.zeros((len(prompts), t), np.int32)
+    for i, p in enumerate(prompts):
+        toks[i, : len(p)] = p
+    return toks, np.array([len(p) for p in prompts], np.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def prefill(cfg: ModelConfig, params: ModelParams, tokens, n_valid, cache: KVCache):
+    """Process right-padded prompts [B, T]; commit `n_valid` [B] tokens per row.
+
+    Returns (logits at each row's last prompt token [B, V], cache)."""
+    logits, cache = M.forward(cfg, params, tokens, cache)
+    last = jnp.take_along_axis(logits, (n_valid - 1)[:, None, None], axis=1)[:, 0]
+    return last, commit(cache, n_valid)
+
+
+@functools.partial(jax.jit, static_argnames=("greedy",))
+def first_token(logits, positions, samp: SamplingArrays, *, greedy: bool):
+    """The first generated token from the prefill logits [B, V] at positions [B] (rows: samp.row)."""
+    return pick(logits, samp, positions, stream=Draw.TARGET, sample=not greedy)[0]
+
+
+def start_sequences(cfg, params, prompts, sampling: SamplingParams, capacity: int, cache_dtype, samp: SamplingArrays,
+                    device=None):
+    """Prefill a fresh cache (on `device`) and choose each row's first token (shared by all
+    methods). `samp`: the run's sampling arrays on `device`, ``samp.row`` the prompts' batch rows.
+    Returns (first tokens [B] device array, cache whose lengths are the prompt lengths)."""
+    toks, n_valid = pad_prompts(prompts)
+    put = lambda x: jax.device_put(x, device)  # device None: the default device
+    cache = init_cache(cfg, len(prompts), capacity, cache_dtype, device=device)
+    last, cache = prefill(cfg, params, put(toks), put(n_valid), cache)
+    first = first_token(last, put(n_valid), samp, greedy=sampling.greedy)
+    return first, cache
+
+
+def truncate_at_eos(seq: list[int], eos_ids, max_new_tokens: int) -> list[int]:
+    seq = seq[:max_new_tokens]
+    for i, t in enumerate(seq):
+        if t in eos_ids:
+            return seq[: i + 1]
+    return seq

@@ -1,0 +1,63 @@
+"""The target's side of a round: `target_prefix` (with the early-exit token channel),
+`target_suffix`, and `target_full` (vanilla SD's unsplit verification forward).
+
+All three are pure, jitted once per static configuration (model config, window length, kappa, exit
+layer, cache size) and *donate* their cache argument: continue with the cache they return. Batch 1:
+``last`` is [1], ``window`` [1, gamma]; the forward covers [last, window] at positions P..P+gamma,
+where P = ``cache.lengths[0]``. Prefix then suffix equals `target_full` (tested for every split).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mirror_jax import model as M
+from mirror_jax.kv_cache import KVCache
+from mirror_jax.rounds.payloads import Channel, EarlyExit
+
+
+def early_exit(ee_logits: jax.Array, window: jax.Array, kappa: int) -> EarlyExit:
+    """Top-kappa candidates per depth from early-exit logits [gamma+1, V] and window [gamma].
+
+    The on-path draft token can never be the correction at its own depth (verification stopped
+    there because the target disagreed with it), so it is excluded and the next-best token takes
+    its place; the raw top-kappa is kept for Omega_kappa."""
+    ee_lp = jax.nn.log_softmax(ee_logits, axis=-1)  # [gamma+1, V]
+    lps, ids = jax.lax.top_k(ee_lp, kappa + 1)
+    on_path = jnp.concatenate([window, jnp.full((1,), -1, jnp.int32)])  # [gamma+1]
+    # Stable order with the on-path token (if present) moved last, then keep kappa.
+    order = jnp.argsort(jnp.where(ids == on_path[:, None], kappa + 1, jnp.arange(kappa + 1)), axis=-1)
+    channel = Channel(
+        cand_ids=jnp.take_along_axis(ids, order, axis=-1)[:, :kappa],
+        cand_lp=jnp.take_along_axis(lps, order, axis=-1)[:, :kappa],
+        path_lp=jnp.take_along_axis(ee_lp[:-1], window[:, None], axis=-1)[:, 0],
+    )
+    return EarlyExit(channel=channel, top_ids=ids[:, :kappa])
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "exit_layer", "kappa"), donate_argnames=("cache",))
+def target_prefix(cfg, params, cache: KVCache, last, window, *, exit_layer: int, kappa: int):
+    """Layers [0, exit_layer) of the target over [last, window], then the early exit: the target's
+    own final norm + LM head on the layer-l_e hidden state at every position, top-kappa per depth.
+
+    Returns (hidden [1, gamma+1, H], `EarlyExit`, cache with the prefix layers' K/V written)."""
+    tokens = jnp.concatenate([last[:, None], window], axis=1)
+    hidden, ee_logits, cache = M.forward_prefix(cfg, params, tokens, cache, exit_layer)
+    return hidden, early_exit(ee_logits[0], window[0], kappa), cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "exit_layer"), donate_argnames=("cache",))
+def target_suffix(cfg, params, hidden, cache: KVCache, *, exit_layer: int):
+    """Layers [exit_layer, N) + final norm + head on the prefix's hidden state.
+
+    Returns (logits [1, gamma+1, V] float32, cache)."""
+    return M.forward_suffix(cfg, params, hidden, cache, exit_layer)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def target_full(cfg, params, cache: KVCache, last, window):
+    """Vanilla SD's verification forward over [last, window] -> (logits [1, gamma+1, V], cache)."""
+    return M.forward(cfg, params, jnp.concatenate([last[:, None], window], axis=1), cache)
