@@ -1,9 +1,12 @@
 """Parameter pytrees of a decoder-only transformer.
 
-Weights are stored in the layout the jitted code multiplies with, ``x @ W`` with ``W: [in, out]``,
-so no transpose happens inside jit (on XLA:CPU a transposed weight made decode ~5x slower). The
-q/k/v projections are fused into one ``[H, (Nq + 2 Nkv) D]`` matrix and gate/up into one
-``[H, 2 I]`` matrix: one matmul each per layer.
+Weights are stored ``[out, in]`` (the checkpoints' own PyTorch layout, so loading copies no
+transpose) and multiplied by `mirror_jax.model.dense`, which picks the fastest XLA formulation for
+the dtype: on XLA:CPU a float32 ``[out, in]`` weight contracted as ``dot_general(W, x)`` beat
+``x @ W[in, out]`` at every shape and row count of the default target, and made the 5-token
+verification forward ~40% cheaper (``experiments/results/probe_matmul.md``). The q/k/v projections
+are fused into one ``[(Nq + 2 Nkv) D, H]`` matrix and gate/up into one ``[2 I, H]`` matrix: one
+matmul each per layer.
 
 Layers are kept as a tuple, so the target prefix is ``layers[:l_e]`` and the suffix
 ``layers[l_e:]``.
@@ -22,14 +25,14 @@ from mirror_jax.config import ModelConfig
 @struct.dataclass
 class LayerParams:
     attn_norm: jax.Array  # [H]
-    w_qkv: jax.Array  # [H, Nq*D + 2*Nkv*D]
+    w_qkv: jax.Array  # [Nq*D + 2*Nkv*D, H]
     b_qkv: jax.Array | None  # [Nq*D + 2*Nkv*D] (Qwen2) or None
     q_norm: jax.Array | None  # [D] (Qwen3) or None
     k_norm: jax.Array | None  # [D] (Qwen3) or None
-    w_o: jax.Array  # [Nq*D, H]
+    w_o: jax.Array  # [H, Nq*D]
     mlp_norm: jax.Array  # [H]
-    w_gate_up: jax.Array  # [H, 2*I]  (gate columns first, then up)
-    w_down: jax.Array  # [I, H]
+    w_gate_up: jax.Array  # [2*I, H]  (gate rows first, then up)
+    w_down: jax.Array  # [H, I]
 
 
 @struct.dataclass
@@ -37,7 +40,7 @@ class ModelParams:
     embed: jax.Array  # [V, H]
     layers: tuple[LayerParams, ...]
     final_norm: jax.Array  # [H]
-    lm_head: jax.Array  # [H, V] (a transposed copy of embed when embeddings are tied)
+    lm_head: jax.Array  # [V, H] (a copy of embed when embeddings are tied)
 
 
 def param_bytes(params, *, exclude_embed: bool = False) -> int:
@@ -73,23 +76,25 @@ def init_random(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: float
 
 def _build(cfg: ModelConfig, w, ones_ish) -> ModelParams:
     """The parameter tree of `cfg`: matrices and biases from ``w(*shape)``, norms from ``ones_ish(n)``
-    (drawn in a fixed order, so a seeded generator gives the same tree every time)."""
+    (drawn in a fixed order, so a seeded generator gives the same tree every time). Matrices are
+    drawn ``[in, out]`` and stored transposed, ``[out, in]``."""
+    wt = lambda n_in, n_out: jnp.asarray(w(n_in, n_out).T)
     h, i = cfg.hidden_size, cfg.intermediate_size
     qkv = cfg.q_size + 2 * cfg.kv_size
     layers = tuple(
         LayerParams(
             attn_norm=ones_ish(h),
-            w_qkv=w(h, qkv),
+            w_qkv=wt(h, qkv),
             b_qkv=w(qkv) if cfg.qkv_bias else None,
             q_norm=ones_ish(cfg.head_dim) if cfg.qk_norm else None,
             k_norm=ones_ish(cfg.head_dim) if cfg.qk_norm else None,
-            w_o=w(cfg.q_size, h),
+            w_o=wt(cfg.q_size, h),
             mlp_norm=ones_ish(h),
-            w_gate_up=w(h, 2 * i),
-            w_down=w(i, h),
+            w_gate_up=wt(h, 2 * i),
+            w_down=wt(i, h),
         )
         for _ in range(cfg.num_layers)
     )
     embed = w(cfg.vocab_size, h)
-    lm_head = embed.T if cfg.tie_embeddings else w(h, cfg.vocab_size)
-    return ModelParams(embed=embed, layers=layers, final_norm=ones_ish(h), lm_head=jnp.asarray(lm_head))
+    lm_head = jnp.array(embed) if cfg.tie_embeddings else wt(h, cfg.vocab_size)
+    return ModelParams(embed=embed, layers=layers, final_norm=ones_ish(h), lm_head=lm_head)

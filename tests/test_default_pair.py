@@ -80,7 +80,7 @@ def test_default_pair_matches_transformers(files):
         c = m.cfg
         assert (c.arch, c.vocab_size, c.tie_embeddings, c.qkv_bias) == ("qwen2", 151936, False, True)
         assert (c.num_layers, c.hidden_size) == (layers, hidden)
-        assert m.params.embed.shape == (151936, hidden) and m.params.lm_head.shape == (hidden, 151936)
+        assert m.params.embed.shape == (151936, hidden) and m.params.lm_head.shape == (151936, hidden)
         assert m.params.embed.dtype == jnp.float32
         assert m.chat_template and "<|im_start|>" in m.chat_template
 

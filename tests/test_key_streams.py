@@ -41,7 +41,7 @@ def constant_model(probs: np.ndarray, seed: int):
     layers = tuple(lp.replace(w_o=jnp.zeros_like(lp.w_o), w_down=jnp.zeros_like(lp.w_down)) for lp in p.layers)
     e = p.embed[0]
     h = np.asarray(p.final_norm * e * jax.lax.rsqrt(jnp.mean(e * e) + CFG.rms_norm_eps))  # the final hidden
-    head = np.outer(h / (h @ h), np.log(probs)).astype(np.float32)  # h @ head == log(probs)
+    head = np.outer(np.log(probs), h / (h @ h)).astype(np.float32)  # [V, H]: head @ h == log(probs)
     return p.replace(layers=layers, embed=jnp.broadcast_to(e, p.embed.shape), lm_head=jnp.asarray(head))
 
 

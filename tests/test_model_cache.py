@@ -148,3 +148,19 @@ def test_init_random_on_device_has_the_host_tree():
         if a.size >= 1024:  # enough values for the spread to be comparable
             np.testing.assert_allclose(float(jnp.std(b.astype(jnp.float32))), float(jnp.std(a.astype(jnp.float32))),
                                        rtol=0.2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("lead", [(1, 1), (1, 5), (3, 4)])
+def test_dense_is_x_times_w_transposed(dtype, lead):
+    """`model.dense` (weights stored [out, in], the formulation picked per dtype) computes x @ W.T for
+    any leading shape and row count, and returns float32 when asked (the LM head)."""
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((48, 32)), dtype)
+    x = jnp.asarray(rng.standard_normal(lead + (32,)), dtype)
+    want = np.asarray(x, np.float32) @ np.asarray(w, np.float32).T
+    got = M.dense(x, w)
+    assert got.shape == lead + (48,) and got.dtype == dtype
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol * 8)
+    assert M.dense(x, w, out_dtype=jnp.float32).dtype == jnp.float32

@@ -125,3 +125,30 @@ def test_checkpoints_dir_lookup_and_error(tmp_path, monkeypatch):
     (tmp_path / "checkpoints").mkdir()
     monkeypatch.setenv(CHECKPOINTS_ENV, str(tmp_path / "checkpoints"))
     assert checkpoints_dir() == tmp_path / "checkpoints"
+
+
+def test_format_1_checkpoints_still_load(tmp_path):
+    """Checkpoints written while the base weights were stored [in, out] (format 1) carry a
+    fingerprint of that layout; they load against the same model in today's [out, in] layout, and
+    a different model is still refused."""
+    import json
+
+    from mirror_jax.ss.checkpoint import base_fingerprint
+
+    sscfg = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=2)
+    ssp = _ssp(sscfg)
+    d = save_ss_checkpoint(tmp_path / "old", CFG, PARAMS, sscfg, ssp)
+    meta = json.loads((d / "metadata.json").read_text())
+    assert meta["format"] == 2 and meta["base_fingerprint"] == base_fingerprint(CFG, PARAMS)
+    legacy = base_fingerprint(CFG, PARAMS, version=1)
+    assert legacy != meta["base_fingerprint"]
+    # The format-1 fingerprint is the one of the transposed matrices, sampled the old way.
+    old_layout = PARAMS.replace(
+        layers=tuple(lp.replace(w_qkv=lp.w_qkv.T, w_o=lp.w_o.T, w_gate_up=lp.w_gate_up.T, w_down=lp.w_down.T)
+                     for lp in PARAMS.layers), lm_head=PARAMS.lm_head.T)
+    assert legacy == base_fingerprint(CFG, old_layout)
+    (d / "metadata.json").write_text(json.dumps({**meta, "format": 1, "base_fingerprint": legacy}))
+    got_cfg, got, _ = restore_ss_checkpoint(d, CFG, PARAMS)
+    np.testing.assert_array_equal(np.asarray(got.stream_embed), np.asarray(ssp.stream_embed))
+    with pytest.raises(CheckpointMismatchError, match="fingerprint"):
+        restore_ss_checkpoint(d, CFG, init_random(CFG, seed=5))

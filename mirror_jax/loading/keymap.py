@@ -11,7 +11,8 @@ GGUF names are first translated to the Hugging Face names (`gguf_to_hf_name`), s
 `build_params`. It is strict: every tensor of the checkpoint must be used, every tensor the config needs
 must be present, and every shape must match the config; otherwise a `WeightLoadError` names the keys.
 
-All layout work (transposes to ``[in, out]``, q/k/v and gate/up fusion) happens in numpy on the host;
+All layout work (q/k/v and gate/up fusion; weights keep the checkpoints' ``[out, in]`` layout) happens
+in numpy on the host;
 the arrays are converted with ``jnp.asarray(..., dtype)`` only at the end, one tensor group at a time
 (so peak host memory stays close to the size of the result).
 """
@@ -111,7 +112,7 @@ def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], set[s
     """(required {hf_name: torch-layout shape}, optional names) for a config.
 
     Shapes are in the checkpoint's PyTorch layout (``[out, in]`` for linear weights). The LM head is
-    optional when the embeddings are tied (it is then a transposed copy of the embedding)."""
+    optional when the embeddings are tied (it is then a copy of the embedding)."""
     h, i, v, d = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     shapes: dict[str, tuple[int, ...]] = {EMBED: (v, h), FINAL_NORM: (h,), LM_HEAD: (v, h)}
     for layer in range(cfg.num_layers):
@@ -211,7 +212,7 @@ def build_params(
     for layer in range(cfg.num_layers):
         p = f"model.layers.{layer}."
         a = p + "self_attn."
-        w_qkv = np.concatenate([read(a + f"{n}_proj.weight") for n in "qkv"], axis=0).T  # [H, qkv]
+        w_qkv = np.concatenate([read(a + f"{n}_proj.weight") for n in "qkv"], axis=0)  # [qkv, H]
         b_qkv = None
         if cfg.qkv_bias:
             b_qkv = dev(np.concatenate([read(a + f"{n}_proj.bias") for n in "qkv"], axis=0))
@@ -223,16 +224,16 @@ def build_params(
                 b_qkv=b_qkv,
                 q_norm=dev(read(a + "q_norm.weight")) if cfg.qk_norm else None,
                 k_norm=dev(read(a + "k_norm.weight")) if cfg.qk_norm else None,
-                w_o=dev(read(a + "o_proj.weight").T),
+                w_o=dev(read(a + "o_proj.weight")),
                 mlp_norm=dev(read(p + "post_attention_layernorm.weight")),
-                w_gate_up=dev(gate_up.T),
-                w_down=dev(read(p + "mlp.down_proj.weight").T),
+                w_gate_up=dev(gate_up),
+                w_down=dev(read(p + "mlp.down_proj.weight")),
             )
         )
         del w_qkv, gate_up
     embed_np = read(EMBED)
     embed = dev(embed_np)
-    lm_head = dev(read(LM_HEAD).T) if LM_HEAD in shapes else dev(embed_np.T)
+    lm_head = dev(read(LM_HEAD)) if LM_HEAD in shapes else dev(embed_np)
     del embed_np
     return ModelParams(embed=embed, layers=tuple(layers), final_norm=dev(read(FINAL_NORM)), lm_head=lm_head)
 

@@ -4,7 +4,7 @@ Layout of ``checkpoints/<name>/``::
 
     params/          orbax StandardCheckpointer directory: flat dict {"stream_embed": ...,
                      "lora.0.a_q": ..., ...} of float arrays
-    metadata.json    {"format": 1, "base_fingerprint": ..., "base_config": {...},
+    metadata.json    {"format": 2, "base_fingerprint": ..., "base_config": {...},
                       "ss_config": {"num_streams", "num_msa_layers", "lora_rank"},
                       "leaves": {name: [shape, dtype]}, "files": {relpath: sha256},
                       + caller extras (steps, data description, final losses, ...)}
@@ -18,7 +18,10 @@ gives (`CheckpointMismatchError` listing every difference).
 
 The base fingerprint hashes the `ModelConfig` plus every parameter leaf's shape, dtype and a fixed
 strided sample of up to 4096 values (cheap even for a 0.5B model, and different for any two
-differently trained models).
+differently trained models). Format 2 takes it over the ``[out, in]`` weights mirror_jax stores
+now; format 1 checkpoints (weights were stored ``[in, out]``) are verified against the same sample
+of the transposed matrices, so they still load: the adapter's own parameters (LoRA factors,
+stream embeddings) do not depend on the base layout.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ from mirror_jax.files import checkpoint_search_path, sha256_file
 from mirror_jax.params import ModelParams
 from mirror_jax.ss.model import SSConfig, SSParams, init_ss_params
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_FORMATS = (1, 2)
+_TRANSPOSED_IN_FORMAT_1 = ("w_qkv", "w_o", "w_gate_up", "w_down", "lm_head")
 DEFAULT_ADAPTER_NAME = "ss_default_draft"
 
 
@@ -55,14 +60,24 @@ class CheckpointCorruptedError(CheckpointError):
     """The checkpoint directory is incomplete or its files do not match their recorded hashes."""
 
 
-def base_fingerprint(cfg: ModelConfig, params: ModelParams, samples: int = 4096) -> str:
-    """sha256 over the config and a strided sample of every parameter leaf."""
+def base_fingerprint(cfg: ModelConfig, params: ModelParams, samples: int = 4096, *, version: int = FORMAT_VERSION
+                     ) -> str:
+    """sha256 over the config and a strided sample of every parameter leaf. ``version=1``: as the
+    format-1 checkpoints took it, with the weight matrices in their old ``[in, out]`` layout (read
+    through a transposed index, nothing is copied)."""
     h = hashlib.sha256(repr(dataclasses.asdict(cfg)).encode())
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        a = np.asarray(leaf).reshape(-1)
+        a = np.asarray(leaf)
+        legacy = version == 1 and a.ndim == 2 and getattr(path[-1], "name", None) in _TRANSPOSED_IN_FORMAT_1
+        shape = a.shape[::-1] if legacy else a.shape
         idx = np.linspace(0, a.size - 1, num=min(samples, a.size)).astype(np.int64)
-        h.update(f"{jax.tree_util.keystr(path)}|{leaf.shape}|{a.dtype}".encode())
-        h.update(np.ascontiguousarray(a[idx].astype(np.float32)).tobytes())
+        if legacy:  # element idx of the [in, out] matrix is a[j, i] of the stored [out, in] one
+            i, j = np.divmod(idx, shape[1])
+            vals = a[j, i]
+        else:
+            vals = a.reshape(-1)[idx]
+        h.update(f"{jax.tree_util.keystr(path)}|{shape}|{a.dtype}".encode())
+        h.update(np.ascontiguousarray(vals.astype(np.float32)).tobytes())
     return h.hexdigest()
 
 
@@ -144,8 +159,8 @@ def read_metadata(directory: str | os.PathLike) -> dict:
 
 def _diffs(meta: dict, cfg: ModelConfig, sscfg: SSConfig | None, fingerprint: str) -> list[str]:
     out = []
-    if meta.get("format") != FORMAT_VERSION:
-        out.append(f"format version {meta.get('format')} != {FORMAT_VERSION}")
+    if meta.get("format") not in _FORMATS:
+        out.append(f"format version {meta.get('format')} is not one of {_FORMATS}")
     want_cfg = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
     got_cfg = meta.get("base_config", {})
     for k in sorted(set(want_cfg) | set(got_cfg)):
@@ -188,7 +203,8 @@ def restore_ss_checkpoint(
             raise CheckpointCorruptedError(f"SS checkpoint {d}: file {rel} is missing")
         if sha256_file(p) != digest:
             raise CheckpointCorruptedError(f"SS checkpoint {d}: file {rel} is corrupted (sha256 mismatch)")
-    diffs = _diffs(meta, cfg, sscfg, fingerprint or base_fingerprint(cfg, params))
+    fmt = meta.get("format") if meta.get("format") in _FORMATS else FORMAT_VERSION
+    diffs = _diffs(meta, cfg, sscfg, fingerprint or base_fingerprint(cfg, params, version=fmt))
     if diffs:
         raise CheckpointMismatchError(
             f"SS checkpoint {d} does not match the given model/config:\n  - " + "\n  - ".join(diffs)

@@ -66,7 +66,8 @@ class SSConfig:
 
 @struct.dataclass
 class LoRAParams:
-    """Low-rank deltas of one layer's stream path: W_eff = W + a @ b (weights are [in, out])."""
+    """Low-rank deltas of one layer's stream path: W_eff = W + (a @ b).T for the ``[out, in]``
+    weights (a: [in, r], b: [r, out])."""
 
     a_q: jax.Array  # [H, r]
     b_q: jax.Array  # [r, Nq*D]
@@ -149,14 +150,14 @@ def stream_layers(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: S
     out = []
     for lp, lo in zip(base, ssp.lora, strict=True):
         dt = lp.w_qkv.dtype
-        d_qkv = jnp.concatenate([lo.a_q @ lo.b_q, lo.a_k @ lo.b_k, lo.a_v @ lo.b_v], axis=-1)
-        d_gu = jnp.concatenate([lo.a_gate @ lo.b_gate, lo.a_up @ lo.b_up], axis=-1)
+        d_qkv = jnp.concatenate([lo.a_q @ lo.b_q, lo.a_k @ lo.b_k, lo.a_v @ lo.b_v], axis=-1)  # [H, qkv]
+        d_gu = jnp.concatenate([lo.a_gate @ lo.b_gate, lo.a_up @ lo.b_up], axis=-1)  # [H, 2I]
         out.append(
             lp.replace(
-                w_qkv=(lp.w_qkv + d_qkv.astype(dt)),
-                w_o=(lp.w_o + (lo.a_o @ lo.b_o).astype(dt)),
-                w_gate_up=(lp.w_gate_up + d_gu.astype(dt)),
-                w_down=(lp.w_down + (lo.a_down @ lo.b_down).astype(dt)),
+                w_qkv=(lp.w_qkv + d_qkv.T.astype(dt)),
+                w_o=(lp.w_o + (lo.a_o @ lo.b_o).T.astype(dt)),
+                w_gate_up=(lp.w_gate_up + d_gu.T.astype(dt)),
+                w_down=(lp.w_down + (lo.a_down @ lo.b_down).T.astype(dt)),
             )
         )
     return tuple(out)
