@@ -40,15 +40,29 @@ class ModelParams:
     embed: jax.Array  # [V, H]
     layers: tuple[LayerParams, ...]
     final_norm: jax.Array  # [H]
-    lm_head: jax.Array  # [V, H] (a copy of embed when embeddings are tied)
+    lm_head: jax.Array  # [V, H] (the same array as embed when embeddings are tied)
 
 
 def param_bytes(params, *, exclude_embed: bool = False) -> int:
-    """Bytes held by the parameters. With exclude_embed the embedding table is left out: a decode
-    step reads one row of it, so `param_bytes(p, exclude_embed=True)` is the weight traffic per
-    token."""
+    """Bytes held by the parameters, each array counted once (a tied LM head is the embedding
+    itself). With exclude_embed the embedding table is left out (a tied head still counts): a
+    decode step reads one row of the table but all of the head, so
+    `param_bytes(p, exclude_embed=True)` is the weight traffic per token."""
     leaves = jax.tree_util.tree_leaves(params.replace(embed=None) if exclude_embed else params)
-    return int(sum(x.size * x.dtype.itemsize for x in leaves))
+    unique = {id(x): x for x in leaves}.values()
+    return int(sum(x.size * x.dtype.itemsize for x in unique))
+
+
+def device_put_shared(tree, device):
+    """`jax.device_put(tree, device)` that keeps shared leaves shared: an array appearing twice
+    (a tied LM head is the embedding table) is copied once, so a tied 0.5B draft does not hold its
+    151936 x 896 table twice."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    first = {id(x): i for i, x in reversed(list(enumerate(leaves)))}  # id -> first index
+    order = list(first)
+    moved = dict(zip(order, jax.device_put([leaves[first[k]] for k in order], device), strict=True))  # one call
+    out = [moved[id(x)] for x in leaves]
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def init_random(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: float = 0.02, *, device=None) -> ModelParams:
@@ -71,7 +85,7 @@ def init_random(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32, scale: float
 
     with jax.default_device(device):
         params = _build(cfg, lambda *shape: normal(shape, scale), lambda n: normal((n,), 0.1) + jnp.asarray(1, dtype))
-    return jax.device_put(params, device)
+    return device_put_shared(params, device)
 
 
 def _build(cfg: ModelConfig, w, ones_ish) -> ModelParams:
@@ -96,5 +110,5 @@ def _build(cfg: ModelConfig, w, ones_ish) -> ModelParams:
         for _ in range(cfg.num_layers)
     )
     embed = w(cfg.vocab_size, h)
-    lm_head = jnp.array(embed) if cfg.tie_embeddings else wt(h, cfg.vocab_size)
+    lm_head = embed if cfg.tie_embeddings else wt(h, cfg.vocab_size)
     return ModelParams(embed=embed, layers=layers, final_norm=ones_ish(h), lm_head=lm_head)

@@ -195,3 +195,21 @@ def test_rejection_end_to_end_distribution(method):
         )
         second.append(res.tokens[0][1])
     assert chi2_pvalue(np.array(second), exact / exact.sum()) > 1e-3
+
+
+def test_filters_off_is_plain_log_softmax_and_keeps_the_tail():
+    """top_k = 0 and top_p = 1 mean off: the distribution is exactly softmax(logits / T), including
+    tokens whose mass underflows the cumulative sum (the sort-based filter used to drop them: with
+    logits [0, -20, -200], P(token 2) ~ 1e-87 is 0 in float32 and its exclusive cumulative mass is
+    1.0, which is not < top_p = 1). With top_p < 1 the nucleus filter still runs."""
+    import jax
+
+    logits = jnp.asarray([[0.0, -20.0, -200.0], [1.0, 2.0, 3.0]], jnp.float32)
+    run = jax.jit(processed_logprobs)
+    off = run(logits, jnp.float32(2.0), jnp.int32(0), jnp.float32(1.0))
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(jax.nn.log_softmax(logits / 2.0, axis=-1)))
+    assert float(off[0, 2]) > -200.0  # kept (old: -1e30)
+    nucleus = run(logits, jnp.float32(1.0), jnp.int32(0), jnp.float32(0.5))
+    assert float(nucleus[0, 1]) < -1e29 and float(nucleus[1, 2]) == 0.0  # only the top token survives
+    top2 = run(logits, jnp.float32(1.0), jnp.int32(2), jnp.float32(1.0))
+    assert float(top2[1, 0]) < -1e29 and float(top2[1, 1]) > -2.0

@@ -164,3 +164,29 @@ def test_dense_is_x_times_w_transposed(dtype, lead):
     tol = 1e-5 if dtype == jnp.float32 else 5e-2
     np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=tol, atol=tol * 8)
     assert M.dense(x, w, out_dtype=jnp.float32).dtype == jnp.float32
+
+
+def test_tied_head_is_the_embedding_and_stays_shared():
+    """A tied LM head is the embedding array itself: counted once by param_bytes, kept shared by
+    device_put_shared (a plain device_put would copy it twice), and the logits equal those of an
+    untied copy."""
+    import dataclasses
+
+    import jax
+
+    from mirror_jax.params import device_put_shared, param_bytes
+
+    cfg = dataclasses.replace(cfg_for("qwen2"), tie_embeddings=True)
+    p = init_random(cfg, 0)
+    assert p.lm_head is p.embed
+    table = p.embed.size * p.embed.dtype.itemsize
+    assert param_bytes(p) == param_bytes(p.replace(lm_head=jnp.array(p.embed))) - table
+    assert param_bytes(p, exclude_embed=True) == param_bytes(p)  # the table is still read, as the head
+    other = jax.devices("cpu")[1]
+    q = device_put_shared(p, other)
+    assert q.lm_head is q.embed and q.embed.devices() == {other}
+    plain = jax.device_put(p, other)
+    assert plain.lm_head is not plain.embed  # what device_put_shared avoids
+    tokens = jnp.asarray([[3, 1, 4, 1, 5]], jnp.int32)
+    run = lambda params: M.forward(cfg, params, tokens, init_cache(cfg, 1, 16))[0]
+    np.testing.assert_array_equal(np.asarray(run(p)), np.asarray(run(p.replace(lm_head=jnp.array(p.embed)))))

@@ -20,6 +20,8 @@ import dataclasses
 
 import jax
 
+from mirror_jax.params import device_put_shared
+
 _PLATFORM_ALIASES = {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "cpu": "cpu", "tpu": "tpu"}
 
 
@@ -93,11 +95,11 @@ class Placement:
 
     def to_target(self, tree):
         """Token channel draft -> target (and the initial placement of target state)."""
-        return jax.device_put(tree, self.target)
+        return device_put_shared(tree, self.target)
 
     def to_draft(self, tree):
         """Token channel target -> draft (and the initial placement of draft state)."""
-        return jax.device_put(tree, self.draft)
+        return device_put_shared(tree, self.draft)
 
 
 def device_of(x) -> jax.Device:

@@ -112,7 +112,7 @@ def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple[int, ...]], set[s
     """(required {hf_name: torch-layout shape}, optional names) for a config.
 
     Shapes are in the checkpoint's PyTorch layout (``[out, in]`` for linear weights). The LM head is
-    optional when the embeddings are tied (it is then a copy of the embedding)."""
+    optional when the embeddings are tied (it is then the embedding array itself)."""
     h, i, v, d = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
     shapes: dict[str, tuple[int, ...]] = {EMBED: (v, h), FINAL_NORM: (h,), LM_HEAD: (v, h)}
     for layer in range(cfg.num_layers):
@@ -233,7 +233,7 @@ def build_params(
         del w_qkv, gate_up
     embed_np = read(EMBED)
     embed = dev(embed_np)
-    lm_head = dev(read(LM_HEAD)) if LM_HEAD in shapes else dev(embed_np)
+    lm_head = dev(read(LM_HEAD)) if LM_HEAD in shapes else embed  # tied: one array, held once
     del embed_np
     return ModelParams(embed=embed, layers=tuple(layers), final_norm=dev(read(FINAL_NORM)), lm_head=lm_head)
 
