@@ -4,7 +4,8 @@ For each selected model of the default pair (target Qwen2.5-Coder-1.5B, draft 0.
 a time and freed before the next:
 
 * ms per generated token (greedy, fixed number of new tokens, warm-up excluded, median over
-  repeats) for mirror_jax (`generate_ar` -> jitted `decode_step`) and for transformers/torch
+  repeats) for mirror_jax in every ``--dtypes`` (float32, bfloat16: the same GGUF weights
+  dequantised to that dtype; `generate_ar` -> jitted `decode_step`) and for transformers/torch
   (fp32, `torch.set_num_threads(<cores>)`, a manual greedy loop with ``past_key_values``);
 * the cost of one forward over 1, 2, 4, 8, 16 new tokens after a committed context (default 256
   tokens): a jitted `model.forward` on a KV cache (mirror_jax) and a forward on a cropped
@@ -12,7 +13,9 @@ a time and freed before the next:
 * the weight bytes read per token (`param_bytes(params, exclude_embed=True)`) and the machine's
   memory bandwidth measured in the same run (1 GiB copies, numpy and jax, best of several:
   bytes read + written / time; plus a jax read-only reduction), so every time is also shown as a
-  multiple of the bandwidth floor (bytes per token / bandwidth).
+  multiple of the bandwidth floor (bytes per token / bandwidth, for the dtype's bytes);
+* the resident memory after loading each model in each dtype (and the process peak), and whether
+  the bfloat16 greedy tokens equal the float32 ones.
 
 Writes ``experiments/results/bench_decode.{json,md,png}`` (``--name`` changes the stem).
 The machine is shared: the load average at start and end is recorded; numbers from a loaded
@@ -44,7 +47,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mirror_jax import model as M  # noqa: E402
-from mirror_jax.bench.report import machine_info, machine_md, markdown_table, memory_bandwidth_gbs, write_results  # noqa: E402
+from mirror_jax.bench.report import (  # noqa: E402
+    jax_bandwidth_gbs,
+    machine_info,
+    machine_md,
+    markdown_table,
+    memory_bandwidth_gbs,
+    write_results,
+)  # noqa: E402
 from mirror_jax.config import QWEN25_0_5B, QWEN25_1_5B  # noqa: E402
 from mirror_jax.engine.autoregressive import generate_ar  # noqa: E402
 from mirror_jax.kv_cache import init_cache, set_lengths  # noqa: E402
@@ -63,38 +73,31 @@ NAMES = {"target": "Qwen2.5-Coder-1.5B", "draft": "Qwen2.5-Coder-0.5B"}
 # ----------------------------------------------------------------------------- bandwidth
 
 
-def jax_bandwidth(nbytes: int, repeats: int) -> tuple[float, float]:
-    """(copy GB/s counting read + write, read-only GB/s) of jitted jax ops on a `nbytes` array."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a + 1.0, donate_argnums=0)  # in place: no fresh 1 GiB buffer to fault in
-    read = jax.jit(lambda a: jnp.sum(a))
-    tc = tr = float("inf")
-    x = jax.block_until_ready(copy(x))
-    jax.block_until_ready(read(x))
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x = jax.block_until_ready(copy(x))
-        tc = min(tc, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        jax.block_until_ready(read(x))
-        tr = min(tr, time.perf_counter() - t0)
-    del x
-    return 2 * nbytes / tc / 1e9, nbytes / tr / 1e9
-
-
 # ----------------------------------------------------------------------------- mirror_jax
 
 
-def load_jax(role: str, random: bool):
+def load_jax(role: str, random: bool, dtype=jnp.float32):
     if random:
         cfg = CONFIGS[role]
-        return cfg, init_random(cfg, seed=0, dtype=jnp.float32), None
+        return cfg, init_random(cfg, seed=0, dtype=dtype), None
     from mirror_jax.loading import DRAFT_SPEC, TARGET_SPEC, assemble_default_files, load_gguf
 
     paths = dict(zip(("target", "draft"), assemble_default_files(), strict=True))
     spec = TARGET_SPEC if role == "target" else DRAFT_SPEC
-    lm = load_gguf(paths[role], jnp.float32, sha256=spec.sha256, progress=True)
+    lm = load_gguf(paths[role], dtype, sha256=spec.sha256, progress=True)
     return lm.cfg, lm.params, lm.tokenizer
+
+
+def rss_gib() -> dict:
+    """Resident memory now and the process peak so far (GiB), from /proc/self/status."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("VmRSS", "VmHWM")):
+                out["rss_gib" if line.startswith("VmRSS") else "peak_gib"] = int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return out
 
 
 def prompt_ids(tokenizer, vocab: int) -> list[int]:
@@ -210,7 +213,10 @@ def plot(results: dict, sizes, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (role, r) in enumerate(results.items()):
         color = f"C{i}"
-        ax.plot(sizes, [r["jax"]["forward_ms"][t] for t in sizes], "o-", color=color, label=f"{NAMES[role]} mirror_jax")
+        for key, style in (("jax", "o-"), ("jax_bfloat16", "^-.")):
+            if key in r:
+                ax.plot(sizes, [r[key]["forward_ms"][t] for t in sizes], style, color=color,
+                        label=f"{NAMES[role]} mirror_jax {r[key]['dtype']}")
         if r.get("torch"):
             ax.plot(
                 sizes,
@@ -220,12 +226,12 @@ def plot(results: dict, sizes, path: Path) -> None:
                 alpha=0.6,
                 label=f"{NAMES[role]} transformers/torch",
             )
-        ax.axhline(r["floor_ms"], color=color, ls=":", lw=1, label=f"{NAMES[role]} bandwidth floor")
+        ax.axhline(r["floor_ms"], color=color, ls=":", lw=1, label=f"{NAMES[role]} float32 bandwidth floor")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("tokens per forward (after the committed context)")
     ax.set_ylabel("ms per forward")
-    ax.set_title("Forward cost vs tokens per forward (fp32, CPU)")
+    ax.set_title("Forward cost vs tokens per forward (CPU)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -241,21 +247,24 @@ def report(args, info, bandwidth, results, sizes, argv) -> None:
 
     rows, frows = [], []
     for r in results.values():
-        for impl in ("jax", "torch"):
+        for impl in ("jax", "jax_bfloat16", "torch"):
             if impl not in r:
                 continue
             d = r[impl]
             f = d["forward_ms"]
-            name = "mirror_jax" if impl == "jax" else f"transformers {info['versions'].get('transformers')}/torch"
+            floor = d if "floor_ms" in d else r  # torch: float32 weights, the float32 floor
+            name = {"jax": "mirror_jax float32", "jax_bfloat16": "mirror_jax bfloat16"}.get(
+                impl, f"transformers {info['versions'].get('transformers')}/torch float32")
             rows.append(
                 {
                     "model": r["model"],
                     "implementation": name,
                     "ms/token": d["ms_per_token"],
-                    "x floor (copy bw)": d["ms_per_token"] / r["floor_ms"],
-                    "x floor (read bw)": d["ms_per_token"] / r["read_floor_ms"],
-                    "floor ms": r["floor_ms"],
-                    "GB/token": r["bytes_per_token"] / 1e9,
+                    "x floor (copy bw)": d["ms_per_token"] / floor["floor_ms"],
+                    "x floor (read bw)": d["ms_per_token"] / floor["read_floor_ms"],
+                    "floor ms": floor["floor_ms"],
+                    "GB/token": floor["bytes_per_token"] / 1e9,
+                    "RSS after load GiB": d.get("memory_after_load", {}).get("rss_gib", ""),
                 }
             )
             frow = {"model": r["model"], "implementation": name}
@@ -269,8 +278,9 @@ def report(args, info, bandwidth, results, sizes, argv) -> None:
         "x floor (read bw)": "{:.2f}",
         "floor ms": "{:.1f}",
         "GB/token": "{:.2f}",
+        "RSS after load GiB": "{:.2f}",
     }
-    md = "# Decode benchmark (CPU, float32, batch 1)\n\n" + machine_md(info)
+    md = "# Decode benchmark (CPU, batch 1)\n\n" + machine_md(info)
     md += (
         f"Load average at end {tuple(round(x, 2) for x in info['load_average_end'])}.\n\n"
         f"Bandwidth (1 GiB, best of 5): numpy copy {bw_np:.1f} GB/s, jax copy {bw_jax_copy:.1f} GB/s "
@@ -286,7 +296,10 @@ def report(args, info, bandwidth, results, sizes, argv) -> None:
     md += markdown_table(frows, list(frows[0]) if frows else [])
     for r in results.values():
         if "greedy_tokens_match" in r:
-            md += f"\n{r['model']}: mirror_jax and torch greedy tokens identical: {r['greedy_tokens_match']}."
+            md += f"\n{r['model']}: mirror_jax float32 and torch greedy tokens identical: {r['greedy_tokens_match']}."
+        if "jax_bfloat16_tokens_equal_float32" in r:
+            md += (f"\n{r['model']}: mirror_jax bfloat16 greedy tokens equal float32's: "
+                   f"{r['jax_bfloat16_tokens_equal_float32']}.")
     md += "\n\nCommand: `python experiments/bench_decode.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`\n"
     jp, mp = write_results(args.out, args.name, payload, md)
     png = Path(args.out) / f"{args.name}.png"
@@ -303,6 +316,8 @@ def main(argv=None) -> int:
     ap.add_argument("--forward-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--context", type=int, default=256, help="committed tokens before a timed forward")
     ap.add_argument("--no-torch", action="store_true", help="skip transformers/torch")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
+                    help="mirror_jax weight dtypes to measure (float32 first: the others are compared to it)")
     ap.add_argument("--random", action="store_true", help="random weights with the real shapes (no GGUF, no torch)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0)
@@ -316,7 +331,7 @@ def main(argv=None) -> int:
     nbytes = int(args.bandwidth_gib * (1 << 30))
     print("measuring memory bandwidth ...", flush=True)
     bw_np = memory_bandwidth_gbs(nbytes)
-    bw_jax_copy, bw_jax_read = jax_bandwidth(nbytes, 5)
+    bw_jax_copy, bw_jax_read = jax_bandwidth_gbs(nbytes, 5)
     bw_copy = max(bw_np, bw_jax_copy)
     bandwidth = {
         "numpy_copy_gbs": bw_np,
@@ -330,27 +345,35 @@ def main(argv=None) -> int:
     results = {}
     for role in tqdm(args.models, desc="models"):
         r = {"model": NAMES[role], "weights": "random" if args.random else "GGUF Q4_K_M dequantised to float32"}
-        cfg, params, tok = load_jax(role, args.random)
-        prompt = prompt_ids(tok, cfg.vocab_size)
-        r["prompt_tokens"] = len(prompt)
-        r["bytes_per_token"] = param_bytes(params, exclude_embed=True)
-        r["lm_head_bytes"] = int(params.lm_head.size * params.lm_head.dtype.itemsize)
-        r["floor_ms"] = 1e3 * r["bytes_per_token"] / (bandwidth["floor_gbs"] * 1e9)
-        r["read_floor_ms"] = 1e3 * r["bytes_per_token"] / (bandwidth["read_floor_gbs"] * 1e9)
-        print(f"{NAMES[role]}: {r['bytes_per_token'] / 1e9:.2f} GB per token, floor {r['floor_ms']:.1f} ms", flush=True)
-        r["jax"] = jax_decode(cfg, params, prompt, args.new_tokens, args.repeats)
-        r["jax"]["forward_ms"] = jax_forward_costs(cfg, params, args.context, sizes, args.repeats)
-        print(f"  mirror_jax: {r['jax']['ms_per_token']:.1f} ms/token, forward {r['jax']['forward_ms']}", flush=True)
-        vocab = cfg.vocab_size
-        del params, tok
-        jax.clear_caches()
-        gc.collect()
+        for dt in args.dtypes:
+            key = "jax" if dt == "float32" else f"jax_{dt}"
+            cfg, params, tok = load_jax(role, args.random, getattr(jnp, dt))
+            prompt = prompt_ids(tok, cfg.vocab_size)
+            r["prompt_tokens"] = len(prompt)
+            nb = param_bytes(params, exclude_embed=True)
+            d = {"dtype": dt, "bytes_per_token": nb, "floor_ms": 1e3 * nb / (bandwidth["floor_gbs"] * 1e9),
+                 "read_floor_ms": 1e3 * nb / (bandwidth["read_floor_gbs"] * 1e9), "memory_after_load": rss_gib()}
+            r["lm_head_bytes"] = int(params.lm_head.size * params.lm_head.dtype.itemsize)
+            print(f"{NAMES[role]} {dt}: {nb / 1e9:.2f} GB per token, floor {d['floor_ms']:.1f} ms, "
+                  f"{d['memory_after_load']}", flush=True)
+            d.update(jax_decode(cfg, params, prompt, args.new_tokens, args.repeats))
+            d["forward_ms"] = jax_forward_costs(cfg, params, args.context, sizes, args.repeats)
+            print(f"  mirror_jax {dt}: {d['ms_per_token']:.1f} ms/token, forward {d['forward_ms']}", flush=True)
+            r[key] = d
+            if key != "jax" and "jax" in r:
+                r[f"{key}_tokens_equal_float32"] = d["tokens"] == r["jax"]["tokens"]
+            vocab = cfg.vocab_size
+            del params, tok
+            jax.clear_caches()
+            gc.collect()
+        r.update({k: r["jax"][k] for k in ("bytes_per_token", "floor_ms", "read_floor_ms")} if "jax" in r else {})
         if use_torch:
             model = load_torch(role, args.threads)
             r["torch_bytes_per_token"] = torch_weight_bytes(model)
             r["torch"] = torch_decode(model, prompt, args.new_tokens, args.repeats)
             r["torch"]["forward_ms"] = torch_forward_costs(model, vocab, args.context, sizes, args.repeats)
-            r["greedy_tokens_match"] = r["torch"]["tokens"] == r["jax"]["tokens"]
+            if "jax" in r:
+                r["greedy_tokens_match"] = r["torch"]["tokens"] == r["jax"]["tokens"]
             print(f"  torch: {r['torch']['ms_per_token']:.1f} ms/token, forward {r['torch']['forward_ms']}", flush=True)
             del model
             gc.collect()

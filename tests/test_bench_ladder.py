@@ -140,8 +140,13 @@ def test_gpu_kit_tiny_cpu_path(tiny_run, tmp_path):
         for k in ("ar_step", "target_full", "verify", "prefix", "suffix", "draft_rollout_ar", "select_reuse_ar",
                   "select_fallback_ar", "mirror_round_ar", "sd_round_ar"):
             assert ph[k] is not None and ph[k] > 0, k
+        bw = res["bandwidth"]  # the ar step against the device's measured copy bandwidth
+        assert bw["device_copy_gbs"] > 0 and bw["step_weight_bytes"] > 0 and bw["step_kv_bytes"] > 0
+        step_bytes = bw["step_weight_bytes"] + bw["step_kv_bytes"]
+        assert bw["ar_effective_gbs"] == pytest.approx(step_bytes / ph["ar_step"] / 1e6)
+        assert bw["fraction_of_copy"] == pytest.approx(bw["ar_effective_gbs"] / bw["device_copy_gbs"])
         proj = res["projection"]
         assert proj["mirror_ar"]["acceptance_from"] == "file"
         assert proj["mirror_ar"]["projected_speedup_modeled_two_device"] > 0
     md = (tmp_path / "gpu_kit_tiny.md").read_text()
-    assert "PROJECTED" in md and "MODELED" in md
+    assert "PROJECTED" in md and "MODELED" in md and "of the device's measured copy bandwidth" in md

@@ -20,7 +20,8 @@ Mirror-SD's fallback rate. Everything MODELED/PROJECTED is labelled so in the ou
     python experiments/gpu/run_gpu_kit.py --quick            # ~3-5 minutes: 1.5B and 7B on the GPU only
     python experiments/gpu/run_gpu_kit.py --tiny             # CPU smoke test on tiny shapes
 
-Writes experiments/results/gpu_kit[_<tag>].json and .md. The whole run respects --budget-s
+Writes experiments/results/gpu/gpu_kit[_<tag>].json and .md, with the target decode step as a fraction
+of the device's measured copy bandwidth (`step_bandwidth`). The whole run respects --budget-s
 (default 540 s): a configuration is skipped when too little time is left, and every configuration
 runs inside try/except so one failure (e.g. out of memory) does not lose the others.
 """
@@ -99,6 +100,33 @@ def _median_ms(fn, setup, iters: int, budget: Budget, min_left: float = 5.0):
     return (1e3 * float(np.median(times)) if times else None), first, out
 
 
+_COPY_GBS: dict = {}  # device -> (copy, read) GB/s, measured once per run
+
+
+def step_bandwidth(cfg, params, capacity: int, dtype, step_ms: float | None, device, tiny: bool) -> dict:
+    """The ar decode step as a fraction of the device's measured bandwidth: bytes one step must
+    read (weights except the embedding table, plus the K/V cache's capacity, which attention scans)
+    over its median time, against a jitted in-place copy (read + write) and a sum (read) of a
+    1 GiB buffer on the same device (64 MiB for --tiny)."""
+    import jax.numpy as jnp
+
+    from mirror_jax.bench.report import jax_bandwidth_gbs
+    from mirror_jax.params import param_bytes
+
+    if device not in _COPY_GBS:
+        _COPY_GBS[device] = jax_bandwidth_gbs((64 if tiny else 1024) << 20, 5, device=device)
+    copy_gbs, read_gbs = _COPY_GBS[device]
+    weights = param_bytes(params, exclude_embed=True)
+    kv = 2 * cfg.num_layers * capacity * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    out = {"device_copy_gbs": copy_gbs, "device_read_gbs": read_gbs, "step_weight_bytes": weights,
+           "step_kv_bytes": kv, "ar_step_ms": step_ms}
+    if step_ms:
+        eff = (weights + kv) / (step_ms * 1e-3) / 1e9
+        out.update(ar_effective_gbs=eff, fraction_of_copy=eff / copy_gbs, fraction_of_read=eff / read_gbs,
+                   floor_ms_at_copy=(weights + kv) / (copy_gbs * 1e9) * 1e3)
+    return out
+
+
 def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: dict, with_ss: bool,
                    res: dict) -> dict:
     """Per-phase and whole-round times of ar, sd and mirror (AR draft, and SS draft when the engine
@@ -173,6 +201,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
         return last_t, state["ct"]
 
     timed("ar_step", ar_step, ar_setup)
+    res["bandwidth"] = step_bandwidth(cfg_t, p_t, cap, tdt, ph["ar_step"], pl.target, tiny=kc.target.startswith("tiny"))
 
     # sd: target_full + verify, draft_propose (gamma tokens), channels
     def t_full(cache):
@@ -367,6 +396,15 @@ def to_markdown(payload: dict) -> str:
             lines.append(f"Incomplete: {r['error']}\n\n")
         if not r.get("phases_ms"):
             continue
+        bw = r.get("bandwidth") or {}
+        if bw.get("fraction_of_copy") is not None:
+            lines.append(f"Target decode step (ar): {bw['ar_step_ms']:.3f} ms for "
+                         f"{bw['step_weight_bytes'] / 1e9:.2f} GB of "
+                         f"weights + {bw['step_kv_bytes'] / 1e9:.3f} GB of K/V = {bw['ar_effective_gbs']:.0f} GB/s, "
+                         f"**{100 * bw['fraction_of_copy']:.0f}% of the device's measured copy bandwidth** "
+                         f"({bw['device_copy_gbs']:.0f} GB/s read + write; {100 * bw['fraction_of_read']:.0f}% of its "
+                         f"read bandwidth, {bw['device_read_gbs']:.0f} GB/s); floor at copy bandwidth "
+                         f"{bw['floor_ms_at_copy']:.3f} ms.\n\n")
         lines.append("| phase | ms (median) | first call s (compile) |\n|---|---|---|\n")
         for k, v in r["phases_ms"].items():
             lines.append(f"| {k} | {'-' if v is None else f'{v:.3f}'} | {r['compile_s'].get(k, 0):.1f} |\n")
@@ -395,7 +433,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gamma", type=int, default=None, help="draft window (default: the acceptance file's, else 7)")
     ap.add_argument("--kappa", type=int, default=None, help="early-exit candidates (default 8; tiny 4)")
     ap.add_argument("--no-ss", action="store_true", help="skip the SS-draft variants")
-    ap.add_argument("--out", default=str(REPO / "experiments" / "results"))
+    ap.add_argument("--out", default=str(REPO / "experiments" / "results" / "gpu"))
     ap.add_argument("--tag", default=None, help="output name suffix: gpu_kit_<tag>.json")
     args = ap.parse_args(argv)
     budget = Budget(args.budget_s)

@@ -9,6 +9,7 @@ run leaves behind (JSON, markdown, acceptance summary, the plots of `mirror_jax.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -87,6 +88,31 @@ def memory_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - t0)
     return 2 * nbytes / best / 1e9
+
+
+def jax_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5, device=None) -> tuple[float, float]:
+    """(copy GB/s counting read + write, read-only GB/s) of jitted jax ops on an `nbytes` float32
+    array on `device` (default: JAX's default device), best of `repeats`. The copy runs in place
+    (donated), so no fresh buffer is faulted in; the read is a sum."""
+    import jax
+    import jax.numpy as jnp
+
+    with jax.default_device(device) if device is not None else contextlib.nullcontext():
+        x = jnp.ones((nbytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    read = jax.jit(lambda a: jnp.sum(a))
+    tc = tr = float("inf")
+    x = jax.block_until_ready(copy(x))
+    jax.block_until_ready(read(x))
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x = jax.block_until_ready(copy(x))
+        tc = min(tc, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        jax.block_until_ready(read(x))
+        tr = min(tr, time.perf_counter() - t0)
+    del x
+    return 2 * nbytes / tc / 1e9, nbytes / tr / 1e9
 
 
 def write_results(out_dir: str | os.PathLike, name: str, payload: dict, table_md: str) -> tuple[Path, Path]:

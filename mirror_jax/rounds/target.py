@@ -24,9 +24,14 @@ def early_exit(ee_logits: jax.Array, window: jax.Array, kappa: int) -> EarlyExit
 
     The on-path draft token can never be the correction at its own depth (verification stopped
     there because the target disagreed with it), so it is excluded and the next-best token takes
-    its place; the raw top-kappa is kept for Omega_kappa."""
+    its place; the raw top-kappa is kept for Omega_kappa.
+
+    The top-k result goes through an optimization barrier: without it XLA:CPU (jax 0.10.2) turned
+    the TopK call into a full sort of [gamma+1, V] once its outputs had three consumers (the
+    candidates, their log-probs and the raw top ids), ~300-400 ms per round for the 152k vocabulary
+    against ~3 ms (`tests/test_rounds.py::test_early_exit_compiles_without_a_vocabulary_sort`)."""
     ee_lp = jax.nn.log_softmax(ee_logits, axis=-1)  # [gamma+1, V]
-    lps, ids = jax.lax.top_k(ee_lp, kappa + 1)
+    lps, ids = jax.lax.optimization_barrier(jax.lax.top_k(ee_lp, kappa + 1))  # [gamma+1, kappa+1] each
     on_path = jnp.concatenate([window, jnp.full((1,), -1, jnp.int32)])  # [gamma+1]
     # Stable order with the on-path token (if present) moved last, then keep kappa.
     order = jnp.argsort(jnp.where(ids == on_path[:, None], kappa + 1, jnp.arange(kappa + 1)), axis=-1)
