@@ -22,31 +22,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mirror_jax import model as M  # noqa: E402
-from mirror_jax.bench.report import machine_info, machine_md, markdown_table, write_results  # noqa: E402
+from mirror_jax.bench.report import machine_info, machine_md, markdown_table, median_ms, write_results  # noqa: E402
 from mirror_jax.config import SHAPES  # noqa: E402
 from mirror_jax.kv_cache import init_cache, set_lengths  # noqa: E402
 from mirror_jax.params import init_random, param_bytes  # noqa: E402
-
-
-def median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
 
 
 def main(argv=None) -> int:

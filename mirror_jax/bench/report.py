@@ -90,6 +90,20 @@ def memory_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return 2 * nbytes / best / 1e9
 
 
+def median_ms(fn, *args, repeats: int) -> float:
+    """Median wall ms of ``fn(*args)`` (blocked on) over `repeats` calls, after one untimed call
+    (compilation)."""
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
 def jax_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5, device=None) -> tuple[float, float]:
     """(copy GB/s counting read + write, read-only GB/s) of jitted jax ops on an `nbytes` float32
     array on `device` (default: JAX's default device), best of `repeats`. The copy runs in place
