@@ -54,7 +54,7 @@ from mirror_jax.bench.report import (  # noqa: E402
     markdown_table,
     memory_bandwidth_gbs,
     write_results,
-)  # noqa: E402
+)
 from mirror_jax.config import QWEN25_0_5B, QWEN25_1_5B  # noqa: E402
 from mirror_jax.engine.autoregressive import generate_ar  # noqa: E402
 from mirror_jax.kv_cache import init_cache, set_lengths  # noqa: E402

@@ -58,9 +58,8 @@ def device_put_shared(tree, device):
     (a tied LM head is the embedding table) is copied once, so a tied 0.5B draft does not hold its
     151936 x 896 table twice."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    first = {id(x): i for i, x in reversed(list(enumerate(leaves)))}  # id -> first index
-    order = list(first)
-    moved = dict(zip(order, jax.device_put([leaves[first[k]] for k in order], device), strict=True))  # one call
+    unique = list({id(x): x for x in leaves}.values())
+    moved = dict(zip(map(id, unique), jax.device_put(unique, device), strict=True))  # one batched call
     out = [moved[id(x)] for x in leaves]
     return jax.tree_util.tree_unflatten(treedef, out)
 

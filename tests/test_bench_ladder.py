@@ -109,7 +109,7 @@ def test_round_time_model():
 
 
 def test_specbench_questions_ship_with_the_package():
-    """No ../shared needed: the 480 SpecBench questions (and their provenance and licence) are package
+    """No data outside the package needed: the 480 SpecBench questions (and their provenance and licence) are package
     data, found without --questions, and declared so a wheel carries them."""
     import tomllib
 

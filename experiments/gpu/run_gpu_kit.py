@@ -103,13 +103,11 @@ def _median_ms(fn, setup, iters: int, budget: Budget, min_left: float = 5.0):
 _COPY_GBS: dict = {}  # device -> (copy, read) GB/s, measured once per run
 
 
-def step_bandwidth(cfg, params, capacity: int, dtype, step_ms: float | None, device, tiny: bool) -> dict:
+def step_bandwidth(params, cache, step_ms: float | None, device, tiny: bool) -> dict:
     """The ar decode step as a fraction of the device's measured bandwidth: bytes one step must
-    read (weights except the embedding table, plus the K/V cache's capacity, which attention scans)
+    read (weights except the embedding table, plus the whole K/V `cache`, which attention scans)
     over its median time, against a jitted in-place copy (read + write) and a sum (read) of a
     1 GiB buffer on the same device (64 MiB for --tiny)."""
-    import jax.numpy as jnp
-
     from mirror_jax.bench.report import jax_bandwidth_gbs
     from mirror_jax.params import param_bytes
 
@@ -117,7 +115,7 @@ def step_bandwidth(cfg, params, capacity: int, dtype, step_ms: float | None, dev
         _COPY_GBS[device] = jax_bandwidth_gbs((64 if tiny else 1024) << 20, 5, device=device)
     copy_gbs, read_gbs = _COPY_GBS[device]
     weights = param_bytes(params, exclude_embed=True)
-    kv = 2 * cfg.num_layers * capacity * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    kv = sum(a.nbytes for a in cache.k + cache.v)
     out = {"device_copy_gbs": copy_gbs, "device_read_gbs": read_gbs, "step_weight_bytes": weights,
            "step_kv_bytes": kv, "ar_step_ms": step_ms}
     if step_ms:
@@ -201,7 +199,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
         return last_t, state["ct"]
 
     timed("ar_step", ar_step, ar_setup)
-    res["bandwidth"] = step_bandwidth(cfg_t, p_t, cap, tdt, ph["ar_step"], pl.target, tiny=kc.target.startswith("tiny"))
+    res["bandwidth"] = step_bandwidth(p_t, state["ct"], ph["ar_step"], pl.target, tiny=kc.target.startswith("tiny"))
 
     # sd: target_full + verify, draft_propose (gamma tokens), channels
     def t_full(cache):

@@ -148,7 +148,7 @@ def generate(
     eos = tuple(cfg_t.eos_token_ids if eos_ids is None else eos_ids)
     if method == "ar":
         res = generate_ar(
-            cfg_t, pl.to_target(p_t), prompts, max_new_tokens, sampling=sampling, eos_ids=eos, max_len=max_len
+            cfg_t, pl.params_to_target(p_t), prompts, max_new_tokens, sampling=sampling, eos_ids=eos, max_len=max_len
         )
         res.stats["tokens_per_s"] = res.num_generated / max(res.stats["total_s"], 1e-9)
         return res
@@ -160,10 +160,10 @@ def generate(
     )
     capacity = cache_capacity(max(map(len, prompts)), max_new_tokens, s.margin(), max_len)
     sscfg, ssp = (None, None) if ss_adapter is None else tuple(ss_adapter)[:2]
-    tgt = TargetModel(cfg_t, pl.to_target(p_t))
-    p_d = pl.to_draft(p_d)
+    tgt = TargetModel(cfg_t, pl.params_to_target(p_t))
+    p_d = pl.params_to_draft(p_d)
     # An SS adapter's LoRA is merged once per call, on the draft's device.
-    drf = DraftModel(cfg_d, p_d, None if ssp is None else ss_draft(cfg_d, sscfg, p_d, pl.to_draft(ssp)))
+    drf = DraftModel(cfg_d, p_d, None if ssp is None else ss_draft(cfg_d, sscfg, p_d, pl.params_to_draft(ssp)))
     t0 = time.perf_counter()
     tokens, rounds = [], []
     for row, prompt in enumerate(prompts):

@@ -9,7 +9,8 @@ string::
     Placement.parse("cpu:0")         # one device: the same code path, serialised
 
 Two host devices need ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` set before jax is
-imported. Parameters and caches are `device_put` once (`to_target`, `to_draft`); every
+imported. Parameters are `device_put` once (`params_to_target`, `params_to_draft`, which keep a
+tied LM head shared with the embedding), caches are created on their device; every
 cross-device hand-off in the engine goes through `to_target` / `to_draft`, so the token channel
 is exactly those calls.
 """
@@ -95,11 +96,19 @@ class Placement:
 
     def to_target(self, tree):
         """Token channel draft -> target (and the initial placement of target state)."""
-        return device_put_shared(tree, self.target)
+        return jax.device_put(tree, self.target)
 
     def to_draft(self, tree):
         """Token channel target -> draft (and the initial placement of draft state)."""
-        return device_put_shared(tree, self.draft)
+        return jax.device_put(tree, self.draft)
+
+    def params_to_target(self, params):
+        """The target's parameters onto its device, once per call (shared leaves stay shared)."""
+        return device_put_shared(params, self.target)
+
+    def params_to_draft(self, params):
+        """The draft's parameters (or an SS adapter) onto its device, once per call."""
+        return device_put_shared(params, self.draft)
 
 
 def device_of(x) -> jax.Device:
