@@ -19,16 +19,21 @@ import dataclasses
 import time
 from collections.abc import Sequence
 
+import jax
+import numpy as np
+
 from mirror_jax.engine.autoregressive import GenerationResult, generate_ar
+from mirror_jax.engine.device_loop import LoopSpec, run_device_loop
 from mirror_jax.engine.placement import Placement
-from mirror_jax.engine.prefill import cache_capacity, validate_prompts
+from mirror_jax.engine.prefill import cache_capacity, pad_prompts, truncate_at_eos, validate_prompts
 from mirror_jax.engine.speculative import DraftModel, SpecDecoder, SpecSettings, TargetModel
-from mirror_jax.engine.stats import summarize
+from mirror_jax.engine.stats import summarize, summarize_rows
 from mirror_jax.rounds.verify import VERIFIERS
 from mirror_jax.sampling import SamplingParams
 from mirror_jax.ss.rollout import ss_draft
 
 METHODS = ("ar", "sd", "mirror")
+LOOPS = ("host", "device")
 
 
 class ConfigError(ValueError):
@@ -127,10 +132,15 @@ def generate(
     allow_full_exit: bool = False,
     ss_adapter=None,
     progress=None,
+    loop: str = "host",
 ) -> GenerationResult:
     """Decode `prompts` (lists of token ids) with `method`; see the module docstring.
 
-    Speculative methods run the prompts one at a time (batch 1); "ar" batches them. Stats include
+    ``loop="host"`` (default) runs the speculative methods one prompt at a time (batch 1), one host
+    synchronisation per round, on one or two devices (`placement`), with per-round records and
+    ``profile`` timings. ``loop="device"`` runs all prompts as one batch inside a single
+    `lax.while_loop` on one device (`mirror_jax.engine.device_loop`): no host round trips, per-row
+    statistics (``stats["per_row"]``), the same tokens. "ar" always batches its prompts. Stats include
     tokens/s, mean tokens per round, accepted-length histogram, reuse/fallback counts and
     Omega_kappa (mirror), and per-phase median times when `profile=True`.
 
@@ -139,6 +149,8 @@ def generate(
     draft then emits several tokens per forward (the same tokens as the plain draft)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
+    if loop not in LOOPS:
+        raise ConfigError(f"loop must be one of {LOOPS}, got {loop!r}")
     sampling = SamplingParams(temperature, top_k, top_p, seed)
     cfg_t, p_t, tok_t = _unpack(target, "target")
     prompts = validate_prompts(prompts, cfg_t.vocab_size)
@@ -147,6 +159,8 @@ def generate(
     pl = Placement.parse(placement)
     eos = tuple(cfg_t.eos_token_ids if eos_ids is None else eos_ids)
     if method == "ar":
+        if loop != "host":
+            raise ConfigError("loop='device' applies to methods 'sd' and 'mirror'; 'ar' already batches its prompts")
         res = generate_ar(
             cfg_t, pl.params_to_target(p_t), prompts, max_new_tokens, sampling=sampling, eos_ids=eos, max_len=max_len
         )
@@ -164,6 +178,8 @@ def generate(
     p_d = pl.params_to_draft(p_d)
     # An SS adapter's LoRA is merged once per call, on the draft's device.
     drf = DraftModel(cfg_d, p_d, None if ssp is None else ss_draft(cfg_d, sscfg, p_d, pl.params_to_draft(ssp)))
+    if loop == "device":
+        return _generate_device(tgt, drf, s, pl, prompts, max_new_tokens, sampling, eos, capacity)
     t0 = time.perf_counter()
     tokens, rounds = [], []
     for row, prompt in enumerate(prompts):
@@ -172,10 +188,37 @@ def generate(
         tokens.append(toks)
         rounds.extend(recs)
     total = time.perf_counter() - t0
-    stats = {"method": method, "total_s": total, "settings": dataclasses.asdict(s), "placement": pl.describe(),
-             "draft_kind": "ar" if ssp is None else "ss"}
+    stats = {"method": method, "loop": "host", "total_s": total, "settings": dataclasses.asdict(s),
+             "placement": pl.describe(), "draft_kind": "ar" if ssp is None else "ss"}
     stats.update(summarize(rounds, s.gamma))
     res = GenerationResult(tokens=tokens, stats=stats)
     res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)
     res.stats["per_round"] = [r.to_dict() for r in rounds]
+    return res
+
+
+def _generate_device(tgt: TargetModel, drf: DraftModel, s: SpecSettings, pl: Placement, prompts, max_new_tokens: int,
+                     sampling: SamplingParams, eos, capacity: int) -> GenerationResult:
+    """`loop="device"`: every prompt in one batch, decoded by one compiled `lax.while_loop`."""
+    if pl.separate:
+        raise ConfigError(
+            f"loop='device' runs the whole loop on one device, but the placement has two ({pl.describe()}); "
+            f"use loop='host' for a two-device placement, or a single device such as placement='cpu:0'"
+        )
+    if s.profile:
+        raise ConfigError("profile=True times each phase from the host: use loop='host' for per-phase profiles")
+    spec = LoopSpec(tgt.cfg, drf.cfg, s, max_new_tokens, capacity, tuple(int(e) for e in eos))
+    toks, n_valid = pad_prompts(prompts)
+    samp = pl.to_target(sampling.arrays(row=np.arange(len(prompts))))
+    t0 = time.perf_counter()
+    res = run_device_loop(spec, tgt.params, drf.params, pl.to_target(toks), pl.to_target(n_valid), samp, drf.ss)
+    out, n_out, counts = jax.device_get((res.tokens, res.n_out, dataclasses.asdict(res.stats)))  # the one sync
+    total = time.perf_counter() - t0
+    tokens = [truncate_at_eos(out[b, : n_out[b]].tolist(), set(eos), max_new_tokens) for b in range(len(prompts))]
+    stats = {"method": s.method, "loop": "device", "batch": len(prompts), "total_s": total,
+             "settings": dataclasses.asdict(s), "placement": pl.describe(),
+             "draft_kind": "ar" if drf.ss is None else "ss"}
+    stats.update(summarize_rows(counts, s.method))
+    res = GenerationResult(tokens=tokens, stats=stats)
+    res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)
     return res

@@ -112,3 +112,31 @@ def modeled_round_ms(ph: dict, method: str, fallback_rate: float | None = None) 
     common = g("prefix") + g("channel_ee") + g("verify") + g("channel_fv") + select + fb
     return {"serial": common + g("suffix") + g("draft"), "modeled": common + max(g("suffix"), g("draft")),
             "fallback_share": fb}
+
+
+def summarize_rows(counts: dict, method: str) -> dict:
+    """The `summarize` statistics from the device loop's per-row counters (`RowStats` fetched to
+    the host as arrays: rounds [B], accepted_hist [B, gamma+1], draft_forwards, reuse, omega_hits),
+    plus ``per_row``: the same counters per batch row. No per-round wall times exist there."""
+    c = {k: np.asarray(v) for k, v in counts.items()}
+    rounds = int(c["rounds"].sum())
+    if not rounds:
+        return {"rounds": 0, "per_row": []}
+    hist = c["accepted_hist"].sum(axis=0)
+    a = np.arange(hist.shape[0])
+    tokens = int((hist * (a + 1)).sum())
+    out = {
+        "rounds": rounds,
+        "mean_accepted": float((hist * a).sum() / rounds),
+        "mean_tokens_per_round": tokens / rounds,
+        "round_tokens": tokens,
+        "accepted_hist": hist.tolist(),
+        "draft_forwards_per_round": float(c["draft_forwards"].sum() / rounds),
+    }
+    if method == "mirror":
+        reuse = int(c["reuse"].sum())
+        out.update(reuse=reuse, fallback=rounds - reuse, fallback_rate=(rounds - reuse) / rounds,
+                   omega_kappa=float(c["omega_hits"].sum() / tokens))
+    keys = ("rounds", "accepted_hist", "draft_forwards") + (("reuse", "omega_hits") if method == "mirror" else ())
+    out["per_row"] = [{k: c[k][b].tolist() for k in keys} for b in range(c["rounds"].shape[0])]
+    return out

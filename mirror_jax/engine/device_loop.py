@@ -1,0 +1,273 @@
+"""The whole speculative decode loop on one device: pure rounds and a `lax.while_loop`, batch B.
+
+`generate(..., loop="device")` runs this; the host loop (`engine/speculative.py`) stays for two
+devices and per-phase profiling. Everything here is traceable and callable inside your own
+`jax.jit`::
+
+    spec = LoopSpec(cfg_t, cfg_d, settings, max_new_tokens=64, capacity=512, eos_ids=(2,))
+    state = start(spec, params_t, params_d, tokens, n_valid, samp)       # prefill, first window
+    state = decode(spec, params_t, params_d, state, samp)                 # lax.while_loop
+    state.out[b, : state.n_out[b]]                                        # row b's tokens
+
+or `run_device_loop(spec, params_t, params_d, tokens, n_valid, samp)` (jitted, returns a
+`LoopResult`). ``tokens`` [B, T] are right-padded prompts with ``n_valid`` [B] real tokens each;
+``samp`` is `SamplingParams.arrays(row=range(B))`.
+
+Round invariant, per row b (P_b = the position of ``last[b]``): both caches hold committed K/V
+for slots < P_b (``lengths == P_b``); ``window[b]`` is the draft's proposal for P_b+1 .. P_b+gamma.
+A round verifies it, commits A_b + 1 tokens to both caches (only rows not ``done``: a finished
+row commits nothing and writes no output, so its cache positions stay bounded) and leaves the next
+window. Static shapes throughout: every row feeds the same gamma + 1 tokens, the output buffer
+is [B, max_new_tokens + gamma + 1] and writes past a row's count are dropped.
+
+Vanilla SD re-feeds the draft after verification: its chain fed ``last, d_1 .. d_{gamma-1}``, so
+when a row accepted all gamma tokens d_gamma's K/V is missing and the draft must take two tokens
+``[d_gamma, c]``, otherwise one ``[c]``. The host loop chooses per round; here a `lax.cond` takes
+the two-token path when any active row needs it (the other rows then recompute the K/V of their
+token at P_b + A_b, which they already had). With batch 1 the sequence of forwards is exactly the
+host loop's.
+
+Mirror-SD runs the same phases as `SpecDecoder.dispatch_mirror` (prefix, early exit, rollout,
+suffix, verification, select) with the batch-1 round functions mapped over rows by `jax.vmap`.
+The fallback chain (a `lax.cond` in `draft_select`) would under `vmap` run for every row; here it
+runs, for the whole batch, only when some active row missed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+
+from mirror_jax import model as M
+from mirror_jax.config import ModelConfig
+from mirror_jax.engine.prefill import prefill
+from mirror_jax.kv_cache import KVCache, commit, init_cache
+from mirror_jax.params import ModelParams
+from mirror_jax.rounds.draft import draft_rollout, propose
+from mirror_jax.rounds.payloads import Branches
+from mirror_jax.rounds.target import early_exit
+from mirror_jax.rounds.verify import verify_window
+from mirror_jax.sampling import Draw, SamplingArrays, pick
+from mirror_jax.ss.rollout import SSDraft
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSpec:
+    """Everything static about a device-loop run (hashable: a `jax.jit` static argument).
+
+    `settings` is the engine's `SpecSettings` (method, gamma, kappa, exit layer, branch budget,
+    verifier); `capacity` the cache slots per row (prompt + max_new_tokens + 2 * gamma + 2 at least,
+    see `engine.prefill.cache_capacity`)."""
+
+    target: ModelConfig
+    draft: ModelConfig
+    settings: object  # engine.speculative.SpecSettings (frozen dataclass)
+    max_new_tokens: int
+    capacity: int
+    eos_ids: tuple[int, ...] = ()
+
+    @property
+    def gamma(self) -> int:
+        return self.settings.gamma
+
+    @property
+    def out_width(self) -> int:
+        return self.max_new_tokens + self.gamma + 1
+
+
+@struct.dataclass
+class RowStats:
+    """Per-row counters (active rounds only)."""
+
+    rounds: jax.Array  # [B] int32
+    accepted_hist: jax.Array  # [B, gamma+1] int32: rounds with A = 0..gamma
+    draft_forwards: jax.Array  # [B] int32
+    reuse: jax.Array  # [B] int32 (mirror): rounds whose next window was a rolled-out branch
+    omega_hits: jax.Array  # [B] int32 (mirror): committed tokens inside the early-exit top-kappa
+
+
+@struct.dataclass
+class DecodeState:
+    cache_t: KVCache
+    cache_d: KVCache
+    last: jax.Array  # [B] int32: the last committed token, at position cache_t.lengths
+    window: jax.Array  # [B, gamma] int32: the draft's proposal
+    q: jax.Array | None  # [B, gamma, V] float32 draft log-probs (rejection verifier) or None
+    out: jax.Array  # [B, max_new + gamma + 1] int32: generated tokens, first token included
+    n_out: jax.Array  # [B] int32: tokens written to `out`
+    done: jax.Array  # [B] bool: max_new_tokens reached or an EOS committed
+    pending: jax.Array  # [B] int32: draft forwards spent on `window` (sd counts them when it is verified)
+    stats: RowStats
+
+
+@struct.dataclass
+class LoopResult:
+    tokens: jax.Array  # [B, max_new + gamma + 1]; row b's output is tokens[b, :n_out[b]]
+    n_out: jax.Array  # [B]
+    stats: RowStats
+
+
+def _row_samp(samp: SamplingArrays, row) -> SamplingArrays:
+    return samp.replace(row=row)
+
+
+def _is_eos(spec: LoopSpec, toks: jax.Array) -> jax.Array:
+    if not spec.eos_ids:
+        return jnp.zeros(toks.shape, bool)
+    return jnp.isin(toks, jnp.asarray(spec.eos_ids, jnp.int32))
+
+
+def start(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, tokens, n_valid, samp: SamplingArrays,
+          ss: SSDraft | None = None) -> DecodeState:
+    """Prefill both caches, choose each row's first token (the target's `Draw.TARGET` draw at its
+    position, as every method does) and draft the first window. tokens: [B, T]; n_valid: [B]."""
+    s, b = spec.settings, tokens.shape[0]
+    cache_t = init_cache(spec.target, b, spec.capacity, params_t.embed.dtype)
+    logits, cache_t = prefill(spec.target, params_t, tokens, n_valid, cache_t)
+    first, _ = pick(logits, samp, n_valid, stream=Draw.TARGET, sample=s.verifier != "greedy")
+    cache_d = init_cache(spec.draft, b, spec.capacity, params_d.embed.dtype)
+    _, cache_d = prefill(spec.draft, params_d, tokens, n_valid, cache_d)
+    window, q, cache_d, forwards = propose(spec.draft, params_d, cache_d, first[:, None], spec.gamma, samp,
+                                           sample=s.draft_samples, ss=ss)
+    zeros = jnp.zeros((b,), jnp.int32)
+    stats = RowStats(rounds=zeros, accepted_hist=jnp.zeros((b, spec.gamma + 1), jnp.int32),
+                     draft_forwards=zeros, reuse=zeros, omega_hits=zeros)
+    out = jnp.zeros((b, spec.out_width), jnp.int32).at[:, 0].set(first)
+    done = _is_eos(spec, first) | (spec.max_new_tokens <= 1)
+    return DecodeState(cache_t, cache_d, first, window, q, out, zeros + 1, done, zeros + forwards, stats)
+
+
+def _verify_rows(spec: LoopSpec, logits, window, q, samp: SamplingArrays, pos0):
+    """`verify_window` per row: (A [B], c [B], target tokens y [B, gamma+1])."""
+    rule = spec.settings.verifier
+
+    def one(lg, w, qq, row, p0):
+        return verify_window(lg, w, qq, _row_samp(samp, row), p0, rule=rule)
+
+    return jax.vmap(one)(logits, window, q, samp.row, pos0)
+
+
+def _commit_round(spec: LoopSpec, st: DecodeState, cache_t: KVCache, a, y, forwards, reuse=None, omega=None):
+    """Commit A + 1 tokens of every active row to the target cache and the output buffer; update
+    done flags and per-row counters. Returns (state, n [B]: tokens committed per row)."""
+    active = ~st.done
+    n = jnp.where(active, a + 1, 0)
+    j = jnp.arange(spec.gamma + 1)[None, :]
+    keep = (j <= a[:, None]) & active[:, None]  # [B, gamma+1]
+    rows = jnp.arange(a.shape[0])[:, None]
+    idx = jnp.where(keep, st.n_out[:, None] + j, spec.out_width)  # past the buffer: dropped
+    out = st.out.at[rows, idx].set(y, mode="drop")
+    n_out = st.n_out + n
+    done = st.done | jnp.any(keep & _is_eos(spec, y), axis=-1) | (n_out >= spec.max_new_tokens)
+    act = active.astype(jnp.int32)
+    old = st.stats
+    stats = RowStats(
+        rounds=old.rounds + act,
+        accepted_hist=old.accepted_hist + act[:, None] * (j == a[:, None]),
+        draft_forwards=old.draft_forwards + act * forwards,
+        reuse=old.reuse if reuse is None else old.reuse + act * reuse,
+        omega_hits=old.omega_hits if omega is None else old.omega_hits + act * omega,
+    )
+    st = st.replace(cache_t=commit(cache_t, n), out=out, n_out=n_out, done=done, stats=stats)
+    return st, n
+
+
+def sd_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: DecodeState, samp: SamplingArrays,
+             ss: SSDraft | None = None) -> DecodeState:
+    """One vanilla-SD round for every row: verify the window with one target forward over
+    [last, window], commit, and draft the next window."""
+    s, gamma = spec.settings, spec.gamma
+    tokens = jnp.concatenate([st.last[:, None], st.window], axis=1)  # [B, gamma+1] at P..P+gamma
+    logits, cache_t = M.forward(spec.target, params_t, tokens, st.cache_t)
+    a, c, y = _verify_rows(spec, logits, st.window, st.q, samp, st.cache_t.lengths + 1)
+    active = ~st.done
+    st, n = _commit_round(spec, st, cache_t, a, y, forwards=st.pending)
+    draft = functools.partial(propose, spec.draft, params_d, gamma=gamma, samp=samp, sample=s.draft_samples, ss=ss)
+
+    def feed_one(cache_d):  # every active row has d_1 .. d_A's K/V: commit them, feed [c]
+        return draft(cache=commit(cache_d, n), first=c[:, None])
+
+    def feed_two(cache_d):  # some row accepted all gamma: feed [token at P+A, c] from P+A
+        rows = jnp.arange(a.shape[0])
+        prev = jnp.where(a > 0, st.window[rows, jnp.maximum(a - 1, 0)], st.last)
+        toks, q, cache_d, fw = draft(cache=commit(cache_d, jnp.where(active, a, 0)), first=jnp.stack([prev, c], 1))
+        return toks, q, commit(cache_d, active.astype(jnp.int32)), fw
+
+    window, q, cache_d, forwards = lax.cond(jnp.any(active & (a == gamma)), feed_two, feed_one, st.cache_d)
+    return st.replace(cache_d=cache_d, last=jnp.where(active, c, st.last), window=window, q=q,
+                      pending=jnp.zeros_like(st.pending) + forwards)
+
+
+def _rollout_rows(spec: LoopSpec, params_d: ModelParams, cache_d: KVCache, last, window, channel,
+                  samp: SamplingArrays, ss: SSDraft | None) -> tuple[Branches, KVCache]:
+    """`draft_rollout` (batch 1) mapped over rows: Branches with a leading [B] axis."""
+    s = spec.settings
+
+    def one(cache_r, last_r, win_r, ch_r, row):
+        c1 = jax.tree.map(lambda x: x[None], cache_r)
+        br, c1 = draft_rollout(spec.draft, params_d, c1, last_r[None], win_r[None], ch_r, _row_samp(samp, row),
+                               budget=s.branch_budget, sample=s.draft_samples, ss=ss)
+        return br, jax.tree.map(lambda x: x[0], c1)
+
+    return jax.vmap(one)(cache_d, last, window, channel, samp.row)
+
+
+def mirror_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: DecodeState,
+                 samp: SamplingArrays, ss: SSDraft | None = None) -> DecodeState:
+    """One Mirror-SD round for every row (the phases of `SpecDecoder.dispatch_mirror`)."""
+    s, gamma = spec.settings, spec.gamma
+    tokens = jnp.concatenate([st.last[:, None], st.window], axis=1)
+    hidden, ee_logits, cache_t = M.forward_prefix(spec.target, params_t, tokens, st.cache_t, s.exit_layer)
+    ee = jax.vmap(lambda lg, w: early_exit(lg, w, s.kappa))(ee_logits, st.window)
+    branches, cache_d = _rollout_rows(spec, params_d, st.cache_d, st.last, st.window, ee.channel, samp, ss)
+    logits, cache_t = M.forward_suffix(spec.target, params_t, hidden, cache_t, s.exit_layer)
+    a, c, y = _verify_rows(spec, logits, st.window, st.q, samp, st.cache_t.lengths + 1)
+    j = jnp.arange(gamma + 1)[None, :]
+    inside = jnp.any(ee.top_ids == y[..., None], axis=-1)  # [B, gamma+1]
+    omega = jnp.sum(inside & (j <= a[:, None]), axis=-1).astype(jnp.int32)
+    match = (branches.depth == a[:, None]) & (branches.root == c[:, None])  # [B, budget]
+    hit = jnp.any(match, axis=-1)
+    active = ~st.done
+    st, n = _commit_round(spec, st, cache_t, a, y, forwards=branches.forwards, reuse=hit.astype(jnp.int32),
+                          omega=omega)
+    rows = jnp.arange(a.shape[0])
+    pick_idx = jnp.argmax(match, axis=-1)
+    reused = branches.tokens[rows, pick_idx]  # [B, gamma]
+    reused_q = None if branches.q is None else branches.q[rows, pick_idx]
+    cache_d = commit(cache_d, n)
+
+    def reuse(cache_d):
+        return reused, reused_q, cache_d, jnp.int32(0)
+
+    def fallback(cache_d):  # the whole batch re-drafts from c; rows that hit keep their branch
+        toks, q, cache_d, fw = propose(spec.draft, params_d, cache_d, c[:, None], gamma, samp,
+                                       sample=s.draft_samples, ss=ss)
+        toks = jnp.where(hit[:, None], reused, toks)
+        q = None if q is None else jnp.where(hit[:, None, None], reused_q, q)
+        return toks, q, cache_d, fw
+
+    window, q, cache_d, fw = lax.cond(jnp.all(hit | ~active), reuse, fallback, cache_d)
+    missed = (active & ~hit).astype(jnp.int32)
+    stats = st.stats.replace(draft_forwards=st.stats.draft_forwards + missed * fw)
+    return st.replace(cache_d=cache_d, last=jnp.where(active, c, st.last), window=window, q=q, stats=stats)
+
+
+def decode(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: DecodeState, samp: SamplingArrays,
+           ss: SSDraft | None = None) -> DecodeState:
+    """Run rounds until every row is done: one `lax.while_loop`, no host synchronisation."""
+    round_fn = mirror_round if spec.settings.method == "mirror" else sd_round
+    return lax.while_loop(lambda st: ~jnp.all(st.done), lambda st: round_fn(spec, params_t, params_d, st, samp, ss),
+                          st)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def run_device_loop(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, tokens, n_valid,
+                    samp: SamplingArrays, ss: SSDraft | None = None) -> LoopResult:
+    """`start` then `decode`, as one compiled program. Returns a `LoopResult` (caches dropped)."""
+    st = decode(spec, params_t, params_d, start(spec, params_t, params_d, tokens, n_valid, samp, ss), samp, ss)
+    return LoopResult(tokens=st.out, n_out=st.n_out, stats=st.stats)
