@@ -38,7 +38,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-layer", type=int, default=None, help="target early-exit layer (default N/2)")
     p.add_argument("--branch-budget", type=int, default=None, help="branches rolled out per round")
     p.add_argument("--verifier", default=None, choices=["greedy", "sample_match", "rejection"])
-    p.add_argument("--placement", default=None, help="'target,draft' devices, e.g. cpu:0,cpu:1 or gpu:0,cpu:0")
+    p.add_argument("--placement", default=None,
+                   help="'target,draft' devices, e.g. cpu:0,cpu:1 or gpu:0,cpu:0; join devices with + to shard a model "
+                        "over a group: gpu:0+gpu:1,gpu:2")
+    p.add_argument("--loop", default="host", choices=["host", "device"],
+                   help="sd/mirror: host loop (one sync per round) or the whole loop in one lax.while_loop")
     p.add_argument("--target", default=None, help="target model: a .gguf file or a HF safetensors directory")
     p.add_argument("--draft", default=None, help="draft model: a .gguf file or a HF safetensors directory")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: f32 on CPU, bf16 else")
@@ -73,11 +77,12 @@ def run_generate(args) -> int:
     kw = dict(
         method=args.method, draft=draft, gamma=args.gamma, kappa=args.kappa, exit_layer=args.exit_layer,
         branch_budget=args.branch_budget, placement=args.placement, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, seed=args.seed, verifier=args.verifier,
+        top_k=args.top_k, top_p=args.top_p, seed=args.seed, verifier=args.verifier, loop=args.loop,
     )
     if args.method == "ar":
         kw = {k: kw[k] for k in ("method", "placement", "temperature", "top_k", "top_p", "seed")}
-    generate(target, [ids], min(8, args.max_new_tokens), **kw)  # warm-up: compile outside the timing
+    # Warm-up: compile outside the timing (the device loop is compiled for its max_new_tokens).
+    generate(target, [ids], args.max_new_tokens if args.loop == "device" else min(8, args.max_new_tokens), **kw)
     res = generate(target, [ids], args.max_new_tokens, **kw)
     print(decode(tok, res.tokens[0]))
     s = res.stats

@@ -51,6 +51,10 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     max_position_embeddings: int = 32768
+    # Tensor-parallel shards the fused weights are laid out for (`engine.sharding.tp_layout`): the
+    # rows of w_qkv / w_gate_up are grouped per shard, so each device's slice holds whole heads and
+    # matching gate/up columns. 1 = the checkpoints' own layout.
+    tp_shards: int = 1
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHITECTURES:

@@ -66,11 +66,13 @@ def project_qkv(cfg: ModelConfig, lp: LayerParams, x: jax.Array, positions: jax.
 
     x: [B, T, H] -> q [B, T, Nq, D], k [B, T, Nkv, D], v [B, T, Nkv, D]."""
     b, t, _ = x.shape
+    n = cfg.tp_shards
     h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-    qkv = dense(h, lp.w_qkv)  # [B, T, (Nq + 2 Nkv) D]
+    qkv = dense(h, lp.w_qkv)  # [B, T, (Nq + 2 Nkv) D]: [q | k | v] per shard (one shard: the plain layout)
     if lp.b_qkv is not None:
         qkv = qkv + lp.b_qkv
-    q, k, v = jnp.split(qkv, [cfg.q_size, cfg.q_size + cfg.kv_size], axis=-1)
+    qkv = qkv.reshape(b, t, n, -1)  # [B, T, shards, (Nq + 2 Nkv) D / shards]
+    q, k, v = jnp.split(qkv, [cfg.q_size // n, (cfg.q_size + cfg.kv_size) // n], axis=-1)
     q = q.reshape(b, t, cfg.num_heads, cfg.head_dim)
     k = k.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
     v = v.reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -108,8 +110,10 @@ def finish_layer(cfg: ModelConfig, lp: LayerParams, x: jax.Array, attn: jax.Arra
     """Output projection + residual + SwiGLU MLP + residual. attn: [B, T, Nq*D]."""
     x = x + dense(attn.astype(x.dtype), lp.w_o)
     h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
-    gate, up = jnp.split(dense(h, lp.w_gate_up), 2, axis=-1)
-    return x + dense(jax.nn.silu(gate) * up, lp.w_down)
+    gu = dense(h, lp.w_gate_up)  # [..., 2I]: [gate | up] per shard
+    gu = gu.reshape(gu.shape[:-1] + (cfg.tp_shards, 2, -1))  # [..., shards, 2, I / shards]
+    act = (jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]).reshape(x.shape[:-1] + (-1,))  # [..., I]
+    return x + dense(act, lp.w_down)
 
 
 def causal_cache_mask(positions: jax.Array, capacity: int) -> jax.Array:

@@ -37,16 +37,19 @@ def tiny_config(arch: str = "qwen2", **overrides) -> ModelConfig:
     return ModelConfig(**{**base, **overrides})
 
 
-def pair_config(arch: str = "qwen2", layers: int = 4, vocab: int = VOCAB) -> ModelConfig:
-    """The configuration of `noisy_pair`'s models (hidden 64, 4 heads of 16)."""
+def pair_config(arch: str = "qwen2", layers: int = 4, vocab: int = VOCAB, heads: int = 4, kv_heads: int = 2
+                ) -> ModelConfig:
+    """The configuration of `noisy_pair`'s models (hidden 64, `heads` heads of 64 / heads, GQA with
+    `kv_heads` K/V heads)."""
     return tiny_config(arch, num_layers=layers, vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                       head_dim=16)
+                       num_heads=heads, num_kv_heads=kv_heads, head_dim=64 // heads)
 
 
 @functools.cache
-def noisy_pair(noise: float = 0.05, arch: str = "qwen2", layers: int = 4, vocab: int = VOCAB, seed: int = 0):
+def noisy_pair(noise: float = 0.05, arch: str = "qwen2", layers: int = 4, vocab: int = VOCAB, seed: int = 0,
+               heads: int = 4, kv_heads: int = 2):
     """((cfg, target_params), (cfg, draft_params)); draft = target + noise * N(0, 1) per weight."""
-    cfg = pair_config(arch, layers, vocab)
+    cfg = pair_config(arch, layers, vocab, heads, kv_heads)
     params = init_random(cfg, seed, scale=0.35)
     leaves, tree = jax.tree_util.tree_flatten(params)
     rng = np.random.default_rng(seed + 1)

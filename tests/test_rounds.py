@@ -56,3 +56,19 @@ def test_early_exit_candidates_match_a_reference():
             np.testing.assert_allclose(np.asarray(ee.channel.cand_lp[r]), lp[r, want], rtol=1e-6)
             np.testing.assert_array_equal(np.asarray(ee.top_ids[r]), order[r, :kappa])
         np.testing.assert_allclose(np.asarray(ee.channel.path_lp), lp[np.arange(gamma), window], rtol=1e-6)
+
+
+def test_batched_early_exit_matches_rows_and_does_not_sort():
+    """Leading batch dims (the device loop's [B, gamma+1, V]) give each row's own result and still
+    compile to a top-k, not a sort of the vocabulary."""
+    rng = np.random.default_rng(1)
+    vocab, gamma, kappa, b = 512, 4, 3, 3
+    logits = jnp.asarray(rng.standard_normal((b, gamma + 1, vocab)).astype(np.float32))
+    window = jnp.asarray(rng.integers(0, vocab, (b, gamma)).astype(np.int32))
+    f = jax.jit(lambda x, w: early_exit(x, w, kappa))
+    got = f(logits, window)
+    for r in range(b):
+        one = early_exit(logits[r], window[r], kappa)
+        for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(one), strict=True):
+            np.testing.assert_allclose(np.asarray(x[r]), np.asarray(y), rtol=1e-6)  # ids: exactly
+    assert not _vocab_sorts(f.lower(logits, window).compile().as_text(), vocab)

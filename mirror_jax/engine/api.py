@@ -162,7 +162,7 @@ def generate(
         if loop != "host":
             raise ConfigError("loop='device' applies to methods 'sd' and 'mirror'; 'ar' already batches its prompts")
         res = generate_ar(
-            cfg_t, pl.params_to_target(p_t), prompts, max_new_tokens, sampling=sampling, eos_ids=eos, max_len=max_len
+            *pl.place_target(cfg_t, p_t), prompts, max_new_tokens, sampling=sampling, eos_ids=eos, max_len=max_len
         )
         res.stats["tokens_per_s"] = res.num_generated / max(res.stats["total_s"], 1e-9)
         return res
@@ -174,8 +174,10 @@ def generate(
     )
     capacity = cache_capacity(max(map(len, prompts)), max_new_tokens, s.margin(), max_len)
     sscfg, ssp = (None, None) if ss_adapter is None else tuple(ss_adapter)[:2]
-    tgt = TargetModel(cfg_t, pl.params_to_target(p_t))
-    p_d = pl.params_to_draft(p_d)
+    if ssp is not None and len(pl.draft_group) > 1:
+        raise ConfigError("a speculative-streaming draft runs on one device: give the draft a single device")
+    tgt = TargetModel(*pl.place_target(cfg_t, p_t))
+    cfg_d, p_d = pl.place_draft(cfg_d, p_d)
     # An SS adapter's LoRA is merged once per call, on the draft's device.
     drf = DraftModel(cfg_d, p_d, None if ssp is None else ss_draft(cfg_d, sscfg, p_d, pl.params_to_draft(ssp)))
     if loop == "device":

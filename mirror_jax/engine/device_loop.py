@@ -223,7 +223,7 @@ def mirror_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, s
     s, gamma = spec.settings, spec.gamma
     tokens = jnp.concatenate([st.last[:, None], st.window], axis=1)
     hidden, ee_logits, cache_t = M.forward_prefix(spec.target, params_t, tokens, st.cache_t, s.exit_layer)
-    ee = jax.vmap(lambda lg, w: early_exit(lg, w, s.kappa))(ee_logits, st.window)
+    ee = early_exit(ee_logits, st.window, s.kappa)  # batched: one top-k over [B*(gamma+1), V]
     branches, cache_d = _rollout_rows(spec, params_d, st.cache_d, st.last, st.window, ee.channel, samp, ss)
     logits, cache_t = M.forward_suffix(spec.target, params_t, hidden, cache_t, s.exit_layer)
     a, c, y = _verify_rows(spec, logits, st.window, st.q, samp, st.cache_t.lengths + 1)

@@ -87,13 +87,16 @@ def first_token(logits, positions, samp: SamplingArrays, *, greedy: bool):
 
 
 def start_sequences(cfg, params, prompts, sampling: SamplingParams, capacity: int, cache_dtype, samp: SamplingArrays,
-                    device=None):
-    """Prefill a fresh cache (on `device`) and choose each row's first token (shared by all
-    methods). `samp`: the run's sampling arrays on `device`, ``samp.row`` the prompts' batch rows.
-    Returns (first tokens [B] device array, cache whose lengths are the prompt lengths)."""
+                    device=None, cache: KVCache | None = None):
+    """Prefill a fresh cache (on `device`, a device or sharding) and choose each row's first token
+    (shared by all methods). `samp`: the run's sampling arrays on `device`, ``samp.row`` the
+    prompts' batch rows. `cache`: a fresh cache to use (e.g. sharded over a device group) instead
+    of a new one on `device`. Returns (first tokens [B] device array, cache whose lengths are the
+    prompt lengths)."""
     toks, n_valid = pad_prompts(prompts)
     put = lambda x: jax.device_put(x, device)  # device None: the default device
-    cache = init_cache(cfg, len(prompts), capacity, cache_dtype, device=device)
+    if cache is None:
+        cache = init_cache(cfg, len(prompts), capacity, cache_dtype, device=device)
     last, cache = prefill(cfg, params, put(toks), put(n_valid), cache)
     first = first_token(last, put(n_valid), samp, greedy=sampling.greedy)
     return first, cache

@@ -33,7 +33,7 @@ from mirror_jax.config import ModelConfig
 from mirror_jax.engine.placement import Placement
 from mirror_jax.engine.prefill import pad_prompts, prefill, start_sequences, truncate_at_eos
 from mirror_jax.engine.stats import RoundRecord
-from mirror_jax.kv_cache import KVCache, check_headroom, init_cache
+from mirror_jax.kv_cache import KVCache, check_headroom
 from mirror_jax.params import ModelParams
 from mirror_jax.rounds import draft_propose, draft_rollout, draft_select, target_full, target_prefix, target_suffix
 from mirror_jax.rounds import verify as verify_round
@@ -120,10 +120,11 @@ class SpecDecoder:
     def start(self, prompt: list[int]) -> tuple[int, SpecState]:
         """Prefill both caches, choose the first token, draft the first window."""
         t, d, pl = self.target, self.draft, self.pl
+        cache_t = pl.target_cache(t.cfg, 1, self.capacity, t.params.embed.dtype)
         first, cache_t = start_sequences(t.cfg, t.params, [prompt], self.sampling, self.capacity,
-                                         t.params.embed.dtype, self.samp_t, device=pl.target)
+                                         t.params.embed.dtype, self.samp_t, device=pl.target_sharding, cache=cache_t)
         padded, n_valid = pad_prompts([prompt])
-        cache_d = init_cache(d.cfg, 1, self.capacity, d.params.embed.dtype, device=pl.draft)
+        cache_d = pl.draft_cache(d.cfg, 1, self.capacity, d.params.embed.dtype)
         _, cache_d = prefill(d.cfg, d.params, pl.to_draft(padded), pl.to_draft(n_valid), cache_d)
         last_d = pl.to_draft(first)
         proposal, cache_d = draft_propose(d.cfg, d.params, cache_d, pl.to_draft(jnp.int32(0)), last_d[None],
