@@ -45,14 +45,14 @@ from jax import lax
 
 from mirror_jax import model as M
 from mirror_jax.config import ModelConfig
-from mirror_jax.engine.prefill import prefill
+from mirror_jax.engine.prefill import first_token, prefill
 from mirror_jax.kv_cache import KVCache, commit, init_cache
 from mirror_jax.params import ModelParams
 from mirror_jax.rounds.draft import draft_rollout, propose
 from mirror_jax.rounds.payloads import Branches
 from mirror_jax.rounds.target import early_exit
 from mirror_jax.rounds.verify import verify_window
-from mirror_jax.sampling import Draw, SamplingArrays, pick
+from mirror_jax.sampling import SamplingArrays
 from mirror_jax.ss.rollout import SSDraft
 
 
@@ -129,7 +129,7 @@ def start(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, tokens, 
     s, b = spec.settings, tokens.shape[0]
     cache_t = init_cache(spec.target, b, spec.capacity, params_t.embed.dtype)
     logits, cache_t = prefill(spec.target, params_t, tokens, n_valid, cache_t)
-    first, _ = pick(logits, samp, n_valid, stream=Draw.TARGET, sample=s.verifier != "greedy")
+    first = first_token(logits, n_valid, samp, greedy=s.verifier == "greedy")  # as every method's first token
     cache_d = init_cache(spec.draft, b, spec.capacity, params_d.embed.dtype)
     _, cache_d = prefill(spec.draft, params_d, tokens, n_valid, cache_d)
     window, q, cache_d, forwards = propose(spec.draft, params_d, cache_d, first[:, None], spec.gamma, samp,
