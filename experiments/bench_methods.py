@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--branch-budget", type=int, default=2)
     ap.add_argument("--placements", nargs="*", default=["cpu:0", "cpu:0,cpu:1"])
     ap.add_argument("--profile-prompts", type=int, default=2, help="prompts for the instrumented pass")
+    ap.add_argument("--no-untrained-exit", dest="untrained_exit", action="store_false",
+                    help="skip the mirror_untrained row (the untrained early exit at N/2)")
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--name", default="bench_methods")
     args = ap.parse_args(argv)
@@ -59,43 +61,47 @@ def main(argv=None) -> int:
     prompts = [apply_chat_template(tok, [{"role": "user", "content": q["turns"][0]}], target.chat_template) for q in qs]
     n_new = args.max_new_tokens
     spec = dict(draft=draft, gamma=args.gamma, kappa=args.kappa, branch_budget=args.branch_budget)
-    methods = {"ar": {}, "sd": dict(draft=draft, gamma=args.gamma), "mirror": spec}
+    methods = {"ar": ("ar", {}), "sd": ("sd", dict(draft=draft, gamma=args.gamma)), "mirror": ("mirror", spec)}
+    if args.untrained_exit:  # the same run with the untrained exit at N/2, for a same-machine comparison
+        methods["mirror_untrained"] = ("mirror", dict(spec, exit_head=None, exit_layer=target.cfg.num_layers // 2))
 
     rows, runs = [], {}
     for pl in args.placements:
         ar_tokens = None
-        for method, kw in methods.items():
+        for name, (method, kw) in methods.items():
             generate(target, prompts[:1], 8, method=method, placement=pl, **kw)  # compile (excluded)
             per_prompt, tokens = [], []
-            for q, p in tqdm(list(zip(qs, prompts, strict=True)), desc=f"{method} @ {pl}"):
+            for q, p in tqdm(list(zip(qs, prompts, strict=True)), desc=f"{name} @ {pl}"):
                 r = generate(target, [p], n_new, method=method, placement=pl, **kw)
                 tokens.append(r.tokens[0])
                 per_prompt.append({"task": q["task"], "qid": q["question_id"], "tokens": len(r.tokens[0]),
                                    "seconds": r.stats["total_s"], "rounds": r.stats.get("rounds"),
                                    **{k: r.stats.get(k) for k in ("mean_tokens_per_round", "fallback_rate",
                                                                    "omega_kappa", "round_wall_ms_median")}})
+                exit_info = (r.stats["settings"]["exit_layer"], r.stats["exit_head"]) if method == "mirror" else None
             if method == "ar":
                 ar_tokens = tokens
             tot_tok = sum(x["tokens"] for x in per_prompt)
             tot_s = sum(x["seconds"] for x in per_prompt)
-            rec = {"placement": pl, "method": method, "tokens": tot_tok, "seconds": tot_s,
+            rec = {"placement": pl, "method": name, "tokens": tot_tok, "seconds": tot_s, "exit": exit_info,
                    "tokens_per_s": tot_tok / tot_s, "identical_to_ar": tokens == ar_tokens,
                    "rounds": sum(x["rounds"] or 0 for x in per_prompt) if method != "ar" else None}
             for k in ("mean_tokens_per_round", "fallback_rate", "omega_kappa", "round_wall_ms_median"):
                 vals = [x[k] for x in per_prompt if x[k] is not None]
                 rec[k] = float(np.mean(vals)) if vals else None
-            runs[f"{method}@{pl}"] = per_prompt
+            runs[f"{name}@{pl}"] = per_prompt
             rows.append(rec)
         base = next(r["tokens_per_s"] for r in rows if r["placement"] == pl and r["method"] == "ar")
         for r in rows:
             if r["placement"] == pl:
                 r["speedup_vs_ar"] = r["tokens_per_s"] / base
         # Instrumented pass: isolated phase times (serialised by construction).
-        for method in ("sd", "mirror"):
+        for name in [m for m in methods if m != "ar"]:
+            method, kw = methods[name]
             res = generate(target, prompts[: args.profile_prompts], min(n_new, 64), method=method, placement=pl,
-                           profile=True, **methods[method])
+                           profile=True, **kw)
             ph = res.stats.get("phase_ms_median", {})
-            rec = next(r for r in rows if r["placement"] == pl and r["method"] == method)
+            rec = next(r for r in rows if r["placement"] == pl and r["method"] == name)
             rec["phase_ms_median"] = ph
             rec["modeled_round_ms"] = modeled_round_ms(ph, method, rec.get("fallback_rate"))["modeled"]
             rec["overlap_efficiency"] = rec["round_wall_ms_median"] / rec["modeled_round_ms"]
@@ -107,7 +113,9 @@ def main(argv=None) -> int:
     md = [f"# Methods on the default pair (greedy, {len(prompts)} SpecBench prompts, {n_new} new tokens)\n",
           machine_md(info),
           f"\nSettings: gamma={args.gamma}, kappa={args.kappa}, branch_budget={args.branch_budget}, "
-          f"exit layer N/2. Command: `python experiments/bench_methods.py {' '.join(argv or sys.argv[1:])}`\n\n",
+          f"mirror's exit (layer, head): {next((r['exit'] for r in rows if r['method'] == 'mirror'), None)}"
+          f"{', mirror_untrained: the untrained exit at N/2' if args.untrained_exit else ''}. "
+          f"Command: `python experiments/bench_methods.py {' '.join(argv or sys.argv[1:])}`\n\n",
           markdown_table(rows, cols, fmt), "\nPer prompt (seconds, tokens, rounds):\n\n",
           *[f"- {k}: " + ", ".join(f"q{x['qid']} ({x['task']}) {x['seconds']:.1f} s / {x['tokens']} tok"
                                    + (f" / {x['rounds']} rounds" if x["rounds"] else "") for x in v) + "\n"

@@ -1,6 +1,8 @@
 """Omega_kappa(l_e): how often the target's greedy token lies in the early-exit top-kappa, by exit
 layer and kappa, on the default target (spec section 2 step 2: the target's own final norm + LM
-head on the layer-l_e hidden state, no trained exit head).
+head on the layer-l_e hidden state) and, at the layers they were trained for, the trained exit
+heads (`mirror_jax.exit`, committed under checkpoints/exit_default_target). SpecBench prompts are
+held out from the heads' training data (the stdlib), so this is a held-out measure for them.
 
 The fallback rate of Mirror-SD is bounded by 1 - Omega_kappa (spec section 2), so this decides
 where an untrained early exit can work. One forward per sequence over prompt + the target's own
@@ -27,6 +29,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts-per-task", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--exit-heads", default="default",
+                    help="trained exit heads to compare: 'default' (the committed ones), a checkpoint directory, "
+                         "or 'none'")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -42,18 +47,26 @@ def main(argv=None) -> int:
     from mirror_jax.bench.questions import load_questions
     from mirror_jax.bench.report import machine_info, machine_md, markdown_table, write_results
     from mirror_jax.engine.autoregressive import generate_ar
+    from mirror_jax.exit.head import exit_logits
     from mirror_jax.kv_cache import init_cache
     from mirror_jax.loading import default_pair
     from mirror_jax.tokenizer import apply_chat_template
 
     info = machine_info()
-    target, draft, tok = default_pair(jnp.float32)
+    target, draft, tok = default_pair(jnp.float32, exit_heads=args.exit_heads == "default")
     del draft
+    if args.exit_heads not in ("default", "none"):
+        from mirror_jax.exit.checkpoint import restore_exit_heads
+
+        heads = restore_exit_heads(args.exit_heads, target.cfg, target.params)
+    else:
+        heads = target.exit_heads if args.exit_heads == "default" else None
+    head_list = tuple(heads.heads[layer] for layer in heads.layers) if heads is not None else ()
     cfg = target.cfg
     params = target.params
     qs = load_questions(limit_per_category=args.prompts_per_task)
 
-    def layer_ranks(params, tokens, n_prompt):
+    def layer_ranks(params, head_list, tokens, n_prompt):
         """[L, G] rank of the final greedy token in each layer's early-exit distribution, at the G
         positions that predict generated tokens (only those go through the head: memory)."""
         n = tokens.shape[1]
@@ -66,39 +79,50 @@ def main(argv=None) -> int:
             x, _, _ = M.layer_forward(cfg, lp, x, kb, vb, pos, mask)
             hidden.append(x[0, n_prompt - 1 : n - 1])  # [G, H]
         final = jnp.argmax(M.head(cfg, params, hidden[-1]), axis=-1)  # [G]
-        ranks = []
-        for h in hidden:
-            logits = M.head(cfg, params, h)
-            ranks.append(jnp.sum(logits > jnp.take_along_axis(logits, final[:, None], axis=-1), axis=-1))
-        return jnp.stack(ranks)
+        def rank(logits):
+            return jnp.sum(logits > jnp.take_along_axis(logits, final[:, None], axis=-1), axis=-1)
 
-    layer_ranks = jax.jit(layer_ranks, static_argnums=2)  # params as an argument, not a 6 GB constant
+        ranks = jnp.stack([rank(M.head(cfg, params, h)) for h in hidden])
+        trained = [rank(exit_logits(cfg, params, hd, hidden[hd.layer - 1])) for hd in head_list]
+        return ranks, (jnp.stack(trained) if trained else None)
 
-    all_ranks = []
+    layer_ranks = jax.jit(layer_ranks, static_argnums=3)  # params as an argument, not a 6 GB constant
+
+    all_ranks, trained_ranks = [], []
     for q in tqdm(qs, desc="sequences"):
         ids = apply_chat_template(tok, [{"role": "user", "content": q["turns"][0]}], target.chat_template)
         gen = generate_ar(cfg, params, [ids], args.max_new_tokens).tokens[0]
         seq = ids + gen
-        all_ranks.append(np.asarray(layer_ranks(params, jnp.asarray([seq]), len(ids))))
+        r0, r1 = layer_ranks(params, head_list, jnp.asarray([seq]), len(ids))
+        all_ranks.append(np.asarray(r0))
+        trained_ranks.append(None if r1 is None else np.asarray(r1))
     ranks = np.concatenate(all_ranks, axis=1)  # [L, positions]
     omega = {k: (ranks < k).mean(axis=1) for k in KAPPAS}  # per layer (1-based index l = i + 1)
     rows = []
     for i in range(cfg.num_layers):
         rows.append({"exit_layer": i + 1, **{f"omega_{k}": float(omega[k][i]) for k in KAPPAS}})
+    if head_list:
+        tr = np.concatenate(trained_ranks, axis=1)  # [heads, positions]
+        for j, hd in enumerate(head_list):
+            rows[hd.layer - 1].update({f"trained_{k}": float((tr[j] < k).mean()) for k in KAPPAS})
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for k in KAPPAS:
-        ax.plot(range(1, cfg.num_layers + 1), omega[k], marker=".", label=f"kappa={k}")
+    for i, k in enumerate(KAPPAS):
+        ax.plot(range(1, cfg.num_layers + 1), omega[k], marker=".", color=f"C{i}", label=f"kappa={k}")
+        if head_list:
+            xs = [hd.layer for hd in head_list]
+            ax.plot(xs, [rows[x - 1][f"trained_{k}"] for x in xs], marker="*", ls="--", color=f"C{i}",
+                    label=f"trained exit, kappa={k}")
     ax.axvline(cfg.num_layers // 2, color="gray", ls="--", lw=0.8)
     ax.set_xlabel("early-exit layer l_e")
     ax.set_ylabel("Omega_kappa (target token in early-exit top-kappa)")
-    ax.set_title(f"{target.name}: untrained early exit, {ranks.shape[1]} positions")
+    ax.set_title(f"{target.name}: early exit (untrained; trained dashed), {ranks.shape[1]} positions", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(args.out, exist_ok=True)
     fig.savefig(os.path.join(args.out, "omega_by_exit.png"), dpi=120)
 
-    cols = ["exit_layer"] + [f"omega_{k}" for k in KAPPAS]
+    cols = ["exit_layer"] + [f"omega_{k}" for k in KAPPAS] + ([f"trained_{k}" for k in KAPPAS] if head_list else [])
     md = (f"# Omega_kappa by early-exit layer ({target.name}, {len(qs)} SpecBench prompts, "
           f"{ranks.shape[1]} generated positions)\n\n" + machine_md(info)
           + f"\nCommand: `python experiments/omega_by_exit.py {' '.join(argv or sys.argv[1:])}`\n\n"

@@ -35,7 +35,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gamma", type=int, default=None, help="draft window (default: per device kind)")
     p.add_argument("--kappa", type=int, default=None, help="early-exit candidates per position")
-    p.add_argument("--exit-layer", type=int, default=None, help="target early-exit layer (default N/2)")
+    p.add_argument("--exit-layer", type=int, default=None,
+                   help="target early-exit layer (default: the trained exit heads' layer, else N/2)")
+    p.add_argument("--exit-head", default="auto",
+                   help="mirror's early exit: 'auto' (the committed trained heads with the default pair), 'none' "
+                        "(the untrained exit), or an exit-head checkpoint directory")
     p.add_argument("--branch-budget", type=int, default=None, help="branches rolled out per round")
     p.add_argument("--verifier", default=None, choices=["greedy", "sample_match", "rejection"])
     p.add_argument("--placement", default=None,
@@ -70,6 +74,11 @@ def run_generate(args) -> int:
     if args.method != "ar" and draft is None:
         print("error: --method sd/mirror needs --draft when --target is given", file=sys.stderr)
         return 2
+    exit_head = {"auto": "auto", "none": None}.get(args.exit_head.lower(), args.exit_head)
+    if isinstance(exit_head, str) and exit_head != "auto":
+        from mirror_jax.exit.checkpoint import restore_exit_heads
+
+        exit_head = restore_exit_heads(exit_head, target.cfg, target.params)
     if args.raw:
         ids = encode(tok, args.prompt)
     else:
@@ -78,6 +87,7 @@ def run_generate(args) -> int:
         method=args.method, draft=draft, gamma=args.gamma, kappa=args.kappa, exit_layer=args.exit_layer,
         branch_budget=args.branch_budget, placement=args.placement, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, verifier=args.verifier, loop=args.loop,
+        exit_head=exit_head,
     )
     if args.method == "ar":
         kw = {k: kw[k] for k in ("method", "placement", "temperature", "top_k", "top_p", "seed")}
@@ -90,7 +100,8 @@ def run_generate(args) -> int:
     if args.method != "ar":
         line += f", {s['mean_tokens_per_round']:.2f} tokens/round"
     if args.method == "mirror":
-        line += f", fallback {s['fallback_rate']:.0%}, Omega_kappa {s['omega_kappa']:.2f}, {s['placement']}"
+        line += (f", fallback {s['fallback_rate']:.0%}, Omega_kappa {s['omega_kappa']:.2f} "
+                 f"({s['exit_head']} exit at layer {s['settings']['exit_layer']}), {s['placement']}")
     print(line)
     return 0
 

@@ -66,8 +66,9 @@ def test_spec_methods_greedy_identical_to_ar(real):
         # Measured on models.md: the draft agrees with the target on ~91% of code positions.
         assert res.stats["mean_tokens_per_round"] > 2.0, (method, res.stats["mean_tokens_per_round"])
         if method == "mirror":
-            # Measured: the untrained mid-depth early exit (layer 14 of 28) holds the target's token in
-            # its top-4 only ~13% of the time on these prompts, so most rounds fall back.
+            # default_pair attaches the committed trained exit heads; generate uses them by default.
+            assert res.stats["exit_head"] == "trained", res.stats["exit_head"]
+            assert res.stats["settings"]["exit_layer"] == t.exit_heads.default_layer
             assert res.stats["reuse"] == check_round_records(res, ar.tokens)
             assert 0.0 < res.stats["omega_kappa"] <= 1.0
             real["mirror_stats"] = {k: res.stats[k] for k in ("omega_kappa", "fallback_rate", "mean_tokens_per_round")}
@@ -104,3 +105,28 @@ def test_ar_matches_transformers_generate(real):
         assert mine[:cut] == theirs[:cut]
     del ref
     gc.collect()
+
+
+def test_committed_exit_heads_beat_the_untrained_exit(real):
+    """The committed heads load for the default target (fingerprint checked), carry their
+    provenance, and on held-out stdlib text (files never trained on) put the target's greedy token
+    in the exit's top-4 far more often than the untrained exit at the same layer."""
+    import numpy as np
+
+    from mirror_jax.corpus import pack_sequences
+    from mirror_jax.exit.train import exit_features, omega_ranks
+
+    t, tok = real["target"], real["tok"]
+    heads = t.exit_heads
+    assert heads is not None, "checkpoints/exit_default_target did not load for the default target"
+    meta = heads.metadata
+    for key in ("base_fingerprint", "layers", "default_layer", "data", "steps", "command", "heldout"):
+        assert key in meta, key
+    layer = heads.default_layer
+    rows = pack_sequences(tok, t.chat_template, "heldout", 256, 256, seed=7)
+    f = exit_features(t.cfg, t.params, rows, layers=(layer,), top=1)
+    hid, tgt = np.asarray(f.hidden[0])[16:], np.asarray(f.top_ids[16:, 0])
+    untrained = np.mean(omega_ranks(t.cfg, t.params, None, hid, tgt) < 4)
+    trained = np.mean(omega_ranks(t.cfg, t.params, heads.for_layer(layer), hid, tgt) < 4)
+    print(f"\nheld-out Omega_4 at layer {layer}: untrained {untrained:.3f}, trained {trained:.3f}")
+    assert trained > untrained + 0.15, (untrained, trained)

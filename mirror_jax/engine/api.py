@@ -28,6 +28,8 @@ from mirror_jax.engine.placement import Placement
 from mirror_jax.engine.prefill import cache_capacity, pad_prompts, truncate_at_eos, validate_prompts
 from mirror_jax.engine.speculative import DraftModel, SpecDecoder, SpecSettings, TargetModel
 from mirror_jax.engine.stats import summarize, summarize_rows
+from mirror_jax.exit.checkpoint import ExitHeads
+from mirror_jax.exit.head import ExitHead, check_exit_head
 from mirror_jax.rounds.verify import VERIFIERS
 from mirror_jax.sampling import SamplingParams
 from mirror_jax.ss.rollout import ss_draft
@@ -73,6 +75,40 @@ def check_pair(target_cfg, draft_cfg, target_tok=None, draft_tok=None) -> None:
             check_same_tokenizer(target_tok, draft_tok)
         except ValueError as e:
             raise ConfigError(f"draft and target tokenizers differ: {e}") from e
+
+
+def resolve_exit(exit_head, target, target_cfg, exit_layer):
+    """(exit layer or None, ExitHead or None) from `generate`'s `exit_head` and `exit_layer`.
+
+    "auto": the heads attached to the target (`LoadedModel.exit_heads`; `default_pair` attaches the
+    committed ones), their default layer unless `exit_layer` is given, and the untrained exit at a
+    layer they have no head for. None: the untrained exit. An `ExitHeads`: like "auto" with those
+    heads. An `ExitHead`: that head, at its own layer."""
+    if isinstance(exit_head, str):
+        if exit_head != "auto":
+            raise ConfigError(f"exit_head must be 'auto', None, an ExitHead or ExitHeads, got {exit_head!r}")
+        heads = getattr(target, "exit_heads", None)
+    elif exit_head is None or isinstance(exit_head, ExitHeads):
+        heads = exit_head
+    elif isinstance(exit_head, ExitHead):
+        layer = exit_head.layer if exit_layer is None else exit_layer
+        try:
+            check_exit_head(target_cfg, exit_head, layer)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        return layer, exit_head
+    else:
+        raise ConfigError(f"exit_head must be 'auto', None, an ExitHead or ExitHeads, got {type(exit_head).__name__}")
+    if heads is None:
+        return exit_layer, None
+    layer = heads.default_layer if exit_layer is None else exit_layer
+    head = None if layer is None else heads.for_layer(layer)
+    if head is not None:
+        try:
+            check_exit_head(target_cfg, head, layer)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+    return layer, head
 
 
 def resolve_settings(
@@ -133,6 +169,7 @@ def generate(
     ss_adapter=None,
     progress=None,
     loop: str = "host",
+    exit_head="auto",
 ) -> GenerationResult:
     """Decode `prompts` (lists of token ids) with `method`; see the module docstring.
 
@@ -146,7 +183,12 @@ def generate(
 
     `ss_adapter`: a speculative-streaming adapter for the draft, ``(SSConfig, SSParams)`` or the
     ``(sscfg, ssp, metadata)`` returned by `mirror_jax.ss.checkpoint.load_default_ss_adapter`; the
-    draft then emits several tokens per forward (the same tokens as the plain draft)."""
+    draft then emits several tokens per forward (the same tokens as the plain draft).
+
+    `exit_head` (mirror): the trained early exit, see `resolve_exit`. With the default pair the
+    committed heads are used and `exit_layer` defaults to their recommended layer; ``None`` gives the
+    untrained exit (the target's LM head on layer l_e). It changes which branches are rolled out,
+    never the output."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     if loop not in LOOPS:
@@ -168,6 +210,7 @@ def generate(
         return res
     cfg_d, p_d, tok_d = _unpack(draft, "draft (needed for method 'sd'/'mirror')")
     check_pair(cfg_t, cfg_d, tok_t, tok_d)
+    exit_layer, head = resolve_exit(exit_head, target, cfg_t, exit_layer) if method == "mirror" else (exit_layer, None)
     s = resolve_settings(
         method, cfg_t, pl, gamma=gamma, kappa=kappa, exit_layer=exit_layer, branch_budget=branch_budget,
         verifier=verifier, sampling=sampling, profile=profile, allow_full_exit=allow_full_exit,
@@ -176,7 +219,7 @@ def generate(
     sscfg, ssp = (None, None) if ss_adapter is None else tuple(ss_adapter)[:2]
     if ssp is not None and len(pl.draft_group) > 1:
         raise ConfigError("a speculative-streaming draft runs on one device: give the draft a single device")
-    tgt = TargetModel(*pl.place_target(cfg_t, p_t))
+    tgt = TargetModel(*pl.place_target(cfg_t, p_t), exit_head=None if head is None else pl.to_target(head))
     cfg_d, p_d = pl.place_draft(cfg_d, p_d)
     # An SS adapter's LoRA is merged once per call, on the draft's device.
     drf = DraftModel(cfg_d, p_d, None if ssp is None else ss_draft(cfg_d, sscfg, p_d, pl.params_to_draft(ssp)))
@@ -191,7 +234,7 @@ def generate(
         rounds.extend(recs)
     total = time.perf_counter() - t0
     stats = {"method": method, "loop": "host", "total_s": total, "settings": dataclasses.asdict(s),
-             "placement": pl.describe(), "draft_kind": "ar" if ssp is None else "ss"}
+             "placement": pl.describe(), "draft_kind": "ar" if ssp is None else "ss", "exit_head": _exit_kind(tgt, s)}
     stats.update(summarize(rounds, s.gamma))
     res = GenerationResult(tokens=tokens, stats=stats)
     res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)
@@ -213,14 +256,21 @@ def _generate_device(tgt: TargetModel, drf: DraftModel, s: SpecSettings, pl: Pla
     toks, n_valid = pad_prompts(prompts)
     samp = pl.to_target(sampling.arrays(row=np.arange(len(prompts))))
     t0 = time.perf_counter()
-    res = run_device_loop(spec, tgt.params, drf.params, pl.to_target(toks), pl.to_target(n_valid), samp, drf.ss)
+    res = run_device_loop(spec, tgt.params, drf.params, pl.to_target(toks), pl.to_target(n_valid), samp, drf.ss,
+                          tgt.exit_head)
     out, n_out, counts = jax.device_get((res.tokens, res.n_out, dataclasses.asdict(res.stats)))  # the one sync
     total = time.perf_counter() - t0
     tokens = [truncate_at_eos(out[b, : n_out[b]].tolist(), set(eos), max_new_tokens) for b in range(len(prompts))]
     stats = {"method": s.method, "loop": "device", "batch": len(prompts), "total_s": total,
              "settings": dataclasses.asdict(s), "placement": pl.describe(),
-             "draft_kind": "ar" if drf.ss is None else "ss"}
+             "draft_kind": "ar" if drf.ss is None else "ss", "exit_head": _exit_kind(tgt, s)}
     stats.update(summarize_rows(counts, s.method))
     res = GenerationResult(tokens=tokens, stats=stats)
     res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)
     return res
+
+
+def _exit_kind(tgt: TargetModel, s: SpecSettings) -> str | None:
+    if s.method != "mirror":
+        return None
+    return "untrained" if tgt.exit_head is None else "trained"

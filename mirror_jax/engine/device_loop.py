@@ -178,9 +178,10 @@ def _commit_round(spec: LoopSpec, st: DecodeState, cache_t: KVCache, a, y, forwa
 
 
 def sd_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: DecodeState, samp: SamplingArrays,
-             ss: SSDraft | None = None) -> DecodeState:
+             ss: SSDraft | None = None, exit_head=None) -> DecodeState:
     """One vanilla-SD round for every row: verify the window with one target forward over
-    [last, window], commit, and draft the next window."""
+    [last, window], commit, and draft the next window (`exit_head` is unused: the same signature
+    as `mirror_round`)."""
     s, gamma = spec.settings, spec.gamma
     tokens = jnp.concatenate([st.last[:, None], st.window], axis=1)  # [B, gamma+1] at P..P+gamma
     logits, cache_t = M.forward(spec.target, params_t, tokens, st.cache_t)
@@ -218,11 +219,12 @@ def _rollout_rows(spec: LoopSpec, params_d: ModelParams, cache_d: KVCache, last,
 
 
 def mirror_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: DecodeState,
-                 samp: SamplingArrays, ss: SSDraft | None = None) -> DecodeState:
-    """One Mirror-SD round for every row (the phases of `SpecDecoder.dispatch_mirror`)."""
+                 samp: SamplingArrays, ss: SSDraft | None = None, exit_head=None) -> DecodeState:
+    """One Mirror-SD round for every row (the phases of `SpecDecoder.dispatch_mirror`); `exit_head`:
+    a trained early exit for the settings' exit layer (`mirror_jax.exit.ExitHead`) or None."""
     s, gamma = spec.settings, spec.gamma
     tokens = jnp.concatenate([st.last[:, None], st.window], axis=1)
-    hidden, ee_logits, cache_t = M.forward_prefix(spec.target, params_t, tokens, st.cache_t, s.exit_layer)
+    hidden, ee_logits, cache_t = M.forward_prefix(spec.target, params_t, tokens, st.cache_t, s.exit_layer, exit_head)
     ee = early_exit(ee_logits, st.window, s.kappa)  # batched: one top-k over [B*(gamma+1), V]
     branches, cache_d = _rollout_rows(spec, params_d, st.cache_d, st.last, st.window, ee.channel, samp, ss)
     logits, cache_t = M.forward_suffix(spec.target, params_t, hidden, cache_t, s.exit_layer)
@@ -258,16 +260,17 @@ def mirror_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, s
 
 
 def decode(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: DecodeState, samp: SamplingArrays,
-           ss: SSDraft | None = None) -> DecodeState:
+           ss: SSDraft | None = None, exit_head=None) -> DecodeState:
     """Run rounds until every row is done: one `lax.while_loop`, no host synchronisation."""
     round_fn = mirror_round if spec.settings.method == "mirror" else sd_round
-    return lax.while_loop(lambda st: ~jnp.all(st.done), lambda st: round_fn(spec, params_t, params_d, st, samp, ss),
-                          st)
+    return lax.while_loop(lambda st: ~jnp.all(st.done),
+                          lambda st: round_fn(spec, params_t, params_d, st, samp, ss, exit_head), st)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def run_device_loop(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, tokens, n_valid,
-                    samp: SamplingArrays, ss: SSDraft | None = None) -> LoopResult:
+                    samp: SamplingArrays, ss: SSDraft | None = None, exit_head=None) -> LoopResult:
     """`start` then `decode`, as one compiled program. Returns a `LoopResult` (caches dropped)."""
-    st = decode(spec, params_t, params_d, start(spec, params_t, params_d, tokens, n_valid, samp, ss), samp, ss)
+    st = start(spec, params_t, params_d, tokens, n_valid, samp, ss)
+    st = decode(spec, params_t, params_d, st, samp, ss, exit_head)
     return LoopResult(tokens=st.out, n_out=st.n_out, stats=st.stats)

@@ -33,6 +33,7 @@ from mirror_jax.config import ModelConfig
 from mirror_jax.engine.placement import Placement
 from mirror_jax.engine.prefill import pad_prompts, prefill, start_sequences, truncate_at_eos
 from mirror_jax.engine.stats import RoundRecord
+from mirror_jax.exit.head import ExitHead
 from mirror_jax.kv_cache import KVCache, check_headroom
 from mirror_jax.params import ModelParams
 from mirror_jax.rounds import draft_propose, draft_rollout, draft_select, target_full, target_prefix, target_suffix
@@ -66,6 +67,7 @@ class SpecSettings:
 class TargetModel:
     cfg: ModelConfig
     params: ModelParams  # placed on the target's device
+    exit_head: ExitHead | None = None  # a trained early exit for the settings' exit layer (placed likewise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +140,8 @@ class SpecDecoder:
         win_t = timer.lap("channel_fv", pl.to_target(st.proposal.window))
         q_t = None if st.proposal.q is None else pl.to_target(st.proposal.q)
         hidden, ee, st.cache_t = timer.lap("prefix", *target_prefix(
-            t.cfg, t.params, st.cache_t, st.last_t, win_t, exit_layer=s.exit_layer, kappa=s.kappa))
+            t.cfg, t.params, st.cache_t, st.last_t, win_t, exit_layer=s.exit_layer, kappa=s.kappa,
+            exit_head=t.exit_head))
         ch_d = timer.lap("channel_ee", pl.to_draft(ee.channel))
         branches, st.cache_d = timer.lap("draft", *draft_rollout(
             d.cfg, d.params, st.cache_d, st.last_d, st.proposal.window, ch_d, self.samp_d, budget=s.branch_budget,

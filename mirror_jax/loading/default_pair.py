@@ -232,15 +232,22 @@ def check_same_tokenizer(tok_a, tok_b) -> None:
 
 
 def default_pair(
-    dtype=jnp.float32, cache_dir: str | os.PathLike | None = None, *, progress: bool = True
+    dtype=jnp.float32, cache_dir: str | os.PathLike | None = None, *, progress: bool = True,
+    exit_heads: bool = True, checkpoints: str | os.PathLike | None = None,
 ) -> tuple[LoadedModel, LoadedModel, object]:
     """Assemble, verify and load the default pair; return ``(target, draft, tokenizer)``.
 
     The target is Qwen2.5-Coder-1.5B-Instruct, the draft Qwen2.5-Coder-0.5B-Instruct (both Q4_K_M,
-    dequantised to ``dtype``). Raises `MissingModelPackagesError`, `ChecksumError` or
-    `TokenizerMismatchError`."""
+    dequantised to ``dtype``). With `exit_heads` the committed trained early exits
+    (``checkpoints/exit_default_target``, see `mirror_jax.exit.checkpoint`) are attached to the
+    target as ``target.exit_heads`` when found (None otherwise); `generate` uses them for Mirror-SD.
+    Raises `MissingModelPackagesError`, `ChecksumError` or `TokenizerMismatchError`."""
     target_path, draft_path = assemble_default_files(cache_dir)
     target = load_gguf(target_path, dtype, sha256=TARGET_SPEC.sha256, progress=progress)
     draft = load_gguf(draft_path, dtype, sha256=DRAFT_SPEC.sha256, progress=progress)
     check_same_tokenizer(target.tokenizer, draft.tokenizer)
+    if exit_heads:
+        from mirror_jax.exit.checkpoint import load_default_exit_heads
+
+        target = dataclasses.replace(target, exit_heads=load_default_exit_heads(target, checkpoints))
     return target, draft, target.tokenizer

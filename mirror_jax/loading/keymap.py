@@ -71,6 +71,7 @@ class LoadedModel:
     sha256: str | None
     tokenizer: Any
     chat_template: str | None
+    exit_heads: Any = None  # mirror_jax.exit.checkpoint.ExitHeads: trained early exits (default_pair attaches them)
 
 
 LM_HEAD = "lm_head.weight"

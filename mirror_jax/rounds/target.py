@@ -52,13 +52,14 @@ def early_exit(ee_logits: jax.Array, window: jax.Array, kappa: int) -> EarlyExit
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "exit_layer", "kappa"), donate_argnames=("cache",))
-def target_prefix(cfg, params, cache: KVCache, last, window, *, exit_layer: int, kappa: int):
+def target_prefix(cfg, params, cache: KVCache, last, window, *, exit_layer: int, kappa: int, exit_head=None):
     """Layers [0, exit_layer) of the target over [last, window], then the early exit: the target's
-    own final norm + LM head on the layer-l_e hidden state at every position, top-kappa per depth.
+    own final norm + LM head on the layer-l_e hidden state at every position (after the trained
+    `exit_head`, a `mirror_jax.exit.ExitHead` for `exit_layer`, when given), top-kappa per depth.
 
     Returns (hidden [1, gamma+1, H], `EarlyExit`, cache with the prefix layers' K/V written)."""
     tokens = jnp.concatenate([last[:, None], window], axis=1)
-    hidden, ee_logits, cache = M.forward_prefix(cfg, params, tokens, cache, exit_layer)
+    hidden, ee_logits, cache = M.forward_prefix(cfg, params, tokens, cache, exit_layer, exit_head)
     return hidden, early_exit(ee_logits[0], window[0], kappa), cache
 
 

@@ -27,76 +27,35 @@ stream embeddings) do not depend on the base layout.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any
 
-import jax
-import numpy as np
-
+from mirror_jax.checkpointing import (
+    CheckpointCorruptedError,
+    CheckpointError,
+    CheckpointMismatchError,
+    base_diffs,
+    base_fingerprint,
+    flatten_tree,
+    leaf_specs,
+    read_metadata,
+    restore_flat,
+    save_flat,
+    unflatten_tree,
+    verified_metadata,
+)
 from mirror_jax.config import ModelConfig
-from mirror_jax.files import checkpoint_search_path, sha256_file
+from mirror_jax.files import checkpoint_search_path
 from mirror_jax.params import ModelParams
 from mirror_jax.ss.model import SSConfig, SSParams, init_ss_params
 
 FORMAT_VERSION = 2
 _FORMATS = (1, 2)
-_TRANSPOSED_IN_FORMAT_1 = ("w_qkv", "w_o", "w_gate_up", "w_down", "lm_head")
 DEFAULT_ADAPTER_NAME = "ss_default_draft"
-
-
-class CheckpointError(RuntimeError):
-    """Base class of SS checkpoint errors."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """The checkpoint was trained for a different base model or SS configuration."""
-
-
-class CheckpointCorruptedError(CheckpointError):
-    """The checkpoint directory is incomplete or its files do not match their recorded hashes."""
-
-
-def base_fingerprint(cfg: ModelConfig, params: ModelParams, samples: int = 4096, *, version: int = FORMAT_VERSION
-                     ) -> str:
-    """sha256 over the config and a strided sample of every parameter leaf. ``version=1``: as the
-    format-1 checkpoints took it, with the weight matrices in their old ``[in, out]`` layout (read
-    through a transposed index, nothing is copied)."""
-    h = hashlib.sha256(repr(dataclasses.asdict(cfg)).encode())
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        a = np.asarray(leaf)
-        legacy = version == 1 and a.ndim == 2 and getattr(path[-1], "name", None) in _TRANSPOSED_IN_FORMAT_1
-        shape = a.shape[::-1] if legacy else a.shape
-        idx = np.linspace(0, a.size - 1, num=min(samples, a.size)).astype(np.int64)
-        if legacy:  # element idx of the [in, out] matrix is a[j, i] of the stored [out, in] one
-            i, j = np.divmod(idx, shape[1])
-            vals = a[j, i]
-        else:
-            vals = a.reshape(-1)[idx]
-        h.update(f"{jax.tree_util.keystr(path)}|{shape}|{a.dtype}".encode())
-        h.update(np.ascontiguousarray(vals.astype(np.float32)).tobytes())
-    return h.hexdigest()
-
-
-def _flatten(ssp: SSParams) -> dict[str, np.ndarray]:
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(ssp)[0]:
-        name = ".".join(str(getattr(k, "name", getattr(k, "idx", getattr(k, "key", k)))) for k in path)
-        out[name] = np.asarray(leaf)
-    return out
-
-
-def _unflatten(template: SSParams, flat: dict[str, Any]) -> SSParams:
-    names = list(_flatten(template))
-    treedef = jax.tree_util.tree_structure(template)
-    return jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(flat[n]) for n in names])
-
-
-def _manifest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted((root / "params").rglob("*")) if p.is_file()}
+__all__ = [
+    "CheckpointCorruptedError", "CheckpointError", "CheckpointMismatchError", "base_fingerprint", "read_metadata",
+    "restore_ss_checkpoint", "save_ss_checkpoint", "load_default_ss_adapter", "default_adapter_dirs",
+]
 
 
 def save_ss_checkpoint(
@@ -113,64 +72,21 @@ def save_ss_checkpoint(
 
     `extra` (JSON-serialisable: steps, data description, final losses, ...) is merged into the
     metadata. Returns the final path."""
-    import orbax.checkpoint as ocp
-
-    final = Path(directory).resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    flat = _flatten(ssp)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(tmp / "params", flat)
-        ckptr.wait_until_finished()
     meta = {
         "format": FORMAT_VERSION,
         "base_fingerprint": fingerprint or base_fingerprint(cfg, params),
         "base_config": dataclasses.asdict(cfg),
         "ss_config": dataclasses.asdict(sscfg),
-        "leaves": {k: [list(v.shape), str(v.dtype)] for k, v in flat.items()},
-        "files": _manifest(tmp),
         **(extra or {}),
     }
-    (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-    return final
-
-
-def read_metadata(directory: str | os.PathLike) -> dict:
-    d = Path(directory)
-    if not d.is_dir():
-        raise CheckpointCorruptedError(f"SS checkpoint directory {d} does not exist")
-    mp = d / "metadata.json"
-    if not mp.is_file():
-        raise CheckpointCorruptedError(f"SS checkpoint {d} has no metadata.json (incomplete or not a checkpoint)")
-    try:
-        return json.loads(mp.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointCorruptedError(f"SS checkpoint {d}: metadata.json is not valid JSON ({e})") from e
+    return save_flat(directory, flatten_tree(ssp), meta)
 
 
 def _diffs(meta: dict, cfg: ModelConfig, sscfg: SSConfig | None, fingerprint: str) -> list[str]:
     out = []
     if meta.get("format") not in _FORMATS:
         out.append(f"format version {meta.get('format')} is not one of {_FORMATS}")
-    want_cfg = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    got_cfg = meta.get("base_config", {})
-    for k in sorted(set(want_cfg) | set(got_cfg)):
-        if want_cfg.get(k) != got_cfg.get(k):
-            out.append(f"base config {k}: checkpoint has {got_cfg.get(k)!r}, model has {want_cfg.get(k)!r}")
-    if meta.get("base_fingerprint") != fingerprint:
-        out.append(
-            f"base model weights differ (fingerprint {str(meta.get('base_fingerprint'))[:12]}... in the "
-            f"checkpoint, {fingerprint[:12]}... for the given model)"
-        )
+    out += base_diffs(meta, cfg, fingerprint)
     if sscfg is not None:
         got = meta.get("ss_config", {})
         for k, v in dataclasses.asdict(sscfg).items():
@@ -190,19 +106,8 @@ def restore_ss_checkpoint(
     """Load an adapter for the base model (cfg, params). `sscfg=None` takes the checkpoint's SS
     config. Returns (sscfg, ssp, metadata). Raises CheckpointCorruptedError /
     CheckpointMismatchError with the reason."""
-    import orbax.checkpoint as ocp
-
     d = Path(directory).resolve()
-    meta = read_metadata(d)
-    files = meta.get("files")
-    if not files:
-        raise CheckpointCorruptedError(f"SS checkpoint {d}: metadata lists no parameter files")
-    for rel, digest in files.items():
-        p = d / rel
-        if not p.is_file():
-            raise CheckpointCorruptedError(f"SS checkpoint {d}: file {rel} is missing")
-        if sha256_file(p) != digest:
-            raise CheckpointCorruptedError(f"SS checkpoint {d}: file {rel} is corrupted (sha256 mismatch)")
+    meta = verified_metadata(d, "SS checkpoint")
     fmt = meta.get("format") if meta.get("format") in _FORMATS else FORMAT_VERSION
     diffs = _diffs(meta, cfg, sscfg, fingerprint or base_fingerprint(cfg, params, version=fmt))
     if diffs:
@@ -211,16 +116,11 @@ def restore_ss_checkpoint(
         )
     sscfg = sscfg or SSConfig(**meta["ss_config"])
     template = init_ss_params(cfg, sscfg, params)
-    flat_t = _flatten(template)
-    if {k: [list(v.shape), str(v.dtype)] for k, v in flat_t.items()} != meta["leaves"]:
+    flat_t = flatten_tree(template)
+    if leaf_specs(flat_t) != meta["leaves"]:
         raise CheckpointMismatchError(f"SS checkpoint {d}: parameter names/shapes differ from SSConfig {sscfg}")
-    abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat_t.items()}
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            flat = ckptr.restore(d / "params", abstract)
-    except Exception as e:  # orbax/tensorstore raise various types for damaged data
-        raise CheckpointCorruptedError(f"SS checkpoint {d}: orbax could not read the parameters ({e})") from e
-    return sscfg, _unflatten(template, flat), meta
+    flat = restore_flat(d, flat_t, "SS checkpoint")
+    return sscfg, unflatten_tree(template, flat), meta
 
 
 def default_adapter_dirs(checkpoints: str | os.PathLike | None = None) -> list[Path]:
