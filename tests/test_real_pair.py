@@ -75,6 +75,33 @@ def test_spec_methods_greedy_identical_to_ar(real):
             print("\nmirror on the real pair:", real["mirror_stats"])
 
 
+def test_committed_exit_heads_beat_the_untrained_exit(real):
+    """The committed heads load for the default target (fingerprint checked), carry their
+    provenance, and on held-out stdlib text (files never trained on) put the target's greedy token
+    in the exit's top-4 far more often than the untrained exit at the same layer."""
+    import numpy as np
+
+    from mirror_jax.corpus import pack_sequences
+    from mirror_jax.exit.train import exit_features, omega_ranks
+
+    t, tok = real["target"], real["tok"]
+    heads = t.exit_heads
+    assert heads is not None, "checkpoints/exit_default_target did not load for the default target"
+    meta = heads.metadata
+    for key in ("base_fingerprint", "layers", "default_layer", "data", "steps", "command", "heldout"):
+        assert key in meta, key
+    layer = heads.default_layer
+    rows = pack_sequences(tok, t.chat_template, "heldout", 256, 256, seed=7)
+    f = exit_features(t.cfg, t.params, rows, layers=(layer,), top=1)
+    hid, tgt = np.asarray(f.hidden[0])[16:], np.asarray(f.top_ids[16:, 0])
+    untrained = np.mean(omega_ranks(t.cfg, t.params, None, hid, tgt) < 4)
+    trained = np.mean(omega_ranks(t.cfg, t.params, heads.for_layer(layer), hid, tgt) < 4)
+    print(f"\nheld-out Omega_4 at layer {layer}: untrained {untrained:.3f}, trained {trained:.3f}")
+    # Measured on 1920 held-out positions at layer 24: 0.656 untrained, 0.876 trained
+    # (experiments/results/exit_train.md); here 240 positions, so a margin well inside that gap.
+    assert trained > untrained + 0.1, (untrained, trained)
+
+
 def test_ar_matches_transformers_generate(real):
     """32 greedy tokens per prompt from mirror_jax equal transformers' `generate` on the same GGUF."""
     import torch
@@ -106,27 +133,3 @@ def test_ar_matches_transformers_generate(real):
     del ref
     gc.collect()
 
-
-def test_committed_exit_heads_beat_the_untrained_exit(real):
-    """The committed heads load for the default target (fingerprint checked), carry their
-    provenance, and on held-out stdlib text (files never trained on) put the target's greedy token
-    in the exit's top-4 far more often than the untrained exit at the same layer."""
-    import numpy as np
-
-    from mirror_jax.corpus import pack_sequences
-    from mirror_jax.exit.train import exit_features, omega_ranks
-
-    t, tok = real["target"], real["tok"]
-    heads = t.exit_heads
-    assert heads is not None, "checkpoints/exit_default_target did not load for the default target"
-    meta = heads.metadata
-    for key in ("base_fingerprint", "layers", "default_layer", "data", "steps", "command", "heldout"):
-        assert key in meta, key
-    layer = heads.default_layer
-    rows = pack_sequences(tok, t.chat_template, "heldout", 256, 256, seed=7)
-    f = exit_features(t.cfg, t.params, rows, layers=(layer,), top=1)
-    hid, tgt = np.asarray(f.hidden[0])[16:], np.asarray(f.top_ids[16:, 0])
-    untrained = np.mean(omega_ranks(t.cfg, t.params, None, hid, tgt) < 4)
-    trained = np.mean(omega_ranks(t.cfg, t.params, heads.for_layer(layer), hid, tgt) < 4)
-    print(f"\nheld-out Omega_4 at layer {layer}: untrained {untrained:.3f}, trained {trained:.3f}")
-    assert trained > untrained + 0.15, (untrained, trained)
