@@ -82,16 +82,11 @@ def phase_times(target, draft, gamma: int, budget: int, reps: int = 5) -> dict:
     import jax.numpy as jnp
 
     from mirror_jax import model as M
+    from mirror_jax.bench.report import median_ms
     from mirror_jax.kv_cache import init_cache
 
     def timed(fn, *a):
-        jax.block_until_ready(fn(*a))
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*a))
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
+        return median_ms(fn, *a, repeats=reps) / 1e3
 
     def fwd(cfg):
         return jax.jit(lambda p, t, c: M.forward(cfg, p, t, c)[0])

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import ast
 import gc
-import hashlib
 import json
 import os
 import sys
@@ -44,6 +43,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mirror_jax.corpus import split_of  # noqa: E402
 from mirror_jax.ss.checkpoint import base_fingerprint, save_ss_checkpoint  # noqa: E402
 from mirror_jax.ss.model import SSConfig, init_ss_params  # noqa: E402
 from mirror_jax.ss.train import (  # noqa: E402
@@ -53,11 +53,6 @@ from mirror_jax.ss.train import (  # noqa: E402
     make_train_step,
     precompute_main,
 )
-
-
-def split_of(path: str) -> str:
-    """'heldout' for ~1 in 8 stdlib files (stable hash of the relative path), else 'train'."""
-    return "heldout" if int(hashlib.sha1(path.encode()).hexdigest(), 16) % 8 == 0 else "train"
 
 
 def stdlib_prompt_texts(split: str, limit: int, seed: int = 0) -> list[tuple[str, str]]:

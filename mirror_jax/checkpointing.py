@@ -55,17 +55,17 @@ def base_fingerprint(cfg: ModelConfig, params: ModelParams, samples: int = 4096,
     format-1 SS checkpoints took it, with the weight matrices in their old ``[in, out]`` layout
     (read through a transposed index, nothing is copied)."""
     h = hashlib.sha256(repr(dataclasses.asdict(cfg)).encode())
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        a = np.asarray(leaf)
+    for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
+        # Only the sampled values leave the device (not a 1.5B model's weights, on a GPU).
         legacy = version == 1 and a.ndim == 2 and getattr(path[-1], "name", None) in _TRANSPOSED_IN_FORMAT_1
         shape = a.shape[::-1] if legacy else a.shape
         idx = np.linspace(0, a.size - 1, num=min(samples, a.size)).astype(np.int64)
         if legacy:  # element idx of the [in, out] matrix is a[j, i] of the stored [out, in] one
             i, j = np.divmod(idx, shape[1])
-            vals = a[j, i]
+            vals = np.asarray(a[j, i])
         else:
-            vals = a.reshape(-1)[idx]
-        h.update(f"{jax.tree_util.keystr(path)}|{shape}|{a.dtype}".encode())
+            vals = np.asarray(a.reshape(-1)[idx])
+        h.update(f"{jax.tree_util.keystr(path)}|{shape}|{np.dtype(a.dtype)}".encode())
         h.update(np.ascontiguousarray(vals.astype(np.float32)).tobytes())
     return h.hexdigest()
 

@@ -91,23 +91,18 @@ def resolve_exit(exit_head, target, target_cfg, exit_layer):
     elif exit_head is None or isinstance(exit_head, ExitHeads):
         heads = exit_head
     elif isinstance(exit_head, ExitHead):
-        layer = exit_head.layer if exit_layer is None else exit_layer
-        try:
-            check_exit_head(target_cfg, exit_head, layer)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        return layer, exit_head
+        heads = ExitHeads({exit_head.layer: exit_head}, default_layer=exit_head.layer)
     else:
         raise ConfigError(f"exit_head must be 'auto', None, an ExitHead or ExitHeads, got {type(exit_head).__name__}")
     if heads is None:
         return exit_layer, None
     layer = heads.default_layer if exit_layer is None else exit_layer
-    head = None if layer is None else heads.for_layer(layer)
-    if head is not None:
-        try:
-            check_exit_head(target_cfg, head, layer)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+    # An explicit ExitHead must serve the layer asked for; heads without one fall back to the untrained exit.
+    head = exit_head if isinstance(exit_head, ExitHead) else (None if layer is None else heads.for_layer(layer))
+    try:
+        check_exit_head(target_cfg, head, layer)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return layer, head
 
 

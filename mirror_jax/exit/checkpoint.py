@@ -22,6 +22,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 
 from mirror_jax.checkpointing import (
@@ -75,7 +76,7 @@ def save_exit_heads(directory: str | os.PathLike, cfg: ModelConfig, params: Mode
         raise ValueError(f"one head per exit layer, got layers {layers}")
     if default_layer is not None and default_layer not in layers:
         raise ValueError(f"default_layer {default_layer} has no head (layers {sorted(layers)})")
-    tree = {str(h.layer): jax_tree_cast(h, STORE_DTYPE) for h in heads}
+    tree = {str(h.layer): _cast(h, STORE_DTYPE) for h in heads}
     meta = {"format": FORMAT_VERSION, "kind": KIND,
             "base_fingerprint": fingerprint or base_fingerprint(cfg, params),
             "base_config": dataclasses.asdict(cfg), "layers": sorted(layers), "default_layer": default_layer,
@@ -83,9 +84,8 @@ def save_exit_heads(directory: str | os.PathLike, cfg: ModelConfig, params: Mode
     return save_flat(directory, flatten_tree(tree), meta)
 
 
-def jax_tree_cast(head: ExitHead, dtype) -> ExitHead:
-    return head.replace(norm=jnp.asarray(head.norm, dtype), w=jnp.asarray(head.w, dtype),
-                        b=jnp.asarray(head.b, dtype))
+def _cast(head: ExitHead, dtype) -> ExitHead:
+    return jax.tree.map(lambda x: jnp.asarray(x, dtype), head)  # `layer` is static: kept
 
 
 def restore_exit_heads(directory: str | os.PathLike, cfg: ModelConfig, params: ModelParams, *,
@@ -108,7 +108,7 @@ def restore_exit_heads(directory: str | os.PathLike, cfg: ModelConfig, params: M
     if leaf_specs(flat_t) != meta["leaves"]:
         raise CheckpointMismatchError(f"exit-head checkpoint {d}: parameter names/shapes differ from the target's")
     tree = unflatten_tree(template, restore_flat(d, flat_t, "exit-head checkpoint"))
-    heads = {int(k): jax_tree_cast(h, dtype) for k, h in tree.items()}
+    heads = {int(k): _cast(h, dtype) for k, h in tree.items()}
     return ExitHeads(heads, meta.get("default_layer"), {**meta, "directory": str(d)})
 
 
