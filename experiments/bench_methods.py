@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--kappa", type=int, default=4)
-    ap.add_argument("--branch-budget", type=int, default=2)
+    ap.add_argument("--branch-budget", type=int, default=None, help="default: the engine's device default")
     ap.add_argument("--placements", nargs="*", default=["cpu:0", "cpu:0,cpu:1"])
     ap.add_argument("--profile-prompts", type=int, default=2, help="prompts for the instrumented pass")
     ap.add_argument("--no-untrained-exit", dest="untrained_exit", action="store_false",
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     from mirror_jax.bench.questions import load_questions
     from mirror_jax.bench.report import machine_info, machine_md, markdown_table, write_results
     from mirror_jax.engine.api import generate
-    from mirror_jax.engine.stats import modeled_round_ms
+    from mirror_jax.engine.stats import hit_rate_by_budget, modeled_round_ms
     from mirror_jax.loading import default_pair
     from mirror_jax.tokenizer import apply_chat_template
 
@@ -70,22 +70,25 @@ def main(argv=None) -> int:
         ar_tokens = None
         for name, (method, kw) in methods.items():
             generate(target, prompts[:1], 8, method=method, placement=pl, **kw)  # compile (excluded)
-            per_prompt, tokens = [], []
+            per_prompt, tokens, ranks = [], [], []
             for q, p in tqdm(list(zip(qs, prompts, strict=True)), desc=f"{name} @ {pl}"):
                 r = generate(target, [p], n_new, method=method, placement=pl, **kw)
                 tokens.append(r.tokens[0])
+                ranks += [x["branch_rank"] for x in r.stats.get("per_round", []) if "branch_rank" in x]
                 per_prompt.append({"task": q["task"], "qid": q["question_id"], "tokens": len(r.tokens[0]),
                                    "seconds": r.stats["total_s"], "rounds": r.stats.get("rounds"),
                                    **{k: r.stats.get(k) for k in ("mean_tokens_per_round", "fallback_rate",
                                                                    "omega_kappa", "round_wall_ms_median")}})
                 exit_info = (r.stats["settings"]["exit_layer"], r.stats["exit_head"]) if method == "mirror" else None
+                budget = r.stats["settings"]["branch_budget"] if method == "mirror" else None
             if method == "ar":
                 ar_tokens = tokens
             tot_tok = sum(x["tokens"] for x in per_prompt)
             tot_s = sum(x["seconds"] for x in per_prompt)
             rec = {"placement": pl, "method": name, "tokens": tot_tok, "seconds": tot_s, "exit": exit_info,
                    "tokens_per_s": tot_tok / tot_s, "identical_to_ar": tokens == ar_tokens,
-                   "rounds": sum(x["rounds"] or 0 for x in per_prompt) if method != "ar" else None}
+                   "rounds": sum(x["rounds"] or 0 for x in per_prompt) if method != "ar" else None,
+                   "branch_budget": budget, "hit_rate_by_budget": hit_rate_by_budget(ranks, 8) if ranks else None}
             for k in ("mean_tokens_per_round", "fallback_rate", "omega_kappa", "round_wall_ms_median"):
                 vals = [x[k] for x in per_prompt if x[k] is not None]
                 rec[k] = float(np.mean(vals)) if vals else None
@@ -112,7 +115,8 @@ def main(argv=None) -> int:
     fmt = {c: "{:.3f}" for c in cols[4:-1]}
     md = [f"# Methods on the default pair (greedy, {len(prompts)} SpecBench prompts, {n_new} new tokens)\n",
           machine_md(info),
-          f"\nSettings: gamma={args.gamma}, kappa={args.kappa}, branch_budget={args.branch_budget}, "
+          f"\nSettings: gamma={args.gamma}, kappa={args.kappa}, "
+          f"branch_budget={next((r['branch_budget'] for r in rows if r['method'] == 'mirror'), None)}, "
           f"mirror's exit (layer, head): {next((r['exit'] for r in rows if r['method'] == 'mirror'), None)}"
           f"{', mirror_untrained: the untrained exit at N/2' if args.untrained_exit else ''}. "
           f"Command: `python experiments/bench_methods.py {' '.join(argv or sys.argv[1:])}`\n\n",
@@ -120,6 +124,10 @@ def main(argv=None) -> int:
           *[f"- {k}: " + ", ".join(f"q{x['qid']} ({x['task']}) {x['seconds']:.1f} s / {x['tokens']} tok"
                                    + (f" / {x['rounds']} rounds" if x["rounds"] else "") for x in v) + "\n"
             for k, v in runs.items()],
+          "\nMirror-SD hit rate by branch budget 1..8 (the rank of each round's (A, c) among all scored "
+          "branches: a budget-n rollout reuses when it is below n; the run used the budget above):\n\n",
+          *[f"- {r['method']} @ {r['placement']}: " + ", ".join(f"{v:.3f}" for v in r["hit_rate_by_budget"]) + "\n"
+            for r in rows if r.get("hit_rate_by_budget")],
           "\nPer-phase medians (ms, instrumented pass):\n\n"]
     for r in rows:
         if "phase_ms_median" in r:

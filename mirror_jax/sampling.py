@@ -176,6 +176,12 @@ def pick(logits, samp: SamplingArrays, positions, *, stream, sample: bool, want_
     return tok, (lp if want_logprobs else None)
 
 
+def own_logprob(logits, tok):
+    """log softmax(logits)[tok]: the draft's confidence in the token it emitted. [..., V], [...]."""
+    picked = jnp.take_along_axis(logits, tok[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
 def accepted_length(match: jax.Array) -> jax.Array:
     """Length of the all-True prefix along the last axis of `match` [..., n] -> int32 [...]."""
     return jnp.sum(jnp.cumprod(match.astype(jnp.int32), axis=-1), axis=-1).astype(jnp.int32)

@@ -54,9 +54,10 @@ def test_one_round_by_hand_places_every_array():
     assert not bool(jnp.any(ee.channel.cand_ids[:gamma] == win_t[0][:, None]))
 
     ch_d = pl.to_draft(ee.channel)  # the token channel: ids and log-probs only
-    branches, cache_d = R.draft_rollout(cfg, dp, cache_d, last_d, window, ch_d, samp_d, budget=budget)
-    assert _devices((branches, cache_d)) == {pl.draft}
+    branches = R.draft_rollout(cfg, dp, cache_d, last_d, window, ch_d, samp_d, budget=budget)
+    assert _devices(branches) == {pl.draft}
     assert branches.tokens.shape == (budget, gamma)
+    assert branches.buffer.k[0].shape == (budget, gamma + 1, cfg.num_kv_heads, cfg.head_dim)
 
     logits, cache_t = R.target_suffix(cfg, tp, hidden, cache_t, exit_layer=2)
     verdict, cache_t = R.verify(logits, win_t, None, cache_t, samp_t, ee.top_ids, rule="greedy")

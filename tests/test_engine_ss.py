@@ -35,9 +35,11 @@ def test_ss_draft_greedy_identity(setup, method):
     assert ss.stats["draft_kind"] == "ss"
     # Same proposals (the SS draft emits its own greedy continuation) -> same acceptance.
     assert [r["a"] for r in ss.stats["per_round"]] == [r["a"] for r in plain.stats["per_round"]]
-    # Untrained streams: about one token per forward, plus at most the one extra forward that feeds
-    # d_gamma after a fully accepted window (sd); forward savings of trained streams: bench_ss.
-    assert 1 <= ss.stats["draft_forwards_per_round"] <= plain.stats["draft_forwards_per_round"] + 1
+    # Untrained streams: about one token per forward, plus the forwards that feed a token before the
+    # root on their own (sd: d_gamma after a fully accepted window; mirror: x_r before the branch
+    # roots, and x_A before a fallback root when A = gamma); savings of trained streams: bench_ss.
+    extra = 2 if method == "mirror" else 1
+    assert 1 <= ss.stats["draft_forwards_per_round"] <= plain.stats["draft_forwards_per_round"] + extra
 
 
 def test_ss_draft_sample_match_reproduces_ar(setup):

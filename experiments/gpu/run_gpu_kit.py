@@ -250,9 +250,9 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
     for vname, ss_kw in variants.items():
         timed(f"draft_propose_{vname}", make_propose(ss_kw), lambda: (reset(), state["cd"])[1:])
 
-        def rollout(cache, ss_kw=ss_kw):
-            br, state["cd"] = F.draft_rollout(cfg_d, p_d, cache, last_d, win_d, ch_d, samp_d, budget=kc.budget, **ss_kw)
-            return br
+        def rollout(cache, ss_kw=ss_kw):  # reads the cache, donates nothing
+            state["cd"] = cache
+            return F.draft_rollout(cfg_d, p_d, cache, last_d, win_d, ch_d, samp_d, budget=kc.budget, **ss_kw)
 
         branches = timed(f"draft_rollout_{vname}", rollout, lambda: (reset(), state["cd"])[1:])
         depth, root = np.asarray(branches.depth), np.asarray(branches.root)
@@ -273,7 +273,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
             hidden, ch, ct = F.target_prefix(cfg_t, p_t, ct, last_t, wt, exit_layer=cfg_t.num_layers // 2,
                                              kappa=kappa)
             chd = pl.to_draft(ch.channel)
-            br, cd = F.draft_rollout(cfg_d, p_d, cd, last_d, win_d, chd, samp_d, budget=kc.budget, **ss_kw)
+            br = F.draft_rollout(cfg_d, p_d, cd, last_d, win_d, chd, samp_d, budget=kc.budget, **ss_kw)
             lg, ct = F.target_suffix(cfg_t, p_t, hidden, ct, exit_layer=cfg_t.num_layers // 2)
             r, ct = F.verify(lg, wt, None, ct, samp_t, ch.top_ids, rule="greedy")
             a, c = pl.to_draft((r.a, r.c))

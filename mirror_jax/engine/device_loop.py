@@ -46,7 +46,7 @@ from jax import lax
 from mirror_jax import model as M
 from mirror_jax.config import ModelConfig
 from mirror_jax.engine.prefill import first_token, prefill
-from mirror_jax.kv_cache import KVCache, commit, init_cache
+from mirror_jax.kv_cache import KVCache, commit, init_cache, write_slots
 from mirror_jax.params import ModelParams
 from mirror_jax.rounds.draft import draft_rollout, propose
 from mirror_jax.rounds.payloads import Branches
@@ -98,6 +98,7 @@ class DecodeState:
     last: jax.Array  # [B] int32: the last committed token, at position cache_t.lengths
     window: jax.Array  # [B, gamma] int32: the draft's proposal
     q: jax.Array | None  # [B, gamma, V] float32 draft log-probs (rejection verifier) or None
+    conf: jax.Array  # [B, gamma] float32: the draft's log-prob of each window token (mirror's branch choice)
     out: jax.Array  # [B, max_new + gamma + 1] int32: generated tokens, first token included
     n_out: jax.Array  # [B] int32: tokens written to `out`
     done: jax.Array  # [B] bool: max_new_tokens reached or an EOS committed
@@ -132,14 +133,14 @@ def start(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, tokens, 
     first = first_token(logits, n_valid, samp, greedy=s.verifier == "greedy")  # as every method's first token
     cache_d = init_cache(spec.draft, b, spec.capacity, params_d.embed.dtype)
     _, cache_d = prefill(spec.draft, params_d, tokens, n_valid, cache_d)
-    window, q, cache_d, forwards = propose(spec.draft, params_d, cache_d, first[:, None], spec.gamma, samp,
-                                           sample=s.draft_samples, ss=ss)
+    window, q, conf, cache_d, forwards = propose(spec.draft, params_d, cache_d, first[:, None], spec.gamma, samp,
+                                                 sample=s.draft_samples, ss=ss)
     zeros = jnp.zeros((b,), jnp.int32)
     stats = RowStats(rounds=zeros, accepted_hist=jnp.zeros((b, spec.gamma + 1), jnp.int32),
                      draft_forwards=zeros, reuse=zeros, omega_hits=zeros)
     out = jnp.zeros((b, spec.out_width), jnp.int32).at[:, 0].set(first)
     done = _is_eos(spec, first) | (spec.max_new_tokens <= 1)
-    return DecodeState(cache_t, cache_d, first, window, q, out, zeros + 1, done, zeros + forwards, stats)
+    return DecodeState(cache_t, cache_d, first, window, q, conf, out, zeros + 1, done, zeros + forwards, stats)
 
 
 def _verify_rows(spec: LoopSpec, logits, window, q, samp: SamplingArrays, pos0):
@@ -196,37 +197,48 @@ def sd_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: D
     def feed_two(cache_d):  # some row accepted all gamma: feed [token at P+A, c] from P+A
         rows = jnp.arange(a.shape[0])
         prev = jnp.where(a > 0, st.window[rows, jnp.maximum(a - 1, 0)], st.last)
-        toks, q, cache_d, fw = draft(cache=commit(cache_d, jnp.where(active, a, 0)), first=jnp.stack([prev, c], 1))
-        return toks, q, commit(cache_d, active.astype(jnp.int32)), fw
+        toks, q, conf, cache_d, fw = draft(cache=commit(cache_d, jnp.where(active, a, 0)),
+                                           first=jnp.stack([prev, c], 1))
+        return toks, q, conf, commit(cache_d, active.astype(jnp.int32)), fw
 
-    window, q, cache_d, forwards = lax.cond(jnp.any(active & (a == gamma)), feed_two, feed_one, st.cache_d)
-    return st.replace(cache_d=cache_d, last=jnp.where(active, c, st.last), window=window, q=q,
+    window, q, conf, cache_d, forwards = lax.cond(jnp.any(active & (a == gamma)), feed_two, feed_one, st.cache_d)
+    return st.replace(cache_d=cache_d, last=jnp.where(active, c, st.last), window=window, q=q, conf=conf,
                       pending=jnp.zeros_like(st.pending) + forwards)
 
 
-def _rollout_rows(spec: LoopSpec, params_d: ModelParams, cache_d: KVCache, last, window, channel,
-                  samp: SamplingArrays, ss: SSDraft | None) -> tuple[Branches, KVCache]:
+def _rollout_rows(spec: LoopSpec, params_d: ModelParams, cache_d: KVCache, last, window, conf, channel,
+                  samp: SamplingArrays, ss: SSDraft | None) -> Branches:
     """`draft_rollout` (batch 1) mapped over rows: Branches with a leading [B] axis."""
     s = spec.settings
 
-    def one(cache_r, last_r, win_r, ch_r, row):
+    def one(cache_r, last_r, win_r, conf_r, ch_r, row):
         c1 = jax.tree.map(lambda x: x[None], cache_r)
-        br, c1 = draft_rollout(spec.draft, params_d, c1, last_r[None], win_r[None], ch_r, _row_samp(samp, row),
-                               budget=s.branch_budget, sample=s.draft_samples, ss=ss)
-        return br, jax.tree.map(lambda x: x[0], c1)
+        return draft_rollout(spec.draft, params_d, c1, last_r[None], win_r[None], ch_r, _row_samp(samp, row),
+                             conf_r[None], budget=s.branch_budget, sample=s.draft_samples, ss=ss)
 
-    return jax.vmap(one)(cache_d, last, window, channel, samp.row)
+    return jax.vmap(one)(cache_d, last, window, conf, channel, samp.row)
+
+
+def _write_reused(cache_d: KVCache, br: Branches, idx, keep) -> KVCache:
+    """Write each row's reused branch buffer (row b: branch idx[b], where keep[b]) into the cache."""
+    rows = jnp.arange(idx.shape[0])
+    width = br.buffer.k[0].shape[2]
+    pos = jnp.where(keep, br.buffer.start[rows, idx], cache_d.capacity)[:, None] + jnp.arange(width)  # [B, W]
+    put = lambda a, b: write_slots(a, b[rows, idx], pos)
+    return cache_d.replace(k=tuple(map(put, cache_d.k, br.buffer.k)), v=tuple(map(put, cache_d.v, br.buffer.v)))
 
 
 def mirror_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: DecodeState,
                  samp: SamplingArrays, ss: SSDraft | None = None, exit_head=None) -> DecodeState:
     """One Mirror-SD round for every row (the phases of `SpecDecoder.dispatch_mirror`); `exit_head`:
-    a trained early exit for the settings' exit layer (`mirror_jax.exit.ExitHead`) or None."""
+    a trained early exit for the settings' exit layer (`mirror_jax.exit.ExitHead`) or None. The
+    draft cache follows `mirror_jax.rounds.draft`'s invariant (the window's K/V but d_gamma's are
+    written past the committed length)."""
     s, gamma = spec.settings, spec.gamma
     tokens = jnp.concatenate([st.last[:, None], st.window], axis=1)
     hidden, ee_logits, cache_t = M.forward_prefix(spec.target, params_t, tokens, st.cache_t, s.exit_layer, exit_head)
     ee = early_exit(ee_logits, st.window, s.kappa)  # batched: one top-k over [B*(gamma+1), V]
-    branches, cache_d = _rollout_rows(spec, params_d, st.cache_d, st.last, st.window, ee.channel, samp, ss)
+    branches = _rollout_rows(spec, params_d, st.cache_d, st.last, st.window, st.conf, ee.channel, samp, ss)
     logits, cache_t = M.forward_suffix(spec.target, params_t, hidden, cache_t, s.exit_layer)
     a, c, y = _verify_rows(spec, logits, st.window, st.q, samp, st.cache_t.lengths + 1)
     j = jnp.arange(gamma + 1)[None, :]
@@ -235,28 +247,43 @@ def mirror_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, s
     match = (branches.depth == a[:, None]) & (branches.root == c[:, None])  # [B, budget]
     hit = jnp.any(match, axis=-1)
     active = ~st.done
-    st, n = _commit_round(spec, st, cache_t, a, y, forwards=branches.forwards, reuse=hit.astype(jnp.int32),
+    st, _ = _commit_round(spec, st, cache_t, a, y, forwards=branches.forwards, reuse=hit.astype(jnp.int32),
                           omega=omega)
     rows = jnp.arange(a.shape[0])
     pick_idx = jnp.argmax(match, axis=-1)
     reused = branches.tokens[rows, pick_idx]  # [B, gamma]
     reused_q = None if branches.q is None else branches.q[rows, pick_idx]
-    cache_d = commit(cache_d, n)
+    reused_conf = branches.conf[rows, pick_idx]
+    cache_d = commit(st.cache_d, jnp.where(active, a, 0))  # lengths P + A: x_A sits at the next slot
 
     def reuse(cache_d):
-        return reused, reused_q, cache_d, jnp.int32(0)
+        return reused, reused_q, reused_conf, cache_d, jnp.int32(0)
+
+    def feed_two(cache_d):  # [x_A, c] at P+A, P+A+1
+        first = jnp.stack([branches.path[rows, a], c], axis=1)  # [B, 2]
+        return propose(spec.draft, params_d, cache_d, first, gamma, samp, sample=s.draft_samples, ss=ss)
+
+    def feed_one(cache_d):  # [c] at P+A+1 (every missing row has x_A's K/V: A < gamma)
+        base = cache_d.lengths
+        toks, q, conf, cache_d, fw = propose(spec.draft, params_d, commit(cache_d, active.astype(jnp.int32)),
+                                             c[:, None], gamma, samp, sample=s.draft_samples, ss=ss)
+        return toks, q, conf, cache_d.replace(lengths=base), fw
 
     def fallback(cache_d):  # the whole batch re-drafts from c; rows that hit keep their branch
-        toks, q, cache_d, fw = propose(spec.draft, params_d, cache_d, c[:, None], gamma, samp,
-                                       sample=s.draft_samples, ss=ss)
+        # As `select_window`: x_A is fed only when some missing row lacks its K/V (A = gamma).
+        need_two = jnp.any(active & ~hit & (a == gamma))
+        toks, q, conf, cache_d, fw = lax.cond(need_two, feed_two, feed_one, cache_d)
         toks = jnp.where(hit[:, None], reused, toks)
         q = None if q is None else jnp.where(hit[:, None, None], reused_q, q)
-        return toks, q, cache_d, fw
+        conf = jnp.where(hit[:, None], reused_conf, conf)
+        return toks, q, conf, cache_d, fw
 
-    window, q, cache_d, fw = lax.cond(jnp.all(hit | ~active), reuse, fallback, cache_d)
+    window, q, conf, cache_d, fw = lax.cond(jnp.all(hit | ~active), reuse, fallback, cache_d)
+    cache_d = commit(_write_reused(cache_d, branches, pick_idx, hit & active), active.astype(jnp.int32))
     missed = (active & ~hit).astype(jnp.int32)
     stats = st.stats.replace(draft_forwards=st.stats.draft_forwards + missed * fw)
-    return st.replace(cache_d=cache_d, last=jnp.where(active, c, st.last), window=window, q=q, stats=stats)
+    return st.replace(cache_d=cache_d, last=jnp.where(active, c, st.last), window=window, q=q, conf=conf,
+                      stats=stats)
 
 
 def decode(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: DecodeState, samp: SamplingArrays,

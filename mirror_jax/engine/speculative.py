@@ -6,12 +6,12 @@ round. A Mirror-SD round, as `SpecDecoder.dispatch_mirror` enqueues it::
 
     prefix   (target device)  layers [0, l_e) over [last, window] + early-exit top-kappa
     channel  device_put(Channel: candidate ids / log-probs)    -> draft device
-    rollout  (draft device)   path forward + branch-complete rollouts      } run concurrently
+    rollout  (draft device)   branch choice + branch-complete rollouts     } run concurrently
     suffix   (target device)  layers [l_e, N) + head                       } when the devices differ
     verify   (target device)  A, correction c; commit A + 1 target tokens
     channel  device_put(A, c)                                   -> draft device
     select   (draft device)   commit A + 1 draft tokens; reuse branch (A, c) or fall back
-    sync     one device_get of (A, c, window, hit, Omega hits, branches)
+    sync     one device_get of (A, c, window, hit, Omega hits, branches and their scores)
 
 Nothing blocks between the dispatches (`tests/test_engine_greedy.py` runs a round under a transfer
 guard), so JAX's asynchronous dispatch overlaps the rollout with the suffix when the placement has
@@ -32,7 +32,7 @@ import numpy as np
 from mirror_jax.config import ModelConfig
 from mirror_jax.engine.placement import Placement
 from mirror_jax.engine.prefill import pad_prompts, prefill, start_sequences, truncate_at_eos
-from mirror_jax.engine.stats import RoundRecord
+from mirror_jax.engine.stats import RoundRecord, branch_rank
 from mirror_jax.exit.head import ExitHead
 from mirror_jax.kv_cache import KVCache, check_headroom
 from mirror_jax.params import ModelParams
@@ -135,17 +135,20 @@ class SpecDecoder:
 
     def dispatch_mirror(self, st: SpecState, timer: PhaseTimer) -> dict:
         """Enqueue one Mirror-SD round; nothing here waits for a device or moves data through the
-        host. Returns the device arrays that `round_mirror` fetches in its one synchronisation."""
+        host. Returns the device arrays that `round_mirror` fetches in its one synchronisation
+        (with the round's channel and window confidences: the branch choice's inputs, ~200 bytes,
+        for analyses such as experiments/branch_choice.py)."""
         t, d, pl, s = self.target, self.draft, self.pl, self.s
+        conf = st.proposal.conf  # what the branch choice reads (returned for analysis)
         win_t = timer.lap("channel_fv", pl.to_target(st.proposal.window))
         q_t = None if st.proposal.q is None else pl.to_target(st.proposal.q)
         hidden, ee, st.cache_t = timer.lap("prefix", *target_prefix(
             t.cfg, t.params, st.cache_t, st.last_t, win_t, exit_layer=s.exit_layer, kappa=s.kappa,
             exit_head=t.exit_head))
         ch_d = timer.lap("channel_ee", pl.to_draft(ee.channel))
-        branches, st.cache_d = timer.lap("draft", *draft_rollout(
-            d.cfg, d.params, st.cache_d, st.last_d, st.proposal.window, ch_d, self.samp_d, budget=s.branch_budget,
-            **self._dkw))
+        branches = timer.lap("draft", draft_rollout(
+            d.cfg, d.params, st.cache_d, st.last_d, st.proposal.window, ch_d, self.samp_d,
+            st.proposal.conf, budget=s.branch_budget, **self._dkw))
         logits, st.cache_t = timer.lap("suffix", *target_suffix(
             t.cfg, t.params, hidden, st.cache_t, exit_layer=s.exit_layer))
         verdict, st.cache_t = timer.lap("verify", *verify_round(
@@ -155,14 +158,17 @@ class SpecDecoder:
             d.cfg, d.params, st.cache_d, branches, a_d, c_d, self.samp_d, **self._dkw))
         st.last_t, st.last_d = verdict.c.reshape(1), c_d.reshape(1)
         return {"verdict": verdict, "hit": hit, "window": win_t, "forwards": branches.forwards + st.proposal.forwards,
-                "depth": branches.depth, "root": branches.root}
+                "depth": branches.depth, "root": branches.root, "scores": branches.scores,
+                "cand_ids": branches.cand_ids, "channel": ch_d, "conf": conf}
 
     def round_mirror(self, st: SpecState, timer: PhaseTimer) -> tuple[RoundRecord, list[int]]:
         out = jax.device_get(self.dispatch_mirror(st, timer))  # the sync
         v = out["verdict"]
-        rec = RoundRecord(a=int(v.a), c=int(v.c), draft_forwards=int(out["forwards"]), wall_s=0.0,
+        a, c = int(v.a), int(v.c)
+        rec = RoundRecord(a=a, c=c, draft_forwards=int(out["forwards"]), wall_s=0.0,
                           hit=bool(out["hit"]), omega_hits=int(v.omega_hits),
-                          branches=[(int(x), int(y)) for x, y in zip(out["depth"], out["root"], strict=True)])
+                          branches=[(int(x), int(y)) for x, y in zip(out["depth"], out["root"], strict=True)],
+                          branch_rank=branch_rank(out["scores"], out["cand_ids"], a, c))
         return rec, np.asarray(out["window"])[0].tolist()
 
     def round_sd(self, st: SpecState, timer: PhaseTimer) -> tuple[RoundRecord, list[int]]:

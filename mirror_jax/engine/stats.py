@@ -31,6 +31,7 @@ class RoundRecord:
     hit: bool | None = None  # mirror: the next window was a precomputed branch (None: sd)
     omega_hits: int | None = None  # mirror: committed tokens inside the early-exit top-kappa
     branches: list[tuple[int, int]] | None = None  # mirror: (depth, root) of every branch rolled out
+    branch_rank: int | None = None  # mirror: rank of branch (a, c) among all scored candidates; -1: not one
     phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds, profile=True only
 
     def to_dict(self) -> dict:
@@ -42,6 +43,23 @@ class RoundRecord:
         if d.get("branches") is not None:
             d["branches"] = [tuple(b) for b in d["branches"]]
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def branch_rank(scores, cand_ids, a: int, c: int) -> int:
+    """Rank (0 = best) of branch (a, c) among all scored candidate branches, from the round's
+    `Branches.scores` / `cand_ids` [gamma+1, kappa]; -1 when c is not a candidate at depth a (no
+    budget would have rolled it out). A budget-n rollout reuses exactly when 0 <= rank < n."""
+    scores, cand_ids = np.asarray(scores), np.asarray(cand_ids)
+    where = np.flatnonzero(cand_ids[a] == c)
+    if where.size == 0:
+        return -1
+    return int(np.sum(scores > scores[a, where[0]]))
+
+
+def hit_rate_by_budget(ranks, max_budget: int) -> list[float]:
+    """Fraction of rounds a budget-n rollout would reuse, n = 1..max_budget (ranks: `branch_rank`)."""
+    r = np.asarray(ranks)
+    return [float(np.mean((r >= 0) & (r < n))) for n in range(1, max_budget + 1)]
 
 
 def _records(rounds) -> list[RoundRecord]:
@@ -86,6 +104,9 @@ def summarize(rounds, gamma: int | None = None) -> dict:
         hits = np.array([bool(r.hit) for r in rounds])
         out.update(reuse=int(hits.sum()), fallback=int((~hits).sum()), fallback_rate=float((~hits).mean()),
                    omega_kappa=float(sum(r.omega_hits for r in rounds) / (a + 1).sum()))
+        ranks = [r.branch_rank for r in rounds if r.branch_rank is not None]
+        if len(ranks) == len(rounds):
+            out["hit_rate_by_budget"] = hit_rate_by_budget(ranks, 8)  # budgets 1..8
     ph = phase_summary(rounds)
     if ph:
         out["phase_ms_median"] = ph

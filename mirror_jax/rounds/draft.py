@@ -1,31 +1,33 @@
 """The draft's side of a round: chains, branch-complete rollouts, and the reuse/fallback choice.
 
-Draft cache invariant (shared with the target): entering a round whose last committed token sits
-at position P, the cache holds committed K/V for slots < P (``lengths == P``).
+Draft cache invariant: entering a round whose last committed token y sits at position P with the
+window d_1 .. d_gamma at P+1 .. P+gamma, the draft cache has ``lengths == P`` and holds, past the
+committed slots, the K/V of ``y, d_1 .. d_{gamma-1}`` at P .. P+gamma-1: whoever drafted the
+window (the first chain, a fallback chain, or the reused branch) wrote them. Only d_gamma's K/V is
+missing (it was never fed). The rollout therefore needs no path forward.
 
-Branch-complete rollouts (Mirror-SD, spec section 2 step 4), worked example with gamma = 3,
-window d = (d1, d2, d3) at positions P+1..P+3 after the last token y at position P:
+Branch-complete rollouts (Mirror-SD, spec section 2 step 4), worked example with gamma = 3:
 
-1. *Path forward*: the draft runs [y, d1, d2, d3] (positions P..P+3) once, writing their K/V
-   tentatively into its batch-1 cache. Branch (r, v) assumes the target accepts d1..dr and then
-   emits v at position P+1+r, so its context is slots <= P+r of that cache.
-2. *Branch choice*: the candidates are the early-exit top-kappa at each depth r (the on-path
-   token d_{r+1} excluded). A branch's score is the early-exit log-probability that the target
-   takes that path: ``sum_{j<r} lp(d_{j+1}) + lp(v)``. The best `budget` branches are kept.
-3. *Rollout*: the cache is broadcast to one row per branch with ``lengths = P + 1 + r``, and each
-   row decodes gamma tokens after its root v: ONE batched computation for all branches.
-
-The rejected slots of the path are simply overwritten later; after verification the draft commits
-A + 1 tokens (y, d1..dA) whose K/V the path forward already wrote. The chosen branch's own K/V
-(for v and its continuation) is *recomputed* by the next round's path forward instead of being
-copied out of the branch rows: it costs one (gamma+1)-token draft forward per round, which runs
-inside the overlap window, and keeps the cache a plain batch-1 buffer.
+1. *Branch choice* (`branch_scores`): branch (r, v) assumes the target accepts d_1 .. d_r and then
+   emits v at position P+1+r; its candidates v are the early-exit top-kappa at depth r (the on-path
+   token d_{r+1} excluded). Its score estimates ``P(A = r) * P(c = v | A = r)`` from the exit's and
+   the draft's probabilities of the window tokens and the exit's of v; the best `budget` are kept.
+2. *Rollout* (`mirror_jax.rounds.branch_rows`): row (r, v) feeds ``[x_r, v]`` at P+r, P+r+1
+   (x_r = the path token at depth r: y, d_1, .., d_gamma) and decodes gamma tokens after v,
+   attending over the shared cache (slots < P+r) plus its own (gamma+1)-slot buffer. One batched
+   computation for all branches; the shared cache is never copied.
+3. *Select*: after verification (A, c), the draft commits A + 1 tokens. If (A, c) was rolled out,
+   its buffer (K/V of x_A, c, t_1 .. t_{gamma-1}) is written into the cache and its tokens are the
+   next window (reuse); otherwise a fallback chain feeds ``[c]`` from P+A+1 (``[x_A, c]`` from
+   P+A when A = gamma: d_gamma's K/V is the one the cache lacks). Either way the
+   invariant holds for the next round, and no K/V is computed twice on the critical path.
 
 Proposals: with ``sample=False`` the draft proposes its greedy continuation (greedy and
 sample-match verification); with ``sample=True`` it samples each token from its processed
 distribution with the `Draw.DRAFT` stream and returns those log-probs q (rejection verification).
 ``ss`` (an `SSDraft`) swaps the one-token-per-forward chain for speculative streaming, which emits
-the same tokens in fewer forwards. The jitted functions donate their cache argument.
+the same tokens in fewer forwards (its branch rows are materialised copies of the cache, see
+`draft_rollout`). Jitted functions that return a cache donate their cache argument.
 """
 
 from __future__ import annotations
@@ -37,18 +39,20 @@ import jax.numpy as jnp
 
 from mirror_jax import model as M
 from mirror_jax.kv_cache import KVCache, commit
+from mirror_jax.rounds.branch_rows import branch_chain, rows_to_buffer, write_branch
 from mirror_jax.rounds.payloads import Branches, Channel, Proposal
-from mirror_jax.sampling import Draw, SamplingArrays, pick
+from mirror_jax.sampling import Draw, SamplingArrays, own_logprob, pick
 from mirror_jax.ss.rollout import SSDraft, ss_chain
 
 
 def draft_chain(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays, *, sample: bool = False):
     """Autoregressive draft of `gamma` tokens per row (one token per forward).
 
-    first: [B, n0] tokens fed first, at positions lengths..lengths+n0-1 (n0 = 1 normally; 2 when
-    the previous round accepted the whole window, so the last window token's K/V is missing).
-    Returns (tokens [B, gamma], draft log-probs [B, gamma, V] if `sample` else None, cache). The
-    cache's K/V for the fed tokens are written; its lengths are left unchanged (the caller commits)."""
+    first: [B, n0] tokens fed first, at positions lengths..lengths+n0-1 (n0 = 1 or 2: a second token
+    when the K/V of the one before the root is missing). Returns (tokens [B, gamma], draft log-probs
+    [B, gamma, V] if `sample` else None, conf [B, gamma] (log-prob of each emitted token under the
+    draft's raw distribution), cache). The K/V of the fed tokens (``first`` and tokens 1..gamma-1)
+    are written; lengths are left unchanged (the caller commits)."""
     base = cache.lengths
     b, n0 = first.shape
     choose = functools.partial(pick, samp=samp, stream=Draw.DRAFT, sample=sample, want_logprobs=sample)
@@ -56,20 +60,22 @@ def draft_chain(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingAr
     cache = commit(cache, n0)
     tok, lp = choose(logits[:, -1], positions=cache.lengths)
     toks = jnp.zeros((b, gamma), jnp.int32).at[:, 0].set(tok)
+    conf = jnp.zeros((b, gamma), jnp.float32).at[:, 0].set(own_logprob(logits[:, -1], tok))
     lps = None if lp is None else jnp.zeros((b, gamma, lp.shape[-1]), jnp.float32).at[:, 0].set(lp)
 
     def body(i, carry):
-        cache, tok, toks, lps = carry
+        cache, tok, toks, lps, conf = carry
         logits, cache = M.forward(cfg, params, tok[:, None], cache)
         cache = commit(cache, 1)
         tok, lp = choose(logits[:, 0], positions=cache.lengths)
         toks = toks.at[:, i].set(tok)
+        conf = conf.at[:, i].set(own_logprob(logits[:, 0], tok))
         if lps is not None:
             lps = lps.at[:, i].set(lp)
-        return cache, tok, toks, lps
+        return cache, tok, toks, lps, conf
 
-    cache, _, toks, lps = jax.lax.fori_loop(1, gamma, body, (cache, tok, toks, lps))
-    return toks, lps, cache.replace(lengths=base)
+    cache, _, toks, lps, conf = jax.lax.fori_loop(1, gamma, body, (cache, tok, toks, lps, conf))
+    return toks, lps, conf, cache.replace(lengths=base)
 
 
 def propose(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays, *, sample: bool = False,
@@ -77,28 +83,59 @@ def propose(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays
     """A chain of `gamma` draft tokens per row after `first` [B, n0]: `draft_chain`, or speculative
     streaming when `ss` is given (several tokens per forward, the same tokens).
 
-    Returns (tokens [B, gamma], q or None, cache with lengths unchanged, draft forwards)."""
+    Returns (tokens [B, gamma], q or None, conf [B, gamma], cache with lengths unchanged, draft
+    forwards)."""
     if ss is None:
-        toks, q, cache = draft_chain(cfg, params, cache, first, gamma, samp, sample=sample)
-        return toks, q, cache, jnp.int32(gamma)
+        toks, q, conf, cache = draft_chain(cfg, params, cache, first, gamma, samp, sample=sample)
+        return toks, q, conf, cache, jnp.int32(gamma)
     base = cache.lengths
     extra = first.shape[1] - 1
     if extra:  # tokens before the root whose K/V are missing: one plain forward
         _, cache = M.forward(cfg, params, first[:, :extra], cache)
         cache = commit(cache, extra)
-    toks, q, forwards, cache = ss_chain(cfg, params, ss, cache, first[:, -1], gamma, samp, sample=sample)
-    return toks, q, cache.replace(lengths=base), forwards + int(extra > 0)
+    toks, q, conf, forwards, cache = ss_chain(cfg, params, ss, cache, first[:, -1], gamma, samp, sample=sample)
+    return toks, q, conf, cache.replace(lengths=base), forwards + int(extra > 0)
 
 
-def choose_branches(channel: Channel, budget: int):
-    """The `budget` most likely branches by early-exit log-probability, best first.
+# Acceptance model: P(target accepts d_j | it accepted d_1 .. d_{j-1}) =
+# sigmoid(b + w_exit * p_exit(d_j) + w_draft * q_draft(d_j)), a logistic fit on held-out stdlib prompts
+# of the default pair (`experiments/branch_choice.py`, which reports it under leave-one-prompt-out
+# cross-validation against the rules it replaced). Both features are probabilities, so the same
+# weights are a reasonable start for any pair.
+ACCEPT_LOGIT = (-0.577, 2.322, 1.542)
 
-    Returns (depth r [n], root token v [n], score [n])."""
-    cum = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(channel.path_lp.astype(jnp.float32))])
-    scores = (cum[:, None] + channel.cand_lp.astype(jnp.float32)).reshape(-1)  # [(gamma+1) * kappa]
-    top, idx = jax.lax.top_k(scores, budget)
+
+def branch_scores(channel: Channel, conf=None, accept_logit=ACCEPT_LOGIT):
+    """Log-scores [gamma+1, kappa] of every candidate branch: an estimate of
+    ``log P(A = r) + log P(c = v | A = r)`` for the candidate v at depth r.
+
+    P(A = r) = prod_{j <= r} alpha_j * (1 - alpha_{r+1}) (no last factor at r = gamma), alpha_j the
+    acceptance model (`ACCEPT_LOGIT`) on the early exit's probability of window token d_j and the
+    draft's own confidence in it (``conf`` [gamma] or [1, gamma]: `Proposal.conf`; None: the exit's
+    probability stands in for it). P(c = v | A = r) = the exit's p(v) renormalised without d_{r+1}
+    (verification stopped there because the target disagreed with it)."""
+    path_lp = channel.path_lp.astype(jnp.float32)  # [gamma]
+    cand_lp = channel.cand_lp.astype(jnp.float32)  # [gamma+1, kappa]
+    p_exit = jnp.exp(path_lp)
+    q = p_exit if conf is None else jnp.exp(conf.astype(jnp.float32).reshape(-1))
+    b, w_exit, w_draft = accept_logit
+    logit = b + w_exit * p_exit + w_draft * q
+    log_acc, log_rej = -jax.nn.softplus(-logit), -jax.nn.softplus(logit)  # log alpha, log (1 - alpha)
+    zero = jnp.zeros((1,), jnp.float32)
+    log_pa = jnp.concatenate([zero, jnp.cumsum(log_acc)]) + jnp.concatenate([log_rej, zero])  # [gamma+1]
+    off_path = jnp.log1p(-jnp.minimum(p_exit, 1.0 - 1e-6))  # log(1 - p_exit(d_{r+1}))
+    log_pc = jnp.minimum(cand_lp - jnp.concatenate([off_path, zero])[:, None], 0.0)
+    return log_pa[:, None] + log_pc
+
+
+def choose_branches(channel: Channel, budget: int, conf=None):
+    """The `budget` best branches by `branch_scores`, best first.
+
+    Returns (depth r [n], root token v [n], scores [gamma+1, kappa])."""
+    scores = branch_scores(channel, conf)
+    _, idx = jax.lax.top_k(scores.reshape(-1), budget)
     kappa = channel.cand_ids.shape[1]
-    return (idx // kappa).astype(jnp.int32), channel.cand_ids.reshape(-1)[idx].astype(jnp.int32), top
+    return (idx // kappa).astype(jnp.int32), channel.cand_ids.reshape(-1)[idx].astype(jnp.int32), scores
 
 
 def broadcast_rows(cache: KVCache, rows: int, lengths: jax.Array) -> KVCache:
@@ -113,46 +150,74 @@ def draft_propose(cfg, params, cache: KVCache, advance, first, samp: SamplingArr
     """Commit `advance` tokens to the draft cache, then draft a window of gamma tokens after
     `first` [1, n0]. Returns (`Proposal`, cache)."""
     cache = commit(cache, advance)
-    toks, q, cache, forwards = propose(cfg, params, cache, first, gamma, samp, sample=sample, ss=ss)
-    return Proposal(window=toks, q=q, forwards=forwards), cache
+    toks, q, conf, cache, forwards = propose(cfg, params, cache, first, gamma, samp, sample=sample, ss=ss)
+    return Proposal(window=toks, q=q, conf=conf, forwards=forwards), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "budget", "sample"), donate_argnames=("cache",))
-def draft_rollout(cfg, params, cache: KVCache, last, window, channel: Channel, samp: SamplingArrays, *,
-                  budget: int, sample: bool = False, ss: SSDraft | None = None):
-    """Path forward + branch choice + one batched rollout of every chosen branch.
+@functools.partial(jax.jit, static_argnames=("cfg", "budget", "sample"))
+def draft_rollout(cfg, params, cache: KVCache, last, window, channel: Channel, samp: SamplingArrays, conf=None, *,
+                  budget: int, sample: bool = False, ss: SSDraft | None = None) -> Branches:
+    """Branch choice + one batched rollout of every chosen branch (no path forward: see the module
+    docstring's invariant). The cache is only read (not donated, not returned).
 
-    cache: batch-1 draft cache (lengths P); last: [1]; window: [1, gamma]. Returns (`Branches`,
-    cache with the path's K/V written, lengths unchanged)."""
+    cache: batch-1 draft cache (lengths P); last: [1]; window: [1, gamma]; conf: [1, gamma] the
+    draft's confidence in its window (`Proposal.conf`; None: the branch choice uses the early exit's
+    probabilities alone). Returns `Branches`."""
     gamma = window.shape[1]
-    path = jnp.concatenate([last[:, None], window], axis=1)  # [1, gamma+1] at P..P+gamma
-    _, cache = M.forward(cfg, params, path, cache)
-    depth, root, _ = choose_branches(channel, budget)
-    rows = broadcast_rows(cache, budget, cache.lengths[0] + 1 + depth)
-    toks, q, _, forwards = propose(cfg, params, rows, root[:, None], gamma, samp, sample=sample, ss=ss)
-    return Branches(depth=depth, root=root, tokens=toks, q=q, forwards=forwards + 1), cache
+    path = jnp.concatenate([last, window[0]])  # [gamma+1] at P .. P+gamma
+    depth, root, scores = choose_branches(channel, budget, conf)
+    start = cache.lengths[0] + depth  # [n]: position of x_r
+    first = jnp.stack([path[depth], root], axis=1)  # [n, 2]
+    if ss is None:
+        toks, q, conf, buf = branch_chain(cfg, params, cache, start, first, gamma, samp, sample=sample,
+                                          x_cached=jnp.all(depth < gamma))
+        forwards = jnp.int32(gamma)
+    else:  # speculative streaming runs on materialised rows (a copy of the cache per branch)
+        rows = broadcast_rows(cache, budget, start)
+        toks, q, conf, rows, forwards = propose(cfg, params, rows, first, gamma, samp, sample=sample, ss=ss)
+        buf = rows_to_buffer(rows, start, gamma + 1)
+    return Branches(depth=depth, root=root, tokens=toks, q=q, conf=conf, forwards=forwards, path=path,
+                    buffer=buf, scores=scores, cand_ids=channel.cand_ids)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sample"), donate_argnames=("cache",))
-def draft_select(cfg, params, cache: KVCache, branches: Branches, a, c, samp: SamplingArrays, *,
-                 sample: bool = False, ss: SSDraft | None = None):
-    """Commit a + 1 tokens to the draft cache; the next window is the branch rooted at (a, c) when it
-    was rolled out (reuse), else a fresh chain from c (fallback, on the critical path).
-
-    Returns (hit, `Proposal` (forwards: the fallback's, 0 on reuse), cache)."""
+def select_window(cfg, params, cache: KVCache, branches: Branches, a, c, samp: SamplingArrays, *,
+                  sample: bool = False, ss: SSDraft | None = None):
+    """`draft_select`'s body (traceable; the device loop maps it over rows)."""
     gamma = branches.tokens.shape[1]
-    cache = commit(cache, a + 1)
     match = (branches.depth == a) & (branches.root == c)
     hit = jnp.any(match)
     idx = jnp.argmax(match)
 
     def reuse(cache):
         q = None if branches.q is None else branches.q[idx][None]
-        return Proposal(window=branches.tokens[idx][None], q=q, forwards=jnp.int32(0)), cache
+        cache = commit(write_branch(cache, branches.buffer, idx), a + 1)
+        return Proposal(window=branches.tokens[idx][None], q=q, conf=branches.conf[idx][None],
+                        forwards=jnp.int32(0)), cache
 
-    def fallback(cache):
-        toks, q, cache, forwards = propose(cfg, params, cache, c.reshape(1, 1), gamma, samp, sample=sample, ss=ss)
-        return Proposal(window=toks, q=q, forwards=forwards), cache
+    def chain(cache, first):
+        toks, q, conf, cache, forwards = propose(cfg, params, cache, first, gamma, samp, sample=sample, ss=ss)
+        return Proposal(window=toks, q=q, conf=conf, forwards=forwards), cache
+
+    def two(cache):  # feed [x_A, c] at P+A, P+A+1
+        proposal, cache = chain(cache, jnp.stack([branches.path[a], c]).reshape(1, 2))
+        return proposal, commit(cache, 1)
+
+    def one(cache):  # feed [c] at P+A+1: x_A's K/V is in the cache unless A = gamma
+        return chain(commit(cache, 1), c.reshape(1, 1))
+
+    def fallback(cache):  # feeds x_A only when its K/V is missing (a 2-token forward costs more)
+        return jax.lax.cond(a == gamma, two, one, commit(cache, a))  # lengths P + A: x_A's slot
 
     proposal, cache = jax.lax.cond(hit, reuse, fallback, cache)
     return hit, proposal, cache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sample"), donate_argnames=("cache",))
+def draft_select(cfg, params, cache: KVCache, branches: Branches, a, c, samp: SamplingArrays, *,
+                 sample: bool = False, ss: SSDraft | None = None):
+    """Commit a + 1 tokens to the draft cache; the next window is the branch rooted at (a, c) when it
+    was rolled out (reuse: its K/V is written into the cache), else a fresh chain from c
+    (fallback, on the critical path; ``[d_gamma, c]`` when a == gamma).
+
+    Returns (hit, `Proposal` (forwards: the fallback's, 0 on reuse), cache)."""
+    return select_window(cfg, params, cache, branches, a, c, samp, sample=sample, ss=ss)

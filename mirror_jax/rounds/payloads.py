@@ -7,8 +7,9 @@ payload         made by -> used by         fields
 ==============  =========================  ====================================================
 `Channel`       target_prefix -> draft     cand_ids [gamma+1, kappa] int32, cand_lp, path_lp
 `EarlyExit`     target_prefix -> verify    the Channel + top_ids (raw top-kappa, Omega_kappa)
-`Proposal`      draft_propose/select       window [1, gamma], q [1, gamma, V] or None, forwards
-`Branches`      draft_rollout -> select    depth/root [n], tokens [n, gamma], q, forwards
+`Proposal`      draft_propose/select       window [1, gamma], q [1, gamma, V] or None, conf, forwards
+`Branches`      draft_rollout -> select    depth/root [n], tokens [n, gamma], q, conf, forwards,
+                                           path [gamma+1], buffer (branch K/V), scores, cand_ids
 `Verdict`       verify -> draft_select     a (accepted), c (correction/bonus), omega_hits
 ==============  =========================  ====================================================
 
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import jax
 from flax import struct
+
+from mirror_jax.rounds.branch_rows import BranchBuffer
 
 
 @struct.dataclass
@@ -43,6 +46,7 @@ class Proposal:
 
     window: jax.Array  # [1, gamma] int32
     q: jax.Array | None  # [1, gamma, V] float32 processed draft log-probs (rejection verifier) or None
+    conf: jax.Array  # [1, gamma] float32: the draft's log-prob of each window token (raw distribution)
     forwards: jax.Array  # int32 []: draft forwards spent on it
 
 
@@ -55,7 +59,12 @@ class Branches:
     root: jax.Array  # [n] int32
     tokens: jax.Array  # [n, gamma] int32
     q: jax.Array | None  # [n, gamma, V] float32 or None
-    forwards: jax.Array  # int32 []: draft forwards of the path and the rollout
+    conf: jax.Array  # [n, gamma] float32: the draft's log-prob of each branch token
+    forwards: jax.Array  # int32 []: draft forwards of the rollout
+    path: jax.Array  # [gamma+1] int32: [last, window], the tokens at P .. P+gamma
+    buffer: BranchBuffer  # each branch's K/V (x_r, root, tokens[:-1]), written into the cache on reuse
+    scores: jax.Array  # [gamma+1, kappa] float32: every candidate branch's score (`branch_scores`)
+    cand_ids: jax.Array  # [gamma+1, kappa] int32: the candidates those scores belong to
 
 
 @struct.dataclass

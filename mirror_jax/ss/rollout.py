@@ -6,7 +6,7 @@ forward of the 0.5B draft took ~50% longer on CPU). `ss_chain` is the traceable 
 `mirror_jax.rounds.draft.propose` calls; `ss_rollout` is the same with host-side checks, for use
 on its own. Contract (shared with the plain chain `mirror_jax.rounds.draft.draft_chain`)::
 
-    tokens, q, num_forwards, cache = ss_chain(cfg, params, ss, cache, roots, gamma, samp, sample=...)
+    tokens, q, conf, num_forwards, cache = ss_chain(cfg, params, ss, cache, roots, gamma, samp, sample=...)
 
 * Row b has committed cache length ``L_b = cache.lengths[b]``; ``roots[b]`` is its next input
   token, at position ``L_b`` and not yet in the cache.
@@ -18,6 +18,8 @@ on its own. Contract (shared with the plain chain `mirror_jax.rounds.draft.draft
   draw and raises the hard-match rate without touching what is emitted.
 * On return the main-stream K/V of ``root, y_{L_b+1}, ..., y_{L_b+gamma-1}`` are written at slots
   ``L_b .. L_b+gamma-1``; ``cache.lengths`` is unchanged (the caller commits).
+* ``conf[b]`` is the main stream's raw log-probability of each emitted token (the draft's
+  confidence, which the Mirror-SD branch choice reads).
 
 SS loop (s streams, one row)::
 
@@ -46,7 +48,7 @@ from mirror_jax import model as M
 from mirror_jax.config import ModelConfig
 from mirror_jax.kv_cache import KVCache, check_headroom
 from mirror_jax.params import LayerParams, ModelParams
-from mirror_jax.sampling import Draw, SamplingArrays, SamplingParams, accepted_length, pick
+from mirror_jax.sampling import Draw, SamplingArrays, SamplingParams, accepted_length, own_logprob, pick
 from mirror_jax.ss.model import SSConfig, SSParams, ss_hidden, stream_layers
 
 
@@ -71,7 +73,8 @@ def ss_draft(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSPara
 def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache, roots, num_tokens: int,
              samp: SamplingArrays | None = None, *, sample: bool = False):
     """Speculative-streaming rollout of `num_tokens` tokens per row (traceable; see the module
-    docstring). roots: [B]. Returns (tokens [B, num_tokens], q [B, num_tokens, V] or None, forwards
+    docstring). roots: [B]. Returns (tokens [B, num_tokens], q [B, num_tokens, V] or None, conf
+    [B, num_tokens] (raw log-prob of each emitted token), forwards
     (int32 []: until every row had its tokens), cache with lengths unchanged)."""
     bsz, s, cap = roots.shape[0], ss.sscfg.num_streams, cache.capacity
     k_in = s + 1  # tokens fed per forward
@@ -86,13 +89,15 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         toks = jnp.concatenate([st["x0"][:, None], st["look"]], axis=1)  # [B, s+1]
         pos_in = jnp.where(active, p, cap)  # finished rows: every write lands out of range
         hf, hs, c = ss_hidden(cfg, ss.sscfg, params, ss.ssp, toks, st["cache"].replace(lengths=pos_in), ss.layers)
-        g, lp = choose(M.head(cfg, params, hf), positions=p[:, None] + 1 + jnp.arange(k_in), want_logprobs=sample)
+        logits = M.head(cfg, params, hf)  # [B, s+1, V]
+        g, lp = choose(logits, positions=p[:, None] + 1 + jnp.arange(k_in), want_logprobs=sample)
         a = accepted_length(st["look"] == g[:, :s])  # [B] accepted lookaheads
         # Emit g_0 .. g_a into out[n .. n+a] (only for active rows; the rest are dropped).
         j = jnp.arange(k_in)[None, :]
         idx = jnp.where((j <= a[:, None]) & active[:, None], st["n"][:, None] + j, out_w)
         out = st["out"].at[rows[:, None], idx].set(g, mode="drop")
         q = None if lp is None else st["q"].at[rows[:, None], idx].set(lp, mode="drop")
+        conf = st["conf"].at[rows[:, None], idx].set(own_logprob(logits, g), mode="drop")
         # New lookaheads from the streams at the last accepted position p+a.
         hs_a = hs[rows, a]  # [B, s, H]
         look, _ = choose(M.head(cfg, params, hs_a), positions=(p + a + 1)[:, None] + jnp.arange(1, s + 1))
@@ -103,6 +108,7 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
             n=jnp.where(active, st["n"] + a + 1, st["n"]),
             out=out,
             q=q,
+            conf=conf,
             cache=c.replace(lengths=base),
             it=st["it"] + 1,
         )
@@ -115,12 +121,13 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         n=jnp.zeros((bsz,), jnp.int32),
         out=jnp.zeros((bsz, out_w), jnp.int32),
         q=jnp.zeros((bsz, out_w, cfg.vocab_size), jnp.float32) if sample else None,
+        conf=jnp.zeros((bsz, out_w), jnp.float32),
         cache=cache,
         it=jnp.zeros((), jnp.int32),
     )
     st = lax.while_loop(lambda st: jnp.any(st["n"] < num_tokens), body, st)
     q = None if st["q"] is None else st["q"][:, :num_tokens]
-    return st["out"][:, :num_tokens], q, st["it"], st["cache"]
+    return st["out"][:, :num_tokens], q, st["conf"][:, :num_tokens], st["it"], st["cache"]
 
 
 _ss_chain = jax.jit(ss_chain, static_argnames=("cfg", "num_tokens", "sample"))
@@ -128,7 +135,8 @@ _ss_chain = jax.jit(ss_chain, static_argnames=("cfg", "num_tokens", "sample"))
 
 def ss_rollout(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache, roots, num_tokens: int,
                samp: SamplingArrays | None = None, *, sample: bool = False):
-    """`ss_chain`, jitted, after host-side checks (cache headroom; `samp` given when sampling).
+    """`ss_chain`, jitted, after host-side checks (cache headroom; `samp` given when sampling);
+    returns (tokens, q, forwards, cache) (without ``conf``).
     Greedy by default (``samp`` defaults to ``SamplingParams().arrays()``, rows 0..B-1)."""
     roots = jnp.asarray(roots)
     if sample and samp is None:
@@ -136,4 +144,5 @@ def ss_rollout(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCach
     if samp is None:
         samp = SamplingParams().arrays(row=jnp.arange(roots.shape[0]))
     check_headroom(cache.lengths, num_tokens + ss.sscfg.num_streams, cache.capacity, what="ss_rollout KV cache")
-    return _ss_chain(cfg, params, ss, cache, roots, num_tokens, samp, sample=sample)
+    toks, q, _, forwards, cache = _ss_chain(cfg, params, ss, cache, roots, num_tokens, samp, sample=sample)
+    return toks, q, forwards, cache
