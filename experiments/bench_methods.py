@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--kappa", type=int, default=4)
     ap.add_argument("--branch-budget", type=int, default=None, help="default: the engine's device default")
+    ap.add_argument("--budgets", type=int, nargs="*", default=None,
+                    help="several branch budgets in the same run: one mirror row each (mirror_b<n>)")
     ap.add_argument("--placements", nargs="*", default=["cpu:0", "cpu:0,cpu:1"])
     ap.add_argument("--profile-prompts", type=int, default=2, help="prompts for the instrumented pass")
     ap.add_argument("--no-untrained-exit", dest="untrained_exit", action="store_false",
@@ -61,7 +63,11 @@ def main(argv=None) -> int:
     prompts = [apply_chat_template(tok, [{"role": "user", "content": q["turns"][0]}], target.chat_template) for q in qs]
     n_new = args.max_new_tokens
     spec = dict(draft=draft, gamma=args.gamma, kappa=args.kappa, branch_budget=args.branch_budget)
-    methods = {"ar": ("ar", {}), "sd": ("sd", dict(draft=draft, gamma=args.gamma)), "mirror": ("mirror", spec)}
+    methods = {"ar": ("ar", {}), "sd": ("sd", dict(draft=draft, gamma=args.gamma))}
+    if args.budgets:
+        methods.update({f"mirror_b{b}": ("mirror", dict(spec, branch_budget=b)) for b in args.budgets})
+    else:
+        methods["mirror"] = ("mirror", spec)
     if args.untrained_exit:  # the same run with the untrained exit at N/2, for a same-machine comparison
         methods["mirror_untrained"] = ("mirror", dict(spec, exit_head=None, exit_layer=target.cfg.num_layers // 2))
 
@@ -95,9 +101,11 @@ def main(argv=None) -> int:
             runs[f"{name}@{pl}"] = per_prompt
             rows.append(rec)
         base = next(r["tokens_per_s"] for r in rows if r["placement"] == pl and r["method"] == "ar")
+        sd_tps = next(r["tokens_per_s"] for r in rows if r["placement"] == pl and r["method"] == "sd")
         for r in rows:
             if r["placement"] == pl:
                 r["speedup_vs_ar"] = r["tokens_per_s"] / base
+                r["vs_sd"] = r["tokens_per_s"] / sd_tps
         # Instrumented pass: isolated phase times (serialised by construction).
         for name in [m for m in methods if m != "ar"]:
             method, kw = methods[name]
@@ -109,15 +117,14 @@ def main(argv=None) -> int:
             rec["modeled_round_ms"] = modeled_round_ms(ph, method, rec.get("fallback_rate"))["modeled"]
             rec["overlap_efficiency"] = rec["round_wall_ms_median"] / rec["modeled_round_ms"]
 
-    cols = ["placement", "method", "tokens", "rounds", "tokens_per_s", "speedup_vs_ar", "mean_tokens_per_round",
-            "fallback_rate",
+    cols = ["placement", "method", "branch_budget", "tokens", "rounds", "tokens_per_s", "speedup_vs_ar", "vs_sd",
+            "mean_tokens_per_round", "fallback_rate",
             "omega_kappa", "round_wall_ms_median", "modeled_round_ms", "overlap_efficiency", "identical_to_ar"]
-    fmt = {c: "{:.3f}" for c in cols[4:-1]}
+    fmt = {c: "{:.3f}" for c in cols[5:-1]}
     md = [f"# Methods on the default pair (greedy, {len(prompts)} SpecBench prompts, {n_new} new tokens)\n",
           machine_md(info),
-          f"\nSettings: gamma={args.gamma}, kappa={args.kappa}, "
-          f"branch_budget={next((r['branch_budget'] for r in rows if r['method'] == 'mirror'), None)}, "
-          f"mirror's exit (layer, head): {next((r['exit'] for r in rows if r['method'] == 'mirror'), None)}"
+          f"\nSettings: gamma={args.gamma}, kappa={args.kappa} (mirror rows: their branch budget in the table), "
+          f"mirror's exit (layer, head): {next((r['exit'] for r in rows if r['method'].startswith('mirror')), None)}"
           f"{', mirror_untrained: the untrained exit at N/2' if args.untrained_exit else ''}. "
           f"Command: `python experiments/bench_methods.py {' '.join(argv or sys.argv[1:])}`\n\n",
           markdown_table(rows, cols, fmt), "\nPer prompt (seconds, tokens, rounds):\n\n",
