@@ -71,6 +71,10 @@ def test_spec_methods_greedy_identical_to_ar(real):
             assert res.stats["settings"]["exit_layer"] == t.exit_heads.default_layer
             assert res.stats["reuse"] == check_round_records(res, ar.tokens)
             assert 0.0 < res.stats["omega_kappa"] <= 1.0
+            # The recorded branch ranks reproduce the engine's reuse at its budget (4), and the branch
+            # choice hits: fallback 0.13 at budget 4 on SpecBench code prompts (bench_methods_code.md).
+            assert res.stats["hit_rate_by_budget"][3] == pytest.approx(1 - res.stats["fallback_rate"])
+            assert res.stats["fallback_rate"] <= 0.3, res.stats["fallback_rate"]
             real["mirror_stats"] = {k: res.stats[k] for k in ("omega_kappa", "fallback_rate", "mean_tokens_per_round")}
             print("\nmirror on the real pair:", real["mirror_stats"])
 

@@ -45,7 +45,10 @@ class ConfigError(ValueError):
 # Defaults per device kind. Accelerators follow the paper (gamma 7, kappa 8, all branches). On a
 # compute-bound CPU every extra branch costs real time, so fewer branches and a shorter window win.
 DEVICE_DEFAULTS = {
-    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 2},
+    # CPU: one branch. Measured (experiments/results/bench_methods*.md): on one CPU device nothing
+    # overlaps and a 2-row draft forward costs ~1.8x a 1-row one, so budget 1 ran fastest (0.86x sd
+    # on code; budgets 2 and 4 hit more often, fallback 0.23 / 0.13, but ran at 0.74x / 0.71x sd).
+    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1},
     "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64},
     "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64},
 }
