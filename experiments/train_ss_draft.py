@@ -3,7 +3,7 @@
 Pipeline (each stage cached / resumable):
 
 1. Prompts: for every function with a docstring in the Python standard library
-   (``sysconfig.get_paths()["stdlib"]``, no test packages), the source up to the end of the
+   (`mirror_jax.corpus.stdlib_files`: no test packages, no installed site-packages), the source up to the end of the
    docstring, left-truncated to exactly ``--prompt-len`` tokens. Files are split train/held-out by
    a hash of their path (`split_of`); ``experiments/bench_ss.py`` uses the held-out files.
 2. Distillation: the TARGET model greedily continues each prompt by ``--gen-len`` tokens
@@ -30,7 +30,6 @@ import gc
 import json
 import os
 import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mirror_jax.corpus import split_of  # noqa: E402
+from mirror_jax.corpus import stdlib_files  # noqa: E402
 from mirror_jax.ss.checkpoint import base_fingerprint, save_ss_checkpoint  # noqa: E402
 from mirror_jax.ss.model import SSConfig, init_ss_params  # noqa: E402
 from mirror_jax.ss.train import (  # noqa: E402
@@ -58,13 +57,8 @@ from mirror_jax.ss.train import (  # noqa: E402
 def stdlib_prompt_texts(split: str, limit: int, seed: int = 0) -> list[tuple[str, str]]:
     """[(source id, text)] : source up to the end of a function docstring, from the stdlib files of
     `split`. Deterministic for a given seed."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if not any(x in p.parts for x in ("test", "tests", "idlelib")))
     out = []
-    for f in files:
-        rel = str(f.relative_to(root))
-        if split_of(rel) != split:
-            continue
+    for rel, f in stdlib_files(split):  # the stdlib proper: installed site-/dist-packages excluded
         try:
             src = f.read_text(encoding="utf-8")
             tree = ast.parse(src)
