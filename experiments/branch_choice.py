@@ -84,8 +84,10 @@ RULES = ("exit path (before)", "draft", "exit x draft")
 
 
 def rank_of(scores, cand_ids, a: int, c: int) -> int:
-    where = np.flatnonzero(np.asarray(cand_ids)[a] == c)
-    return -1 if where.size == 0 else int(np.sum(scores > scores[a, where[0]]))
+    """`mirror_jax.engine.stats.branch_rank` (ties as `lax.top_k` breaks them)."""
+    from mirror_jax.engine.stats import branch_rank
+
+    return branch_rank(scores, cand_ids, a, c)
 
 
 def main(argv=None) -> int:

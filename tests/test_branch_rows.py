@@ -5,6 +5,7 @@ end to end, every Mirror-SD window is the draft's own greedy continuation of the
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -114,3 +115,8 @@ def test_branch_scores_rank_the_likely_path_first():
     assert np.asarray(branch_scores(doubt, sure_draft))[GAMMA].max() > sc[GAMMA].max()
     assert np.asarray(branch_scores(doubt, sure_draft))[0].max() < sc[0].max()
     assert hit_rate_by_budget([0, 1, -1, 3], 4) == [0.25, 0.5, 0.5, 0.75]
+    # Tied scores rank as lax.top_k takes them (lower flat index first), so rank < budget <=> rolled out.
+    tied = (np.round(np.random.default_rng(0).normal(size=(GAMMA + 1, kappa)), 0) + 0.0).astype(np.float32)  # no -0
+    order = np.asarray(jax.lax.top_k(jnp.asarray(tied).reshape(-1), tied.size)[1])
+    for pos, flat in enumerate(order):
+        assert branch_rank(tied, ids, flat // kappa, int(np.asarray(ids).reshape(-1)[flat])) == pos

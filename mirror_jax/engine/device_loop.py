@@ -28,9 +28,11 @@ token at P_b + A_b, which they already had). With batch 1 the sequence of forwar
 host loop's.
 
 Mirror-SD runs the same phases as `SpecDecoder.dispatch_mirror` (prefix, early exit, rollout,
-suffix, verification, select) with the batch-1 round functions mapped over rows by `jax.vmap`.
-The fallback chain (a `lax.cond` in `draft_select`) would under `vmap` run for every row; here it
-runs, for the whole batch, only when some active row missed.
+suffix, verification, select): `draft_rollout` (batch 1) is mapped over rows by `jax.vmap`, with
+``always_feed_x`` (its per-round `lax.cond` would become a select running both first steps). The
+select phase is written out here instead of mapping `draft_select`, whose fallback `lax.cond`
+would under `vmap` run for every row: here the chain runs, for the whole batch, only when some
+active row missed, and the rows that hit then get their branch's K/V written back.
 """
 
 from __future__ import annotations
@@ -214,7 +216,8 @@ def _rollout_rows(spec: LoopSpec, params_d: ModelParams, cache_d: KVCache, last,
     def one(cache_r, last_r, win_r, conf_r, ch_r, row):
         c1 = jax.tree.map(lambda x: x[None], cache_r)
         return draft_rollout(spec.draft, params_d, c1, last_r[None], win_r[None], ch_r, _row_samp(samp, row),
-                             conf_r[None], budget=s.branch_budget, sample=s.draft_samples, ss=ss)
+                             conf_r[None], budget=s.branch_budget, sample=s.draft_samples, ss=ss,
+                             always_feed_x=True)  # a per-row choice would run both variants under vmap
 
     return jax.vmap(one)(cache_d, last, window, conf, channel, samp.row)
 

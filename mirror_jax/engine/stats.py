@@ -53,7 +53,9 @@ def branch_rank(scores, cand_ids, a: int, c: int) -> int:
     where = np.flatnonzero(cand_ids[a] == c)
     if where.size == 0:
         return -1
-    return int(np.sum(scores > scores[a, where[0]]))
+    flat, s = a * scores.shape[1] + int(where[0]), scores.reshape(-1)
+    # Ties rank as `lax.top_k` takes them: the lower flat index first.
+    return int(np.sum(s > s[flat]) + np.sum((s == s[flat]) & (np.arange(s.size) < flat)))
 
 
 def hit_rate_by_budget(ranks, max_budget: int) -> list[float]:

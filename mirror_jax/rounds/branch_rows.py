@@ -94,9 +94,11 @@ def branch_chain(cfg, params, shared: KVCache, start, first, gamma: int, samp: S
     """Draft `gamma` tokens per branch row after ``first`` [n, 2] (``[x_r, v]`` at positions start,
     start + 1), attending over the shared cache (slots < start) and the row's own buffer.
 
-    ``x_cached`` (bool, may be traced): every row's x_r already has its K/V in the shared cache
-    (slot ``start``; true unless some row has depth gamma). The first step then copies that K/V into
-    buffer slot 0 and feeds v alone: on XLA:CPU a 2-row forward costs ~1.6x a 1-row one.
+    ``x_cached`` (a Python bool, or a traced one): every row's x_r already has its K/V in the shared
+    cache (slot ``start``; true unless some row has depth gamma). The first step then copies that
+    K/V into buffer slot 0 and feeds v alone: on XLA:CPU a forward over two tokens per row costs
+    ~1.6x one over a single token. A traced value chooses with `lax.cond` (under `jax.vmap` with a
+    batched value that becomes a select running both variants: pass a Python bool there).
 
     Returns (tokens [n, gamma], q [n, gamma, V] or None, conf [n, gamma] (the draft's log-prob of
     each token it emitted), `BranchBuffer` holding K/V of x_r, v, t_1 .. t_{gamma-1})."""
@@ -114,7 +116,10 @@ def branch_chain(cfg, params, shared: KVCache, start, first, gamma: int, samp: S
         logits, buf = branch_step(cfg, params, first[:, 1:], 1, shared, buf)
         return logits[:, -1], buf
 
-    last, buf = jax.lax.cond(x_cached, feed_root, feed_both, buf)  # [n, V]
+    if isinstance(x_cached, bool):
+        last, buf = (feed_root if x_cached else feed_both)(buf)  # [n, V]
+    else:
+        last, buf = jax.lax.cond(x_cached, feed_root, feed_both, buf)
     tok, lp = choose(last, positions=start + n0)
     toks = jnp.zeros((n, gamma), jnp.int32).at[:, 0].set(tok)
     conf = jnp.zeros((n, gamma), jnp.float32).at[:, 0].set(own_logprob(last, tok))

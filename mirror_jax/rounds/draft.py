@@ -15,7 +15,8 @@ Branch-complete rollouts (Mirror-SD, spec section 2 step 4), worked example with
 2. *Rollout* (`mirror_jax.rounds.branch_rows`): row (r, v) feeds ``[x_r, v]`` at P+r, P+r+1
    (x_r = the path token at depth r: y, d_1, .., d_gamma) and decodes gamma tokens after v,
    attending over the shared cache (slots < P+r) plus its own (gamma+1)-slot buffer. One batched
-   computation for all branches; the shared cache is never copied.
+   computation for all branches; the shared cache is not copied (except by the speculative-
+   streaming draft, below).
 3. *Select*: after verification (A, c), the draft commits A + 1 tokens. If (A, c) was rolled out,
    its buffer (K/V of x_A, c, t_1 .. t_{gamma-1}) is written into the cache and its tokens are the
    next window (reuse); otherwise a fallback chain feeds ``[c]`` from P+A+1 (``[x_A, c]`` from
@@ -154,15 +155,18 @@ def draft_propose(cfg, params, cache: KVCache, advance, first, samp: SamplingArr
     return Proposal(window=toks, q=q, conf=conf, forwards=forwards), cache
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "budget", "sample"))
+@functools.partial(jax.jit, static_argnames=("cfg", "budget", "sample", "always_feed_x"))
 def draft_rollout(cfg, params, cache: KVCache, last, window, channel: Channel, samp: SamplingArrays, conf=None, *,
-                  budget: int, sample: bool = False, ss: SSDraft | None = None) -> Branches:
+                  budget: int, sample: bool = False, ss: SSDraft | None = None,
+                  always_feed_x: bool = False) -> Branches:
     """Branch choice + one batched rollout of every chosen branch (no path forward: see the module
     docstring's invariant). The cache is only read (not donated, not returned).
 
     cache: batch-1 draft cache (lengths P); last: [1]; window: [1, gamma]; conf: [1, gamma] the
     draft's confidence in its window (`Proposal.conf`; None: the branch choice uses the early exit's
-    probabilities alone). Returns `Branches`."""
+    probabilities alone). ``always_feed_x``: every row feeds ``[x_r, v]`` (for callers that map this
+    over rows with `jax.vmap`, where the per-round choice of `branch_chain` would run both variants).
+    Returns `Branches`."""
     gamma = window.shape[1]
     path = jnp.concatenate([last, window[0]])  # [gamma+1] at P .. P+gamma
     depth, root, scores = choose_branches(channel, budget, conf)
@@ -170,7 +174,7 @@ def draft_rollout(cfg, params, cache: KVCache, last, window, channel: Channel, s
     first = jnp.stack([path[depth], root], axis=1)  # [n, 2]
     if ss is None:
         toks, q, conf, buf = branch_chain(cfg, params, cache, start, first, gamma, samp, sample=sample,
-                                          x_cached=jnp.all(depth < gamma))
+                                          x_cached=False if always_feed_x else jnp.all(depth < gamma))
         forwards = jnp.int32(gamma)
     else:  # speculative streaming runs on materialised rows (a copy of the cache per branch)
         rows = broadcast_rows(cache, budget, start)
@@ -182,7 +186,7 @@ def draft_rollout(cfg, params, cache: KVCache, last, window, channel: Channel, s
 
 def select_window(cfg, params, cache: KVCache, branches: Branches, a, c, samp: SamplingArrays, *,
                   sample: bool = False, ss: SSDraft | None = None):
-    """`draft_select`'s body (traceable; the device loop maps it over rows)."""
+    """`draft_select`'s body (traceable)."""
     gamma = branches.tokens.shape[1]
     match = (branches.depth == a) & (branches.root == c)
     hit = jnp.any(match)
