@@ -6,6 +6,9 @@ loop, losslessness with any head, training that raises Omega, orbax checkpoints 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import types
 
 import jax
@@ -69,6 +72,16 @@ def test_target_prefix_takes_candidates_from_the_head(models):
 
 @pytest.mark.parametrize("loop", ["host", "device"])
 def test_mirror_with_a_head_is_lossless_and_uses_it(models, loop):
+    if loop == "device" and not os.environ.get("MIRROR_JAX_FRESH_PROCESS"):
+        # XLA:CPU (jax 0.10.2) segfaulted in backend compilation of this device-loop program when it
+        # came late in the full test process (after ~200 other compilations); alone it compiles and
+        # passes. Until that XLA bug is isolated, the same assertions run in a fresh interpreter.
+        node = f"{__file__}::test_mirror_with_a_head_is_lossless_and_uses_it[device]"
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", node],
+                           env={**os.environ, "MIRROR_JAX_FRESH_PROCESS": "1"}, capture_output=True, text=True,
+                           timeout=900)
+        assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
+        return
     target, draft = models
     ps = prompts(3, seed=4)
     ar = generate(target, ps, N_NEW).tokens
