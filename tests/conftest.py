@@ -37,3 +37,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test file. The full suite compiles several hundred
+    programs in one process; late in such a run XLA:CPU (jax 0.10.2) segfaulted inside backend
+    compilation of programs that compile fine on their own (twice in `test_exit.py`, in different
+    tests). Releasing the executables of finished files keeps the process's compiled code small."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
