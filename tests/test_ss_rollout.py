@@ -23,9 +23,10 @@ _CHAIN = jax.jit(draft_chain, static_argnames=("cfg", "gamma", "sample"))
 
 
 def chain(params, cache, roots, gamma, samp=None, sample=False):
-    """The plain draft chain (one token per forward): (tokens, q, cache)."""
+    """The plain draft chain (one token per forward): (tokens, q, cache); its confidences are dropped."""
     samp = samp if samp is not None else SamplingParams().arrays(row=np.arange(roots.shape[0]))
-    return _CHAIN(CFG, params, cache, roots[:, None], gamma, samp, sample=sample)
+    toks, q, _conf, cache = _CHAIN(CFG, params, cache, roots[:, None], gamma, samp, sample=sample)
+    return toks, q, cache
 
 
 def ss(params, sscfg, ssp, cache, roots, gamma, samp=None, sample=False):
