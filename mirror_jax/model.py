@@ -15,6 +15,8 @@ early-exit logits (the target's own final norm + LM head on the layer-l_e hidden
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -38,10 +40,34 @@ def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if w.dtype == jnp.float32:
-        y = lax.dot_general(w, x2, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype).T  # [M, out]
+        y = lax.platform_dependent(x2, w, cpu=partial(_dense_f32_cpu, out_dtype=out_dtype),
+                                   default=partial(_dense_f32, out_dtype=out_dtype))  # [M, out]
     else:
         y = jnp.matmul(x2, w.T, preferred_element_type=out_dtype)
     return y.reshape(lead + (w.shape[0],))
+
+
+def _dense_f32(x2: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """[M, in] x [out, in] -> [M, out] as an [out, M] product, transposed back."""
+    return lax.dot_general(w, x2, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype).T
+
+
+def _dense_f32_cpu(x2: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """`_dense_f32` in the form XLA:CPU runs fastest (`experiments/probe_rows.py`):
+
+    * Left to itself XLA:CPU folds the transpose into the dot, which then computes an [M, out]
+      result with a kernel ~2x slower for 2 <= M <= 8 rows (the 0.5B draft's LM head at M = 3: 34 vs
+      18 ms; its gate_up: 9.3 vs 4.6 ms), so a verification window or an SS forward paid about twice
+      a one-row step's weight traffic. An optimization barrier keeps the fast [out, M] product; the
+      transpose then moves only M x out floats.
+    * The [out, M] kernel streams the weight about once for M <= 4, costs ~1.7x that for M = 5..7
+      but ~1.35x for M = 8, and ~2.5-3x for M = 9..12 but ~2x for M = 16, so more than 4 rows are
+      padded to a multiple of 8 (a gamma-4 verification window is 5 rows)."""
+    m = x2.shape[0]
+    pad = (-m) % 8 if m > 4 else 0
+    xp = jnp.pad(x2, ((0, pad), (0, 0))) if pad else x2
+    y = lax.dot_general(w, xp, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)  # [out, M + pad]
+    return lax.optimization_barrier(y).T[:m]
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -156,13 +182,22 @@ def token_positions(cache: KVCache, num_tokens: int) -> jax.Array:
     return cache.lengths[:, None] + jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
 
 
+def forward_hidden(cfg: ModelConfig, params: ModelParams, tokens: jax.Array, cache: KVCache):
+    """Every layer over tokens [B, T] after each row's committed prefix, without the head.
+
+    Returns (hidden [B, T, H] before the final norm, cache with the new K/V written, lengths
+    unchanged); `head` turns rows of it into logits (prefill needs one row per prompt)."""
+    positions = token_positions(cache, tokens.shape[1])
+    x, ks, vs = run_layers(cfg, params.layers, embed(params, tokens), cache.k, cache.v, positions)
+    return x, cache.replace(k=ks, v=vs)
+
+
 def forward(cfg: ModelConfig, params: ModelParams, tokens: jax.Array, cache: KVCache):
     """Full forward of tokens [B, T] after each row's committed prefix.
 
     Returns (logits [B, T, V] float32, cache with the new K/V written, lengths unchanged)."""
-    positions = token_positions(cache, tokens.shape[1])
-    x, ks, vs = run_layers(cfg, params.layers, embed(params, tokens), cache.k, cache.v, positions)
-    return head(cfg, params, x), cache.replace(k=ks, v=vs)
+    x, cache = forward_hidden(cfg, params, tokens, cache)
+    return head(cfg, params, x), cache
 
 
 def forward_prefix(cfg: ModelConfig, params: ModelParams, tokens: jax.Array, cache: KVCache, exit_layer: int,

@@ -75,9 +75,9 @@ def prefill(cfg: ModelConfig, params: ModelParams, tokens, n_valid, cache: KVCac
     """Process right-padded prompts [B, T]; commit `n_valid` [B] tokens per row.
 
     Returns (logits at each row's last prompt token [B, V], cache)."""
-    logits, cache = M.forward(cfg, params, tokens, cache)
-    last = jnp.take_along_axis(logits, (n_valid - 1)[:, None, None], axis=1)[:, 0]
-    return last, commit(cache, n_valid)
+    hidden, cache = M.forward_hidden(cfg, params, tokens, cache)
+    last = jnp.take_along_axis(hidden, (n_valid - 1)[:, None, None], axis=1)  # [B, 1, H]
+    return M.head(cfg, params, last)[:, 0], commit(cache, n_valid)  # the LM head on B rows, not B x T
 
 
 @functools.partial(jax.jit, static_argnames=("greedy",))
