@@ -50,7 +50,7 @@ _CHAIN = jax.jit(draft_chain, static_argnames=("cfg", "gamma"))
 
 def ar_rollout(cfg, params, ss, cache, root, gamma):
     """The plain draft chain with `ss_rollout`'s return shape: (tokens, q, forwards, cache)."""
-    toks, q, cache = _CHAIN(cfg, params, cache, root[:, None], gamma, SamplingParams().arrays())
+    toks, q, _conf, cache = _CHAIN(cfg, params, cache, root[:, None], gamma, SamplingParams().arrays())
     return toks, q, gamma, cache
 
 
@@ -77,6 +77,28 @@ def run_windows(fn, cfg, params, ss, cache, root, gamma: int, windows: int):
     return toks, fwd, secs
 
 
+def forward_costs(cfg, params, methods, prompt, capacity: int, k_in: int, repeats: int = 9) -> dict:
+    """Median ms of one draft forward: plain with 1 and with k_in tokens, and one SS forward per method."""
+    cache, root = prefill(cfg, params, prompt, capacity)
+    fwd = jax.jit(lambda p, t, c: M.forward(cfg, p, t, c)[0])
+
+    def med(fn):
+        jax.block_until_ready(fn())
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            ts.append(time.perf_counter() - t0)
+        return 1e3 * float(np.median(ts))
+
+    out = {"plain, 1 token": med(lambda: fwd(params, root[:, None], cache)),
+           f"plain, {k_in} tokens": med(lambda: fwd(params, jnp.broadcast_to(root[:, None], (1, k_in)), cache))}
+    for m, (fn, ss) in methods.items():
+        if ss is not None:
+            out[m] = med(lambda fn=fn, ss=ss: fn(cfg, params, ss, cache, root, 1)[0])
+    return out
+
+
 def load(args):
     if args.tiny:
         from mirror_jax.params import init_random
@@ -101,7 +123,8 @@ def load(args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--ckpt", default=str(ROOT / "checkpoints" / DEFAULT_ADAPTER_NAME))
+    ap.add_argument("--ckpt", nargs="+", default=[str(ROOT / "checkpoints" / DEFAULT_ADAPTER_NAME)],
+                    help="one or more adapter checkpoints (one row each)")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=48)
     ap.add_argument("--windows", type=int, default=6)
@@ -116,13 +139,17 @@ def main(argv=None):
         sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
         meta = {"steps": 0}
     else:
-        sscfg, ssp, meta = restore_ss_checkpoint(args.ckpt, cfg, params)
-        methods[f"ss (trained, {meta['steps']} steps)"] = (ss_rollout, ss_draft(cfg, sscfg, params, ssp))
+        for ck in args.ckpt:
+            sscfg, ssp, meta = restore_ss_checkpoint(ck, cfg, params)
+            label = (f"ss {Path(ck).name} (s={sscfg.num_streams}, N_s={sscfg.num_msa_layers}, r={sscfg.lora_rank}, "
+                     f"{meta['steps']} steps)")
+            methods[label] = (ss_rollout, ss_draft(cfg, sscfg, params, ssp))
     untrained = ss_draft(cfg, sscfg, params, init_ss_params(cfg, sscfg, params))
     methods["ss (untrained streams)"] = (ss_rollout, untrained)
     methods = {"ar": (ar_rollout, None), **methods}
     capacity = args.prompt_len + args.windows * max(gammas) + sscfg.num_streams + 8
 
+    fwd_cost = forward_costs(cfg, params, methods, prompts[0], capacity, sscfg.num_streams + 1)
     rows, mismatches = [], 0
     for gamma in gammas:
         # warm-up / compile every method once
@@ -162,6 +189,7 @@ def main(argv=None):
         "mismatched_prompt_runs": mismatches,
         "device": f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()})",
         "rows": rows,
+        "forward_ms": fwd_cost,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +210,10 @@ def main(argv=None):
         f"{r['ms_per_window']:.1f} |"
         for r in rows
     ]
+    md += ["", "One draft forward (median ms, same run): a window of 1 token is one plain forward; an SS window of 1 "
+           "token is one SS forward (s+1 tokens through every layer, the streams through the MSA layers, one LM "
+           "head pass).", "", "| forward | ms | vs 1-token forward |", "|---|---|---|"]
+    md += [f"| {k} | {v:.1f} | {v / fwd_cost['plain, 1 token']:.2f}x |" for k, v in fwd_cost.items()]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
 
     import matplotlib

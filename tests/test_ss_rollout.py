@@ -78,10 +78,10 @@ def test_greedy_equal(batch, gamma):
 
 
 def test_perfect_streams_need_fewer_forwards():
-    """Streams that always agree with the main stream: every lookahead is accepted and each forward
-    emits s+1 tokens, so ceil(gamma / (s+1)) forwards. Construction: a zero LM head makes every
-    logit 0, so main and streams all pick token 0 (argmax tie -> first index); with root 0 even
-    the first forward's placeholder proposals (= the root) are right."""
+    """Streams that always agree with the main stream: every lookahead is accepted. The first
+    forward feeds the root alone (1 token), each later one emits s+1 tokens, so
+    1 + ceil((gamma - 1) / (s+1)) forwards. Construction: a zero LM head makes every logit 0, so
+    main and streams all pick token 0 (argmax tie -> first index)."""
     params = PARAMS.replace(lm_head=jnp.zeros_like(PARAMS.lm_head))
     sscfg = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=2)
     ssp = init_ss_params(CFG, sscfg, params)
@@ -89,7 +89,9 @@ def test_perfect_streams_need_fewer_forwards():
     roots = jnp.asarray([0, 0], jnp.int32)
     toks, _, nf, _ = ss(params, sscfg, ssp, cache, roots, 7)
     assert np.all(np.asarray(toks) == 0)
-    assert int(nf) == 3  # 3 tokens per forward: 3 + 3 + 3 >= 7
+    assert int(nf) == 3  # 1 + 3 + 3 >= 7
+    toks, _, nf, _ = ss(params, sscfg, ssp, cache, roots, 4)
+    assert int(nf) == 2  # 1 + 3 >= 4: the first forward feeds one token, then s+1 per forward
 
 
 def test_sampling_equal():

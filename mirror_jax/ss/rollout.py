@@ -23,6 +23,7 @@ on its own. Contract (shared with the plain chain `mirror_jax.rounds.draft.draft
 
 SS loop (s streams, one row)::
 
+    first forward: feed [root] at p; emit g_0; l_j <- stream j at p  (predicting p+1+j)
     feed [x0, l_1, .., l_s] at positions p .. p+s        (x0 = last emitted, l_j = lookaheads)
     main stream gives g_0 .. g_s   (g_i = the token at position p+i+1 given x0, l_1..l_i)
     a = number of leading j with l_j == g_{j-1}        (hard match, 0 <= a <= s)
@@ -77,30 +78,33 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
     [B, num_tokens] (raw log-prob of each emitted token), forwards
     (int32 []: until every row had its tokens), cache with lengths unchanged)."""
     bsz, s, cap = roots.shape[0], ss.sscfg.num_streams, cache.capacity
-    k_in = s + 1  # tokens fed per forward
+    k_in = s + 1  # tokens fed per forward after the first
     base = cache.lengths
     rows = jnp.arange(bsz)
     out_w = num_tokens + k_in  # room for the last forward's overshoot
     choose = partial(pick, samp=samp, stream=Draw.DRAFT, sample=sample)
 
-    def body(st):
+    def step(st, toks):
+        """One SS forward of toks [B, k] (k = 1: the root alone; k = s+1: x0 and the lookaheads)."""
+        k = toks.shape[1]
         active = st["n"] < num_tokens  # [B]
         p = st["p"]  # [B] position of x0
-        toks = jnp.concatenate([st["x0"][:, None], st["look"]], axis=1)  # [B, s+1]
         pos_in = jnp.where(active, p, cap)  # finished rows: every write lands out of range
         hf, hs, c = ss_hidden(cfg, ss.sscfg, params, ss.ssp, toks, st["cache"].replace(lengths=pos_in), ss.layers)
-        logits = M.head(cfg, params, hf)  # [B, s+1, V]
-        g, lp = choose(logits, positions=p[:, None] + 1 + jnp.arange(k_in), want_logprobs=sample)
-        a = accepted_length(st["look"] == g[:, :s])  # [B] accepted lookaheads
+        # One pass over the LM head for the main rows and every stream row (the head is the largest
+        # weight of a small draft; a second call for the s rows at position a cost ~30 ms on CPU).
+        both = M.head(cfg, params, jnp.concatenate([hf, hs.reshape(bsz, k * s, -1)], axis=1))
+        logits, s_logits = both[:, :k], both[:, k:].reshape(bsz, k, s, -1)  # [B, k, V], [B, k, s, V]
+        g, lp = choose(logits, positions=p[:, None] + 1 + jnp.arange(k), want_logprobs=sample)
+        a = accepted_length(st["look"][:, : k - 1] == g[:, : k - 1])  # [B] accepted lookaheads (0 when k = 1)
         # Emit g_0 .. g_a into out[n .. n+a] (only for active rows; the rest are dropped).
-        j = jnp.arange(k_in)[None, :]
+        j = jnp.arange(k)[None, :]
         idx = jnp.where((j <= a[:, None]) & active[:, None], st["n"][:, None] + j, out_w)
         out = st["out"].at[rows[:, None], idx].set(g, mode="drop")
         q = None if lp is None else st["q"].at[rows[:, None], idx].set(lp, mode="drop")
         conf = st["conf"].at[rows[:, None], idx].set(own_logprob(logits, g), mode="drop")
         # New lookaheads from the streams at the last accepted position p+a.
-        hs_a = hs[rows, a]  # [B, s, H]
-        look, _ = choose(M.head(cfg, params, hs_a), positions=(p + a + 1)[:, None] + jnp.arange(1, s + 1))
+        look, _ = choose(s_logits[rows, a], positions=(p + a + 1)[:, None] + jnp.arange(1, s + 1))  # [B, s]
         return dict(
             p=jnp.where(active, p + a + 1, p),
             x0=jnp.where(active, g[rows, a], st["x0"]),
@@ -113,11 +117,14 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
             it=st["it"] + 1,
         )
 
+    def body(st):
+        return step(st, jnp.concatenate([st["x0"][:, None], st["look"]], axis=1))  # [B, s+1]
+
     roots = roots.astype(jnp.int32)
     st = dict(
         p=base,
         x0=roots,
-        look=jnp.broadcast_to(roots[:, None], (bsz, s)),  # placeholder proposals for the 1st forward
+        look=jnp.zeros((bsz, s), jnp.int32),
         n=jnp.zeros((bsz,), jnp.int32),
         out=jnp.zeros((bsz, out_w), jnp.int32),
         q=jnp.zeros((bsz, out_w, cfg.vocab_size), jnp.float32) if sample else None,
@@ -125,6 +132,10 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         cache=cache,
         it=jnp.zeros((), jnp.int32),
     )
+    # The first forward feeds the root alone: there are no lookaheads for it yet (feeding s
+    # placeholder copies cost a multi-row forward for tokens that were almost never right), and it
+    # yields the first token plus the streams' lookaheads for the loop.
+    st = step(st, roots[:, None])
     st = lax.while_loop(lambda st: jnp.any(st["n"] < num_tokens), body, st)
     q = None if st["q"] is None else st["q"][:, :num_tokens]
     return st["out"][:, :num_tokens], q, st["conf"][:, :num_tokens], st["it"], st["cache"]
