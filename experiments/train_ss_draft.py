@@ -1,6 +1,15 @@
-"""Train a speculative-streaming adapter for the draft on target-distilled Python-stdlib data.
+"""Train a speculative-streaming adapter for the draft on Python-stdlib text.
 
-Pipeline (each stage cached / resumable):
+Two recipes (``--data``):
+
+* ``text`` (default): teacher forcing, no generation. Rows of ``--seq-len`` tokens are cut from
+  stdlib code and docstrings rendered as chat exchanges in the draft's template
+  (`mirror_jax.corpus.pack_sequences`, train split of files; held-out split for evaluation). One
+  frozen draft forward per row gives every label (``--labels self``, `mirror_jax.ss.train.self_labels`):
+  stream j at t learns the draft's own greedy token at t+1+j, exactly where the draft's greedy
+  continuation follows the text (the lossless SS draft emits the draft's tokens, not the text's).
+  ``--max-rows`` evaluates the LM head only on stream rows that carry a label.
+* ``distill``: the original recipe, kept for comparison:
 
 1. Prompts: for every function with a docstring in the Python standard library
    (`mirror_jax.corpus.stdlib_files`: no test packages, no installed site-packages), the source up to the end of the
@@ -16,10 +25,15 @@ Pipeline (each stage cached / resumable):
    ``--work-dir`` every ``--ckpt-every`` steps (atomic) and a re-run resumes from it.
 5. The adapter goes to ``checkpoints/<name>/`` (orbax + metadata.json).
 
+In both, frozen main-stream features are computed once, training is AdamW (resumable, time-budgeted)
+and the adapter goes to ``checkpoints/<name>/`` (orbax + metadata.json: data hash, steps, command,
+held-out figures).
+
 Usage::
 
     python experiments/train_ss_draft.py --tiny --steps 30          # smoke test, random models
-    python experiments/train_ss_draft.py --num-prompts 320 --steps 400 --time-budget-min 30
+    python experiments/train_ss_draft.py --num-tokens 65536 --steps 300 --time-budget-min 25
+    python experiments/train_ss_draft.py --data distill --labels text --num-prompts 320 --steps 400
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ from __future__ import annotations
 import argparse
 import ast
 import gc
+import hashlib
 import json
 import os
 import sys
@@ -125,6 +140,61 @@ def distill(target, prompts, gen_len: int, batch: int, partial: Path, budget_s: 
     return toks[:done], mask[:done]
 
 
+METRICS = ("loss", "nll_main", "nll_stream", "p_stream", "label_frac", "acc_stream", "tokens_per_forward_est")
+
+
+def text_rows(args, data_path: Path):
+    """--data text: (train rows [N, seq_len], held-out rows, draft, description); rows cached."""
+    if args.tiny:
+        _, draft = tiny_models()
+        rng = np.random.default_rng(args.seed)
+        rows = rng.integers(2, draft.cfg.vocab_size, (args.num_tokens // args.seq_len, args.seq_len))
+        held = rng.integers(2, draft.cfg.vocab_size, (max(1, args.heldout_tokens // args.seq_len), args.seq_len))
+        return rows.astype(np.int32), held.astype(np.int32), draft, "tiny random model; random-token rows"
+    from mirror_jax.corpus import pack_sequences
+    from mirror_jax.loading.default_pair import DRAFT_SPEC, assemble_default_files
+    from mirror_jax.loading.gguf_loader import load_gguf
+
+    _, draft_path = assemble_default_files()
+    draft = load_gguf(draft_path, jnp.float32, sha256=DRAFT_SPEC.sha256, progress=False)
+    if data_path.exists():
+        d = np.load(data_path)
+        rows, held = d["train"], d["heldout"]
+    else:
+        rows = pack_sequences(draft.tokenizer, draft.chat_template, "train", args.num_tokens, args.seq_len, args.seed)
+        held = pack_sequences(draft.tokenizer, draft.chat_template, "heldout", args.heldout_tokens, args.seq_len,
+                              args.seed)
+        np.savez(data_path, train=rows, heldout=held)
+    desc = (f"Python {sys.version_info.major}.{sys.version_info.minor} stdlib code and docstrings as chat exchanges "
+            f"in the draft's template (mirror_jax.corpus.pack_sequences), {rows.shape[0]} train rows x "
+            f"{args.seq_len} tokens (train split of files), {held.shape[0]} held-out rows (held-out files); "
+            f"labels: {args.labels}")
+    return rows, held, draft, desc
+
+
+def save_features(path: Path, feats) -> None:
+    """Frozen main-stream features to an .npz (atomic), so a re-run skips the draft forwards."""
+    leaves = {f"leaf{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(feats))}
+    tmp = path.with_name(path.stem + f".tmp-{os.getpid()}.npz")
+    np.savez(tmp, **leaves)
+    os.replace(tmp, path)
+
+
+def load_features(path: Path, cfg, sscfg, params):
+    """The features saved by `save_features`, or None when absent."""
+    if not path.exists():
+        return None
+    from mirror_jax.ss.train import MainFeatures
+
+    like = jax.eval_shape(lambda: precompute_main(cfg, sscfg, params, jnp.zeros((1, 2), jnp.int32)))
+    d = np.load(path)
+    leaves = [d[f"leaf{i}"] for i in range(len(d.files))]
+    feats = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), leaves)
+    assert isinstance(feats, MainFeatures)
+    print(f"main-stream features from {path}", flush=True)
+    return feats
+
+
 def tiny_models():
     from mirror_jax.params import init_random
     from mirror_jax.testing import tiny_config
@@ -152,7 +222,7 @@ def plot_curve(log_path: Path, png: Path, title: str) -> None:
     rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
     tr = [r for r in rows if r["kind"] == "train"]
     ev = [r for r in rows if r["kind"] == "eval"]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
     for j in range(len(tr[0]["nll_stream"]) if tr else 0):
         ax[0].plot([r["step"] for r in tr], [r["nll_stream"][j] for r in tr], label=f"stream {j + 1} (train)")
         if ev:
@@ -169,6 +239,14 @@ def plot_curve(log_path: Path, png: Path, title: str) -> None:
     if ev:
         ax[1].plot([r["step"] for r in ev], [r["loss"] for r in ev], "o--", label="SS loss (eval)")
     ax[1].set_xlabel("step"), ax[1].legend(fontsize=7)
+    acc = [r for r in ev if "acc_stream" in r]
+    if acc:  # held-out: how often each stream's argmax is its label, and the tokens per forward it implies
+        for j in range(len(acc[0]["acc_stream"])):
+            ax[2].plot([r["step"] for r in acc], [r["acc_stream"][j] for r in acc], "o-", label=f"stream {j + 1} match")
+        ax2 = ax[2].twinx()
+        ax2.plot([r["step"] for r in acc], [r["tokens_per_forward_est"] for r in acc], "ks--", label="tokens/forward")
+        ax2.set_ylabel("est. tokens per SS forward"), ax2.legend(fontsize=7, loc="lower right")
+        ax[2].set_xlabel("step"), ax[2].set_ylabel("held-out hard match"), ax[2].legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -178,6 +256,14 @@ def plot_curve(log_path: Path, png: Path, title: str) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--name", default="ss_default_draft")
+    ap.add_argument("--data", default="text", choices=["text", "distill"],
+                    help="text: stdlib chat rows, teacher forcing (no generation); distill: target continuations")
+    ap.add_argument("--labels", default="self", choices=["self", "text"],
+                    help="self: the draft's own greedy continuation (exact where it follows the text); text: the text")
+    ap.add_argument("--num-tokens", type=int, default=65536, help="--data text: training tokens")
+    ap.add_argument("--heldout-tokens", type=int, default=8192, help="--data text: held-out tokens")
+    ap.add_argument("--seq-len", type=int, default=128, help="--data text: tokens per row")
+    ap.add_argument("--max-rows", type=int, default=0, help="LM-head rows per step (0: all); weighted rows first")
     ap.add_argument("--tiny", action="store_true", help="random tiny models + random-token prompts (smoke test)")
     ap.add_argument("--num-prompts", type=int, default=320)
     ap.add_argument("--prompt-len", type=int, default=48)
@@ -209,11 +295,16 @@ def main(argv=None):
     results.mkdir(parents=True, exist_ok=True)
     kind = "tiny" if args.tiny else "default"
     tag = f"{args.name}_{kind}_p{args.num_prompts}_{args.prompt_len}_{args.gen_len}"
+    if args.data == "text":
+        tag = f"{args.name}_{kind}_text{args.num_tokens}_{args.heldout_tokens}_{args.seq_len}"
     data_path = work / f"distill_{tag}.npz"
     part_path = work / f"distill_{tag}.partial.npz"
 
-    # ---- models + distillation data -------------------------------------------------------------
-    if args.tiny:
+    # ---- models + data --------------------------------------------------------------------------------
+    ev_rows = None  # --data text: held-out rows (other files); distill: a random share of the rows
+    if args.data == "text":
+        tokens_all, ev_rows, draft, data_desc = text_rows(args, data_path)
+    elif args.tiny:
         target, draft = tiny_models()
         if not data_path.exists():
             rng = np.random.default_rng(args.seed)
@@ -245,22 +336,42 @@ def main(argv=None):
         draft = load_gguf(draft_path, jnp.float32, sha256=DRAFT_SPEC.sha256, progress=False)
     target = None
     gc.collect()
-    data = np.load(data_path)
-    tokens_all, mask_all = data["tokens"], data["mask"]
-    n = len(tokens_all)
-    n_eval = max(1, int(round(n * args.eval_frac)))
-    perm = np.random.default_rng(args.seed).permutation(n)
-    ev_idx, tr_idx = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+    if ev_rows is None:
+        data = np.load(data_path)
+        tokens_all, mask_all = data["tokens"], data["mask"]
+        n = len(tokens_all)
+        n_eval = max(1, int(round(n * args.eval_frac)))
+        perm = np.random.default_rng(args.seed).permutation(n)
+        ev_idx, tr_idx = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
+    else:  # train rows then held-out rows, every position a stream position
+        n_eval = len(ev_rows)
+        tr_idx = np.arange(len(tokens_all))
+        tokens_all = np.concatenate([tokens_all, ev_rows])
+        n = len(tokens_all)
+        ev_idx = np.arange(n - n_eval, n)
+        mask_all = np.ones(tokens_all.shape, np.float32)
+    data_hash = hashlib.sha256(tokens_all.tobytes()).hexdigest()
     print(f"data: {n} rows x {tokens_all.shape[1]} tokens ({len(tr_idx)} train / {n_eval} eval)", flush=True)
 
     # ---- frozen main-stream features (once) -------------------------------------------------------
     cfg, params = draft.cfg, draft.params
-    feats_host = []
-    for i in tqdm(range(0, n, args.batch), desc="main-stream features (draft)"):
-        f = precompute_main(cfg, sscfg, params, jnp.asarray(tokens_all[i : i + args.batch]))
-        feats_host.append(jax.tree_util.tree_map(np.asarray, f))
-    feats_all = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *feats_host)
-    del feats_host
+    feats_path = work / f"feats_{data_hash[:12]}_L{sscfg.first_msa_layer(cfg)}.npz"
+    feats_all = load_features(feats_path, cfg, sscfg, params)
+    if feats_all is None:
+        feats_host = []
+        for i in tqdm(range(0, n, args.batch), desc="main-stream features (draft)"):
+            f = precompute_main(cfg, sscfg, params, jnp.asarray(tokens_all[i : i + args.batch]))
+            feats_host.append(jax.tree_util.tree_map(np.asarray, f))
+        feats_all = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *feats_host)
+        del feats_host
+        save_features(feats_path, feats_all)
+    if args.labels == "self":
+        from mirror_jax.ss.train import self_labels
+
+        w = np.asarray(self_labels(jnp.asarray(tokens_all[tr_idx]), jnp.asarray(feats_all.greedy[tr_idx]),
+                                   sscfg.num_streams)[1])
+        print("share of stream positions with an exact self label (train): "
+              + ", ".join(f"stream {j + 1}: {w[..., j].mean():.3f}" for j in range(w.shape[-1])), flush=True)
 
     def batch_of(idx):
         f = jax.tree_util.tree_map(lambda x: jnp.asarray(x[idx]), feats_all)
@@ -268,10 +379,11 @@ def main(argv=None):
 
     # ---- training -----------------------------------------------------------------------------------
     # stream j at t targets t+1+j; continuation targets start at prompt_len, so t >= P - 1 - s.
-    start = max(0, args.prompt_len - 1 - sscfg.num_streams)
+    start = max(0, args.prompt_len - 1 - sscfg.num_streams) if args.data == "distill" else 0
     opt = make_optimizer(args.lr, args.steps, args.warmup, schedule=args.schedule)
-    step_fn = make_train_step(cfg, sscfg, opt, chunk=256, start=start)
-    eval_fn = make_eval_loss(cfg, sscfg, chunk=256, start=start)
+    kw = dict(chunk=256, start=start, labels=args.labels, max_rows=args.max_rows or None)
+    step_fn = make_train_step(cfg, sscfg, opt, **kw)
+    eval_fn = make_eval_loss(cfg, sscfg, **kw)
     state = init_train_state(init_ss_params(cfg, sscfg, params, seed=args.seed), opt)
     state_path = work / "train_state.msgpack"
     log_path = results / f"{args.name}_train_log.jsonl"
@@ -331,12 +443,15 @@ def main(argv=None):
         "base_sha256": getattr(draft, "sha256", None),
         "base_name": getattr(draft, "name", "tiny-random"),
         "data": data_desc,
+        "data_sha256": data_hash,
+        "labels": args.labels,
+        "command": "python experiments/train_ss_draft.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "num_rows": int(n),
         "row_tokens": int(tokens_all.shape[1]),
         "train_args": vars(args),
-        "final_train": {k: last_tr[k] for k in ("loss", "nll_main", "nll_stream", "p_stream")},
-        "eval_before": {k: first_ev[k] for k in ("loss", "nll_main", "nll_stream", "p_stream")},
-        "eval_after": {k: last_ev[k] for k in ("loss", "nll_main", "nll_stream", "p_stream")},
+        "final_train": {k: last_tr[k] for k in METRICS if k in last_tr},
+        "eval_before": {k: first_ev[k] for k in METRICS if k in first_ev},
+        "eval_after": {k: last_ev[k] for k in METRICS if k in last_ev},
     }
     out = save_ss_checkpoint(
         Path(args.ckpt_root) / args.name,

@@ -17,7 +17,7 @@ from mirror_jax.ss.train import (
 )
 from mirror_jax.testing import tiny_config
 
-ss_loss_jit = jax.jit(ss_loss, static_argnums=(0, 1), static_argnames=("chunk", "start"))
+ss_loss_jit = jax.jit(ss_loss, static_argnums=(0, 1), static_argnames=("chunk", "start", "labels", "max_rows"))
 
 CFG = tiny_config("llama", vocab_size=50)
 PARAMS = init_random(CFG, seed=0, scale=0.2)
@@ -81,3 +81,60 @@ def test_start_skips_masked_prompt_positions():
     _, m0 = ss_loss_jit(CFG, sscfg, PARAMS, ssp, feats, toks, mask)
     _, m3 = ss_loss_jit(CFG, sscfg, PARAMS, ssp, feats, toks, mask, start=3)
     np.testing.assert_allclose(np.asarray(m3["nll_stream"]), np.asarray(m0["nll_stream"]), rtol=1e-5)
+
+
+def test_self_labels_are_the_drafts_own_greedy_continuation():
+    """Where `self_labels` gives weight 1, its label is exactly the token the draft's greedy
+    continuation of tokens[:t+1] puts at t+1+j (checked by decoding it, one forward per token), and
+    the weight is 1 exactly where that continuation follows the text for j tokens."""
+    from mirror_jax import model as M
+    from mirror_jax.kv_cache import init_cache
+    from mirror_jax.ss.train import self_labels
+
+    s, t_len = 3, 16
+    fwd = jax.jit(lambda toks: M.forward(CFG, PARAMS, toks, init_cache(CFG, 1, t_len + s + 2))[0])
+
+    def next_token(seq):  # greedy next token after seq (padded to a fixed shape; causal mask)
+        pad = np.zeros(t_len + s + 2, np.int32)
+        pad[: len(seq)] = seq
+        return int(jnp.argmax(fwd(jnp.asarray(pad[None]))[0, len(seq) - 1]))
+
+    # Text that follows the draft's greedy path except for two substituted tokens.
+    seq = [7, 3, 11]
+    while len(seq) < t_len:
+        seq.append(next_token(seq))
+    seq[7], seq[12] = (seq[7] + 1) % CFG.vocab_size, (seq[12] + 5) % CFG.vocab_size
+    toks = jnp.asarray([seq], jnp.int32)
+    feats = precompute_main(CFG, SSConfig(num_streams=s, num_msa_layers=1, lora_rank=2), PARAMS, toks)
+    tgt, w = (np.asarray(x)[0] for x in self_labels(toks, feats.greedy, s))
+    for t in range(t_len):
+        cont = list(seq[: t + 1])
+        for _ in range(s + 1):
+            cont.append(next_token(cont))
+        for j in range(1, s + 1):
+            follows = t + j < t_len and cont[t + 1 : t + 1 + j] == seq[t + 1 : t + 1 + j]
+            assert w[t, j - 1] == float(follows), (t, j)
+            if follows:
+                assert tgt[t, j - 1] == cont[t + 1 + j], (t, j)
+    assert 0 < w.sum() < w.size  # both cases occur
+
+
+def test_max_rows_keeps_the_weighted_rows():
+    """With self labels most rows weigh 0: evaluating the head on just the weighted rows gives the
+    same loss as on all rows, and fewer rows than that drop some (the loss changes)."""
+    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+    ssp = init_ss_params(CFG, sscfg, PARAMS, seed=1, embed_scale=0.3)
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (2, 12)), jnp.int32)
+    feats = precompute_main(CFG, sscfg, PARAMS, toks)
+    # Make the text agree with the draft everywhere, so every row before the end carries weight.
+    toks = jnp.concatenate([toks[:, :1], feats.greedy[:, :-1]], axis=1)
+    feats = precompute_main(CFG, sscfg, PARAMS, toks)
+    from mirror_jax.ss.train import self_labels
+
+    n_weighted = int(np.asarray(self_labels(toks, feats.greedy, 2)[1]).sum())
+    assert n_weighted > 0
+    _, full = ss_loss_jit(CFG, sscfg, PARAMS, ssp, feats, toks, labels="self")
+    _, cut = ss_loss_jit(CFG, sscfg, PARAMS, ssp, feats, toks, labels="self", max_rows=n_weighted)
+    _, short = ss_loss_jit(CFG, sscfg, PARAMS, ssp, feats, toks, labels="self", max_rows=n_weighted // 2)
+    np.testing.assert_allclose(np.asarray(cut["nll_stream"]), np.asarray(full["nll_stream"]), rtol=1e-5)
+    assert not np.allclose(np.asarray(short["label_frac"]), np.asarray(full["label_frac"]))

@@ -15,6 +15,12 @@ only the N_s stream layers and the LM head on the s stream rows.
 The LM head over a large vocabulary is evaluated in chunks of rows under `jax.checkpoint`
 (`chunked_nll`), so memory holds ``chunk x V`` logits at a time, never ``B x T x s x V``.
 
+Labels. With ``labels=None`` stream j at t targets the text itself (``tokens[t+1+j]``, e.g. target
+continuations distilled by generation). But the lossless SS draft emits its *own* greedy tokens,
+so what a stream must guess is the draft's greedy continuation. `self_labels` gets exactly those
+labels from the same single frozen forward over real text (teacher forcing, no generation): see
+its docstring. ``max_rows`` then evaluates the LM head only on the rows that carry weight.
+
 Example::
 
     feats = precompute_main(cfg, sscfg, params, tokens)          # [B, T] int32 tokens
@@ -51,6 +57,7 @@ class MainFeatures:
     ks: tuple[jax.Array, ...]  # per MSA layer [B, T, Nkv, D] main keys
     vs: tuple[jax.Array, ...]  # per MSA layer [B, T, Nkv, D] main values
     nll_main: jax.Array  # [B, T] -log p_main(y_{t+1}); 0 at t = T-1
+    greedy: jax.Array  # [B, T] int32 argmax of the main stream at t (the draft's guess of y_{t+1})
 
 
 @struct.dataclass
@@ -79,6 +86,81 @@ def chunked_nll(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int = 
     return lax.map(one, (hp, tp)).reshape(-1)[:n]
 
 
+def chunked_nll_hit(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int = 256):
+    """(`chunked_nll`, whether the argmax of the logits is the target) -> ([N] float32, [N] bool):
+    the loss and the hard match a lookahead is accepted by, from the same logits."""
+    n, hd = h.shape
+    chunk = max(1, min(chunk, n))
+    pad = (-n) % chunk
+    hp = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, hd)
+    tp = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
+
+    @jax.checkpoint
+    def one(args):
+        hh, tt = args
+        logits = M.head(cfg, params, hh)  # [chunk, V] float32
+        gold = jnp.take_along_axis(logits, tt[:, None], axis=-1)[:, 0]
+        return jax.nn.logsumexp(logits, axis=-1) - gold, jnp.argmax(logits, axis=-1) == tt
+
+    nll, hit = lax.map(one, (hp, tp))
+    return nll.reshape(-1)[:n], hit.reshape(-1)[:n]
+
+
+def chunked_nll_argmax(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int = 256):
+    """(`chunked_nll`, argmax of the logits) for h: [N, H] -> ([N] float32, [N] int32); no
+    gradient (feature precomputation). The argmax breaks ties as `jnp.argmax` (lowest id), as the
+    greedy draft does."""
+    n, hd = h.shape
+    chunk = max(1, min(chunk, n))
+    pad = (-n) % chunk
+    hp = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, hd)
+    tp = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
+
+    def one(args):
+        hh, tt = args
+        logits = M.head(cfg, params, hh)  # [chunk, V] float32
+        gold = jnp.take_along_axis(logits, tt[:, None], axis=-1)[:, 0]
+        return jax.nn.logsumexp(logits, axis=-1) - gold, jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    nll, arg = lax.map(one, (hp, tp))
+    return nll.reshape(-1)[:n], arg.reshape(-1)[:n]
+
+
+def self_labels(tokens, greedy, num_streams: int, loss_mask=None):
+    """Exact teacher-forced labels for the lossless SS draft, from one forward over real text.
+
+    tokens [B, T] (the text), greedy [B, T] (`MainFeatures.greedy`: the draft's argmax at t, its
+    guess of position t+1). In decoding, stream j at t guesses y_{t+1+j}, where y is the draft's
+    own greedy continuation of the committed prefix ``tokens[:t+1]``. That continuation follows the
+    text as long as the text agrees with the draft, so if ``tokens[t+i] == greedy[t+i-1]`` for
+    every i = 1..j, then ``y_{t+1+j} == greedy[t+j]``: the label is exact, and the stream's inputs
+    (the main K/V of positions <= t) are the ones it sees when decoding. Elsewhere the label would
+    belong to another prefix, so its weight is 0.
+
+    Worked example (s = 2)::
+
+        t          0  1  2  3  4
+        tokens     a  b  c  d  e
+        greedy     b  x  d  e  f      (the draft agrees with the text except at t = 1)
+        stream 1 at t=0: tokens[1]==greedy[0] -> label greedy[1] = x, weight 1
+        stream 2 at t=0: also tokens[2]==greedy[1]? c != x -> weight 0
+        stream 1 at t=1: tokens[2]==greedy[1]? no -> weight 0
+        stream 1 at t=2: tokens[3]==greedy[2] -> label greedy[3] = e; stream 2: tokens[4]==greedy[3] -> label f
+
+    Returns (targets [B, T, s] int32, weights [B, T, s] float32; 0 where t+j >= T or, with
+    loss_mask [B, T] over the positions t, where the stream position is masked out)."""
+    b, t = tokens.shape
+    agree = (tokens[:, 1:] == greedy[:, :-1]).astype(jnp.float32)  # [B, T-1]: text[t+1] == greedy[t]
+    agree = jnp.pad(agree, ((0, 0), (0, 1)))  # [B, T], 0 at the end
+    mask = jnp.ones((b, t), jnp.float32) if loss_mask is None else loss_mask.astype(jnp.float32)
+    tgts, ws, run = [], [], mask
+    for j in range(1, num_streams + 1):
+        run = run * jnp.pad(agree[:, j - 1 :], ((0, 0), (0, j - 1)))  # agree[t + j - 1]
+        tgts.append(jnp.pad(greedy[:, j:], ((0, 0), (0, j))))  # greedy[t + j]
+        ws.append(run)
+    return jnp.stack(tgts, axis=-1).astype(jnp.int32), jnp.stack(ws, axis=-1)
+
+
 @partial(jax.jit, static_argnames=("cfg", "sscfg", "chunk"))
 def precompute_main(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, tokens, chunk: int = 256):
     """Frozen main-stream features of tokens [B, T] (one base forward + the main NLL)."""
@@ -87,9 +169,9 @@ def precompute_main(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, toke
     cache = init_cache(cfg, b, t, dtype=params.embed.dtype)
     h0, hf, _, cache = main_pass(cfg, sscfg, params, tokens, cache)
     tgt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # y_{t+1} (last column unused)
-    nll = chunked_nll(cfg, params, hf.reshape(b * t, -1), tgt.reshape(-1), chunk).reshape(b, t)
-    nll = nll * (jnp.arange(t) < t - 1)
-    return MainFeatures(h0=h0, ks=cache.k[l0:], vs=cache.v[l0:], nll_main=nll)
+    nll, greedy = chunked_nll_argmax(cfg, params, hf.reshape(b * t, -1), tgt.reshape(-1), chunk)
+    nll = nll.reshape(b, t) * (jnp.arange(t) < t - 1)
+    return MainFeatures(h0=h0, ks=cache.k[l0:], vs=cache.v[l0:], nll_main=nll, greedy=greedy.reshape(b, t))
 
 
 def stream_targets(tokens, num_streams: int, loss_mask=None):
@@ -117,21 +199,47 @@ def ss_loss(
     alpha: float = STREAM_ALPHA,
     chunk: int = 256,
     start: int = 0,
+    labels: str = "text",
+    max_rows: int | None = None,
 ):
     """SS loss of tokens [B, T] given their frozen main features. Returns (loss, metrics) with
-    metrics = {"loss", "nll_main" (constant), "nll_stream" [s], "p_stream" [s]}; p_stream is the
-    mean probability each stream gives its target (a soft accuracy proxy; measure real acceptance
-    with `mirror_jax.ss.rollout`). loss_mask [B, T] (optional) weights target positions.
+    metrics = {"loss", "nll_main" (constant), "nll_stream" [s], "p_stream" [s], "label_frac" [s],
+    "acc_stream" [s], "tokens_per_forward_est"}; p_stream is the mean probability each stream gives
+    its target, acc_stream how often its argmax is the target (with "self" labels: the hard match a
+    lookahead is accepted by); measure real acceptance with `mirror_jax.ss.rollout`.
+    loss_mask [B, T] (optional) weights target positions.
     `start` (static) skips the stream computation for positions t < start (e.g. a fixed-length
-    prompt whose targets are masked out anyway); they still serve as main-stream keys."""
+    prompt whose targets are masked out anyway); they still serve as main-stream keys.
+    `labels` (static): "text" (stream j at t -> tokens[t+1+j]) or "self" (`self_labels`: the
+    draft's own greedy continuation, exact where it follows the text). `max_rows` (static):
+    evaluate the LM head on at most this many stream rows, those with the largest weights (with
+    "self" labels most rows weigh 0); rows beyond it are dropped from the loss."""
     b, t = tokens.shape
     s = sscfg.num_streams
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     hs = stream_pass(cfg, sscfg, params, ssp, feats.h0[:, start:], feats.ks, feats.vs, positions[:, start:])
-    tgt, w = stream_targets(tokens, s, loss_mask)
+    if labels == "text":
+        tgt, w = stream_targets(tokens, s, loss_mask)
+    elif labels == "self":
+        tgt, w = self_labels(tokens, feats.greedy, s, loss_mask)
+    else:
+        raise ValueError(f"labels must be 'text' or 'self', got {labels!r}")
     tgt, w = tgt[:, start:], w[:, start:]  # [B, T', s] with T' = T - start
     tq = t - start
-    nll = chunked_nll(cfg, params, hs.reshape(b * tq * s, -1), tgt.reshape(-1), chunk).reshape(b, tq, s)
+    hs_flat, tgt_flat, w_flat = hs.reshape(b * tq * s, -1), tgt.reshape(-1), w.reshape(-1)
+    if max_rows is not None and max_rows < w_flat.shape[0]:
+        # The weighted rows first; among equal weights a content hash (not the row order) decides,
+        # so every position and row of the batch gets its share when there are more than max_rows.
+        idx = jnp.arange(w_flat.shape[0], dtype=jnp.uint32)
+        jitter = ((tgt_flat.astype(jnp.uint32) * jnp.uint32(2654435761) + idx * jnp.uint32(40503)) % 1024) / 2048.0
+        _, rows = lax.top_k(w_flat + jitter, max_rows)
+        w = jnp.zeros_like(w_flat).at[rows].set(w_flat[rows]).reshape(b, tq, s)
+        nll_r, hit_r = chunked_nll_hit(cfg, params, hs_flat[rows], tgt_flat[rows], chunk)
+        nll = jnp.zeros_like(w_flat).at[rows].set(nll_r).reshape(b, tq, s)
+        hit = jnp.zeros_like(w_flat).at[rows].set(hit_r.astype(jnp.float32)).reshape(b, tq, s)
+    else:
+        nll, hit = chunked_nll_hit(cfg, params, hs_flat, tgt_flat, chunk)
+        nll, hit = nll.reshape(b, tq, s), hit.astype(jnp.float32).reshape(b, tq, s)
     denom = jnp.maximum(jnp.sum(w, axis=(0, 1)), 1.0)
     nll_j = jnp.sum(nll * w, axis=(0, 1)) / denom  # [s]
     mmask = jnp.ones((b, t)) if loss_mask is None else loss_mask.astype(jnp.float32)
@@ -139,7 +247,13 @@ def ss_loss(
     nll_main = jax.lax.stop_gradient(jnp.sum(feats.nll_main * mmask) / jnp.maximum(jnp.sum(mmask), 1.0))
     loss = nll_main + alpha * jnp.sum(nll_j)
     p_j = jnp.sum(jnp.exp(-nll) * w, axis=(0, 1)) / denom
-    return loss, {"loss": loss, "nll_main": nll_main, "nll_stream": nll_j, "p_stream": p_j}
+    label_frac = jnp.mean(w, axis=(0, 1))  # [s] share of stream positions that carry a label
+    acc_j = jnp.sum(hit * w, axis=(0, 1)) / denom  # [s] hard match: P(stream j's argmax is its label)
+    # Tokens per SS forward this implies (unbounded window; stream j's match taken as independent of
+    # stream j-1's): 1 + acc_1 + acc_1 acc_2 + ...
+    tpf = 1.0 + jnp.sum(jnp.cumprod(acc_j))
+    return loss, {"loss": loss, "nll_main": nll_main, "nll_stream": nll_j, "p_stream": p_j, "label_frac": label_frac,
+                  "acc_stream": acc_j, "tokens_per_forward_est": tpf}
 
 
 def make_optimizer(
@@ -168,7 +282,8 @@ def init_train_state(ssp: SSParams, opt: optax.GradientTransformation) -> TrainS
 
 
 def make_train_step(
-    cfg: ModelConfig, sscfg: SSConfig, opt: optax.GradientTransformation, *, chunk: int = 256, start: int = 0
+    cfg: ModelConfig, sscfg: SSConfig, opt: optax.GradientTransformation, *, chunk: int = 256, start: int = 0,
+    labels: str = "text", max_rows: int | None = None,
 ):
     """Jitted ``step(params, state, feats, tokens, loss_mask=None) -> (state, metrics)``; only
     `state.ssp` is differentiated."""
@@ -176,7 +291,8 @@ def make_train_step(
     @jax.jit
     def step(params, state: TrainState, feats: MainFeatures, tokens, loss_mask=None):
         def f(ssp):
-            return ss_loss(cfg, sscfg, params, ssp, feats, tokens, loss_mask, chunk=chunk, start=start)
+            return ss_loss(cfg, sscfg, params, ssp, feats, tokens, loss_mask, chunk=chunk, start=start,
+                           labels=labels, max_rows=max_rows)
 
         (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.ssp)
         updates, opt_state = opt.update(grads, state.opt_state, state.ssp)
@@ -187,11 +303,13 @@ def make_train_step(
     return step
 
 
-def make_eval_loss(cfg: ModelConfig, sscfg: SSConfig, *, chunk: int = 256, start: int = 0):
+def make_eval_loss(cfg: ModelConfig, sscfg: SSConfig, *, chunk: int = 256, start: int = 0, labels: str = "text",
+                   max_rows: int | None = None):
     """Jitted ``eval(params, ssp, feats, tokens, loss_mask=None) -> metrics`` (no update)."""
 
     @jax.jit
     def ev(params, ssp, feats, tokens, loss_mask=None):
-        return ss_loss(cfg, sscfg, params, ssp, feats, tokens, loss_mask, chunk=chunk, start=start)[1]
+        return ss_loss(cfg, sscfg, params, ssp, feats, tokens, loss_mask, chunk=chunk, start=start, labels=labels,
+                       max_rows=max_rows)[1]
 
     return ev
