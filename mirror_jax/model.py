@@ -32,11 +32,11 @@ def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """``x @ w.T`` for x [..., in] and a weight stored ``[out, in]`` -> [..., out].
 
     The rows are flattened to a 2-D [M, in] operand first. float32 weights are contracted as
-    ``dot_general(w, x)`` (a [out, M] product, transposed back): on XLA:CPU this was the fastest
-    form for every shape of the model and every row count measured, with the verification window
-    (M = 5) costing 0.5-0.6x the ``x @ W[in, out]`` form (``experiments/results/probe_matmul.md``).
-    bfloat16 weights use ``x @ w.T``, XLA:CPU's fast form for one row. `out_dtype`: the result's
-    dtype (float32 for logits), default the input's."""
+    ``dot_general(w, x)``, an [out, M] product transposed back; on CPU that product is kept from
+    being fused with the transpose and more than 4 rows are padded to a multiple of 8
+    (`_dense_f32_cpu`, ``experiments/results/probe_rows.md``); other platforms get the plain form
+    (`lax.platform_dependent` picks at lowering). bfloat16 weights use ``x @ w.T``, XLA:CPU's fast
+    form for one row. `out_dtype`: the result's dtype (float32 for logits), default the input's."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if w.dtype == jnp.float32:
