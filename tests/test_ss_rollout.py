@@ -116,3 +116,29 @@ def test_errors():
         ss(PARAMS, sscfg, ssp, cache, jnp.asarray([1]), 4)
     with pytest.raises(ValueError, match="samp"):
         ss(PARAMS, sscfg, ssp, cache, jnp.asarray([1]), 1, sample=True)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_committed_tokens_before_the_root_join_the_first_forward(batch):
+    """roots [B, 2] (a committed token without K/V, then the root; sd's d_gamma after a fully
+    accepted window): the same tokens as the plain chain fed both, the same K/V, and no extra forward
+    for the committed token (the perfect-stream count of 1 + ceil((gamma-1)/(s+1)))."""
+    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+    ssp = init_ss_params(CFG, sscfg, PARAMS, seed=5, embed_scale=0.3)
+    cache, roots = _prefilled(batch, seed=batch)
+    first = jnp.stack([roots, (roots + 7) % CFG.vocab_size], axis=1)  # [B, 2]
+    samp = SamplingParams().arrays(row=np.arange(batch))
+    ref, _, _, c_ref = _CHAIN(CFG, PARAMS, cache, first, 5, samp)
+    toks, _, nf, c_ss = ss_rollout(CFG, PARAMS, ss_draft(CFG, sscfg, PARAMS, ssp), cache, first, 5)
+    np.testing.assert_array_equal(np.asarray(toks), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(c_ss.lengths), np.asarray(cache.lengths))
+    for b in range(batch):
+        hi = int(cache.lengths[b]) + 1 + 5  # the committed token, the root, y_1 .. y_4
+        for ka, kb in zip(c_ref.k + c_ref.v, c_ss.k + c_ss.v, strict=True):
+            np.testing.assert_allclose(np.asarray(ka[b, :hi]), np.asarray(kb[b, :hi]), atol=1e-5)
+    assert 1 <= int(nf) <= 5
+    zero = PARAMS.replace(lm_head=jnp.zeros_like(PARAMS.lm_head))  # every stream right (see above)
+    zc = init_cache(CFG, 1, CAP).replace(lengths=jnp.asarray([3], jnp.int32))
+    _, _, nf, _ = ss_rollout(CFG, zero, ss_draft(CFG, sscfg, zero, init_ss_params(CFG, sscfg, zero)), zc,
+                             jnp.zeros((1, 2), jnp.int32), 4)
+    assert int(nf) == 2  # [committed, root] -> 1 token, then 3 per forward

@@ -89,13 +89,10 @@ def propose(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays
     if ss is None:
         toks, q, conf, cache = draft_chain(cfg, params, cache, first, gamma, samp, sample=sample)
         return toks, q, conf, cache, jnp.int32(gamma)
-    base = cache.lengths
-    extra = first.shape[1] - 1
-    if extra:  # tokens before the root whose K/V are missing: one plain forward
-        _, cache = M.forward(cfg, params, first[:, :extra], cache)
-        cache = commit(cache, extra)
-    toks, q, conf, forwards, cache = ss_chain(cfg, params, ss, cache, first[:, -1], gamma, samp, sample=sample)
-    return toks, q, conf, cache.replace(lengths=base), forwards + int(extra > 0)
+    # Tokens before the root whose K/V are missing (d_gamma after a fully accepted window) go into
+    # the SS rollout's first forward with the root.
+    toks, q, conf, forwards, cache = ss_chain(cfg, params, ss, cache, first, gamma, samp, sample=sample)
+    return toks, q, conf, cache, forwards
 
 
 # Acceptance model: P(target accepts d_j | it accepted d_1 .. d_{j-1}) =

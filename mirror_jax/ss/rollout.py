@@ -74,7 +74,9 @@ def ss_draft(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSPara
 def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache, roots, num_tokens: int,
              samp: SamplingArrays | None = None, *, sample: bool = False):
     """Speculative-streaming rollout of `num_tokens` tokens per row (traceable; see the module
-    docstring). roots: [B]. Returns (tokens [B, num_tokens], q [B, num_tokens, V] or None, conf
+    docstring). roots: [B], or [B, F] when F-1 committed tokens whose K/V are not in the cache yet
+    precede each root (fed with it in the first forward from slot L_b; the tokens then continue
+    after the root). Returns (tokens [B, num_tokens], q [B, num_tokens, V] or None, conf
     [B, num_tokens] (raw log-prob of each emitted token), forwards
     (int32 []: until every row had its tokens), cache with lengths unchanged)."""
     bsz, s, cap = roots.shape[0], ss.sscfg.num_streams, cache.capacity
@@ -84,30 +86,40 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
     out_w = num_tokens + k_in  # room for the last forward's overshoot
     choose = partial(pick, samp=samp, stream=Draw.DRAFT, sample=sample)
 
-    def step(st, toks):
-        """One SS forward of toks [B, k] (k = 1: the root alone; k = s+1: x0 and the lookaheads)."""
+    def step(st, toks, skip: int = 0):
+        """One SS forward of toks [B, k]: in the loop x0 and the s lookaheads (skip = 0); first, the
+        committed tokens without K/V and the root (skip = k - 1: their predictions are not emitted)."""
         k = toks.shape[1]
         active = st["n"] < num_tokens  # [B]
         p = st["p"]  # [B] position of x0
         pos_in = jnp.where(active, p, cap)  # finished rows: every write lands out of range
         hf, hs, c = ss_hidden(cfg, ss.sscfg, params, ss.ssp, toks, st["cache"].replace(lengths=pos_in), ss.layers)
-        # One pass over the LM head for the main rows and every stream row (the head is the largest
-        # weight of a small draft; a second call for the s rows at position a cost ~30 ms on CPU).
-        both = M.head(cfg, params, jnp.concatenate([hf, hs.reshape(bsz, k * s, -1)], axis=1))
-        logits, s_logits = both[:, :k], both[:, k:].reshape(bsz, k, s, -1)  # [B, k, V], [B, k, s, V]
+        # The LM head is the largest weight of a small draft. On the CPU a product of <= 8 rows costs
+        # ~1.2-1.4x one row and 9-16 rows ~2x (`model.dense`), so the stream rows join the main rows
+        # in one pass while that stays <= 8 rows (the first forward); otherwise only the s stream
+        # rows at `last` get a second, small pass.
+        merged = bsz * k * (1 + s) <= 8
+        if merged:
+            both = M.head(cfg, params, jnp.concatenate([hf, hs.reshape(bsz, k * s, -1)], axis=1))
+            logits, s_all = both[:, :k], both[:, k:].reshape(bsz, k, s, -1)  # [B, k, V], [B, k, s, V]
+        else:
+            logits = M.head(cfg, params, hf)  # [B, k, V]
         g, lp = choose(logits, positions=p[:, None] + 1 + jnp.arange(k), want_logprobs=sample)
-        a = accepted_length(st["look"][:, : k - 1] == g[:, : k - 1])  # [B] accepted lookaheads (0 when k = 1)
-        # Emit g_0 .. g_a into out[n .. n+a] (only for active rows; the rest are dropped).
+        a = accepted_length(st["look"][:, : k - 1 - skip] == g[:, skip : k - 1])  # [B] accepted lookaheads
+        last = skip + a  # [B] the last fed position whose input is right; its prediction is emitted
+        # Emit g_skip .. g_last into out[n .. n+a] (only for active rows; the rest are dropped).
         j = jnp.arange(k)[None, :]
-        idx = jnp.where((j <= a[:, None]) & active[:, None], st["n"][:, None] + j, out_w)
+        emit = (j >= skip) & (j <= last[:, None]) & active[:, None]
+        idx = jnp.where(emit, st["n"][:, None] + j - skip, out_w)
         out = st["out"].at[rows[:, None], idx].set(g, mode="drop")
         q = None if lp is None else st["q"].at[rows[:, None], idx].set(lp, mode="drop")
         conf = st["conf"].at[rows[:, None], idx].set(own_logprob(logits, g), mode="drop")
         # New lookaheads from the streams at the last accepted position p+a.
-        look, _ = choose(s_logits[rows, a], positions=(p + a + 1)[:, None] + jnp.arange(1, s + 1))  # [B, s]
+        s_logits = s_all[rows, last] if merged else M.head(cfg, params, hs[rows, last])  # [B, s, V]
+        look, _ = choose(s_logits, positions=(p + last + 1)[:, None] + jnp.arange(1, s + 1))  # [B, s]
         return dict(
-            p=jnp.where(active, p + a + 1, p),
-            x0=jnp.where(active, g[rows, a], st["x0"]),
+            p=jnp.where(active, p + last + 1, p),
+            x0=jnp.where(active, g[rows, last], st["x0"]),
             look=jnp.where(active[:, None], look, st["look"]),
             n=jnp.where(active, st["n"] + a + 1, st["n"]),
             out=out,
@@ -120,10 +132,10 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
     def body(st):
         return step(st, jnp.concatenate([st["x0"][:, None], st["look"]], axis=1))  # [B, s+1]
 
-    roots = roots.astype(jnp.int32)
+    first = (roots[:, None] if roots.ndim == 1 else roots).astype(jnp.int32)  # [B, F]
     st = dict(
         p=base,
-        x0=roots,
+        x0=first[:, -1],
         look=jnp.zeros((bsz, s), jnp.int32),
         n=jnp.zeros((bsz,), jnp.int32),
         out=jnp.zeros((bsz, out_w), jnp.int32),
@@ -132,10 +144,10 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         cache=cache,
         it=jnp.zeros((), jnp.int32),
     )
-    # The first forward feeds the root alone: there are no lookaheads for it yet (feeding s
-    # placeholder copies cost a multi-row forward for tokens that were almost never right), and it
-    # yields the first token plus the streams' lookaheads for the loop.
-    st = step(st, roots[:, None])
+    # The first forward feeds the root (after any committed tokens whose K/V are missing) without
+    # lookaheads: there are none yet (s placeholder copies made it a multi-row forward for tokens
+    # that were almost never right); it yields the first token and the streams' lookaheads.
+    st = step(st, first, skip=first.shape[1] - 1)
     st = lax.while_loop(lambda st: jnp.any(st["n"] < num_tokens), body, st)
     q = None if st["q"] is None else st["q"][:, :num_tokens]
     return st["out"][:, :num_tokens], q, st["conf"][:, :num_tokens], st["it"], st["cache"]
@@ -147,6 +159,7 @@ _ss_chain = jax.jit(ss_chain, static_argnames=("cfg", "num_tokens", "sample"))
 def ss_rollout(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache, roots, num_tokens: int,
                samp: SamplingArrays | None = None, *, sample: bool = False):
     """`ss_chain`, jitted, after host-side checks (cache headroom; `samp` given when sampling);
+    roots [B] or [B, F] as in `ss_chain`;
     returns (tokens, q, forwards, cache) (without ``conf``).
     Greedy by default (``samp`` defaults to ``SamplingParams().arrays()``, rows 0..B-1)."""
     roots = jnp.asarray(roots)
@@ -154,6 +167,7 @@ def ss_rollout(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCach
         raise ValueError("ss_rollout: sample=True needs `samp` (SamplingParams(temperature=...).arrays(rows))")
     if samp is None:
         samp = SamplingParams().arrays(row=jnp.arange(roots.shape[0]))
-    check_headroom(cache.lengths, num_tokens + ss.sscfg.num_streams, cache.capacity, what="ss_rollout KV cache")
+    lead = roots.shape[1] - 1 if roots.ndim == 2 else 0  # committed tokens fed before the root
+    check_headroom(cache.lengths, lead + num_tokens + ss.sscfg.num_streams, cache.capacity, what="ss_rollout KV cache")
     toks, q, _, forwards, cache = _ss_chain(cfg, params, ss, cache, roots, num_tokens, samp, sample=sample)
     return toks, q, forwards, cache
