@@ -67,49 +67,11 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def chunked_nll(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int = 256):
-    """-log softmax(head(h))[target] for h: [N, H], targets: [N] -> [N] float32, evaluating the
-    head on `chunk` rows at a time (rematerialised in the backward pass)."""
-    n, hd = h.shape
-    chunk = max(1, min(chunk, n))
-    pad = (-n) % chunk
-    hp = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, hd)
-    tp = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
-
-    @jax.checkpoint
-    def one(args):
-        hh, tt = args
-        logits = M.head(cfg, params, hh)  # [chunk, V] float32
-        gold = jnp.take_along_axis(logits, tt[:, None], axis=-1)[:, 0]
-        return jax.nn.logsumexp(logits, axis=-1) - gold
-
-    return lax.map(one, (hp, tp)).reshape(-1)[:n]
-
-
-def chunked_nll_hit(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int = 256):
-    """(`chunked_nll`, whether the argmax of the logits is the target) -> ([N] float32, [N] bool):
-    the loss and the hard match a lookahead is accepted by, from the same logits."""
-    n, hd = h.shape
-    chunk = max(1, min(chunk, n))
-    pad = (-n) % chunk
-    hp = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, hd)
-    tp = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
-
-    @jax.checkpoint
-    def one(args):
-        hh, tt = args
-        logits = M.head(cfg, params, hh)  # [chunk, V] float32
-        gold = jnp.take_along_axis(logits, tt[:, None], axis=-1)[:, 0]
-        return jax.nn.logsumexp(logits, axis=-1) - gold, jnp.argmax(logits, axis=-1) == tt
-
-    nll, hit = lax.map(one, (hp, tp))
-    return nll.reshape(-1)[:n], hit.reshape(-1)[:n]
-
-
-def chunked_nll_argmax(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int = 256):
-    """(`chunked_nll`, argmax of the logits) for h: [N, H] -> ([N] float32, [N] int32); no
-    gradient (feature precomputation). The argmax breaks ties as `jnp.argmax` (lowest id), as the
-    greedy draft does."""
+def _chunked_head(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int, remat: bool):
+    """Per row of h [N, H]: (-log softmax(head(h))[target], argmax id) -> ([N] float32, [N] int32),
+    the head evaluated on `chunk` rows at a time (rematerialised in the backward pass if `remat`),
+    so memory holds chunk x V logits at a time. The argmax breaks ties as `jnp.argmax` (lowest id),
+    as the greedy draft does."""
     n, hd = h.shape
     chunk = max(1, min(chunk, n))
     pad = (-n) % chunk
@@ -122,8 +84,27 @@ def chunked_nll_argmax(cfg: ModelConfig, params: ModelParams, h, targets, chunk:
         gold = jnp.take_along_axis(logits, tt[:, None], axis=-1)[:, 0]
         return jax.nn.logsumexp(logits, axis=-1) - gold, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    nll, arg = lax.map(one, (hp, tp))
+    nll, arg = lax.map(jax.checkpoint(one) if remat else one, (hp, tp))
     return nll.reshape(-1)[:n], arg.reshape(-1)[:n]
+
+
+def chunked_nll(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int = 256):
+    """-log softmax(head(h))[target] for h: [N, H], targets: [N] -> [N] float32, evaluating the
+    head on `chunk` rows at a time (rematerialised in the backward pass)."""
+    return _chunked_head(cfg, params, h, targets, chunk, remat=True)[0]
+
+
+def chunked_nll_hit(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int = 256):
+    """(`chunked_nll`, whether the argmax of the logits is the target) -> ([N] float32, [N] bool):
+    the loss and the hard match a lookahead is accepted by, from the same logits."""
+    nll, arg = _chunked_head(cfg, params, h, targets, chunk, remat=True)
+    return nll, arg == targets
+
+
+def chunked_nll_argmax(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int = 256):
+    """(`chunked_nll`, argmax of the logits) for h: [N, H] -> ([N] float32, [N] int32); for feature
+    precomputation (no rematerialisation)."""
+    return _chunked_head(cfg, params, h, targets, chunk, remat=False)
 
 
 def self_labels(tokens, greedy, num_streams: int, loss_mask=None):
