@@ -79,6 +79,25 @@ def test_spec_methods_greedy_identical_to_ar(real):
             print("\nmirror on the real pair:", real["mirror_stats"])
 
 
+def test_committed_ss_adapter_streams(real):
+    """The committed SS adapter loads for the default draft, keeps sd's output equal to ar's, and its
+    streams are right often enough to save draft forwards: with untrained streams a gamma-4 window
+    costs 4 forwards (the first feeds the root, after d_gamma when the last window was accepted in
+    full, then one token per forward), with the adapter fewer (3.4-3.5 per window on held-out
+    stdlib code in experiments/results/ss_bench.md)."""
+    from mirror_jax.engine.api import generate
+    from mirror_jax.ss.checkpoint import load_default_ss_adapter
+
+    t, d, ids = real["target"], real["draft"], real["ids"]
+    adapter = load_default_ss_adapter(d)
+    assert adapter is not None, "no committed SS adapter matches the default draft"
+    ar = real.get("ar") or generate(t, ids, N_SPEC).tokens
+    res = generate(t, ids, N_SPEC, method="sd", draft=d, gamma=4, ss_adapter=adapter)
+    assert res.tokens == ar
+    assert res.stats["draft_kind"] == "ss"
+    assert res.stats["draft_forwards_per_round"] < 3.8, res.stats["draft_forwards_per_round"]
+
+
 def test_committed_exit_heads_beat_the_untrained_exit(real):
     """The committed heads load for the default target (fingerprint checked), carry their
     provenance, and on held-out stdlib text (files never trained on) put the target's greedy token
@@ -136,23 +155,3 @@ def test_ar_matches_transformers_generate(real):
         assert mine[:cut] == theirs[:cut]
     del ref
     gc.collect()
-
-
-
-def test_committed_ss_adapter_streams(real):
-    """The committed SS adapter loads for the default draft, keeps sd's output equal to ar's, and its
-    streams are right often enough to save draft forwards: with untrained streams a gamma-4 window
-    costs 4 forwards (the first feeds the root, after d_gamma when the last window was accepted in
-    full, then one token per forward), with the adapter fewer (3.4-3.5 per window on held-out
-    stdlib code in experiments/results/ss_bench.md)."""
-    from mirror_jax.engine.api import generate
-    from mirror_jax.ss.checkpoint import load_default_ss_adapter
-
-    t, d, ids = real["target"], real["draft"], real["ids"]
-    adapter = load_default_ss_adapter(d)
-    assert adapter is not None, "no committed SS adapter matches the default draft"
-    ar = real.get("ar") or generate(t, ids, N_SPEC).tokens
-    res = generate(t, ids, N_SPEC, method="sd", draft=d, gamma=4, ss_adapter=adapter)
-    assert res.tokens == ar
-    assert res.stats["draft_kind"] == "ss"
-    assert res.stats["draft_forwards_per_round"] < 3.8, res.stats["draft_forwards_per_round"]
