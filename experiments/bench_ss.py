@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 from mirror_jax import model as M  # noqa: E402
+from mirror_jax.bench.report import median_ms  # noqa: E402
 from mirror_jax.kv_cache import commit, init_cache  # noqa: E402
 from mirror_jax.rounds.draft import draft_chain  # noqa: E402
 from mirror_jax.sampling import SamplingParams  # noqa: E402
@@ -83,13 +84,7 @@ def forward_costs(cfg, params, methods, prompt, capacity: int, k_in: int, repeat
     fwd = jax.jit(lambda p, t, c: M.forward(cfg, p, t, c)[0])
 
     def med(fn):
-        jax.block_until_ready(fn())
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            ts.append(time.perf_counter() - t0)
-        return 1e3 * float(np.median(ts))
+        return median_ms(fn, repeats=repeats)
 
     out = {"plain, 1 token": med(lambda: fwd(params, root[:, None], cache)),
            f"plain, {k_in} tokens": med(lambda: fwd(params, jnp.broadcast_to(root[:, None], (1, k_in)), cache))}

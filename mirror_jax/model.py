@@ -47,9 +47,14 @@ def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     return y.reshape(lead + (w.shape[0],))
 
 
+def _out_by_rows(w: jax.Array, x2: jax.Array, out_dtype=None) -> jax.Array:
+    """[out, in] x [M, in] -> the [out, M] product."""
+    return lax.dot_general(w, x2, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)
+
+
 def _dense_f32(x2: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """[M, in] x [out, in] -> [M, out] as an [out, M] product, transposed back."""
-    return lax.dot_general(w, x2, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype).T
+    return _out_by_rows(w, x2, out_dtype).T
 
 
 def _dense_f32_cpu(x2: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
@@ -66,8 +71,7 @@ def _dense_f32_cpu(x2: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     m = x2.shape[0]
     pad = (-m) % 8 if m > 4 else 0
     xp = jnp.pad(x2, ((0, pad), (0, 0))) if pad else x2
-    y = lax.dot_general(w, xp, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)  # [out, M + pad]
-    return lax.optimization_barrier(y).T[:m]
+    return lax.optimization_barrier(_out_by_rows(w, xp, out_dtype)).T[:m]  # [out, M + pad] -> [M, out]
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:

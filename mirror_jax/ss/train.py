@@ -15,7 +15,7 @@ only the N_s stream layers and the LM head on the s stream rows.
 The LM head over a large vocabulary is evaluated in chunks of rows under `jax.checkpoint`
 (`chunked_nll`), so memory holds ``chunk x V`` logits at a time, never ``B x T x s x V``.
 
-Labels. With ``labels=None`` stream j at t targets the text itself (``tokens[t+1+j]``, e.g. target
+Labels. With ``labels="text"`` stream j at t targets the text itself (``tokens[t+1+j]``, e.g. target
 continuations distilled by generation). But the lossless SS draft emits its *own* greedy tokens,
 so what a stream must guess is the draft's greedy continuation. `self_labels` gets exactly those
 labels from the same single frozen forward over real text (teacher forcing, no generation): see
