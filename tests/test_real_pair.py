@@ -98,6 +98,23 @@ def test_committed_ss_adapter_streams(real):
     assert res.stats["draft_forwards_per_round"] < 3.8, res.stats["draft_forwards_per_round"]
 
 
+def test_device_loop_and_draft_stop_on_the_real_pair(real):
+    """The device loop (the three prompts as one batch in one `lax.while_loop`) gives ar's tokens for
+    sd and mirror; sd with an early-stopping draft (draft_stop) gives them too, proposing fewer
+    tokens per round than its maximum window."""
+    from mirror_jax.engine.api import generate
+
+    t, d, ids = real["target"], real["draft"], real["ids"]
+    ar = real.get("ar") or generate(t, ids, N_SPEC).tokens
+    for method in ("sd", "mirror"):
+        res = generate(t, ids, N_SPEC, method=method, draft=d, gamma=4, loop="device")
+        assert res.tokens == ar, method
+        assert res.stats["batch"] == 3 and res.stats["mean_tokens_per_round"] > 2.0, (method, res.stats)
+    res = generate(t, ids, N_SPEC, method="sd", draft=d, gamma=7, draft_stop=0.6)
+    assert res.tokens == ar
+    assert res.stats["drafted_per_round"] < 6.5 and res.stats["mean_tokens_per_round"] > 2.0, res.stats
+
+
 def test_committed_exit_heads_beat_the_untrained_exit(real):
     """The committed heads load for the default target (fingerprint checked), carry their
     provenance, and on held-out stdlib text (files never trained on) put the target's greedy token

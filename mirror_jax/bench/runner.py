@@ -55,6 +55,7 @@ class BenchConfig:
     repeats: int = 1
     methods: list[str] = dataclasses.field(default_factory=lambda: list(LADDER))
     gamma: int | None = None
+    draft_stop: float | None = None
     kappa: int | None = None
     branch_budget: int | None = None
     exit_layer: int | None = None
@@ -125,6 +126,8 @@ def _gen_kwargs(method: str, cfg: BenchConfig, models: BenchModels, profile: boo
         kw.update(kappa=cfg.kappa, branch_budget=cfg.branch_budget, exit_layer=cfg.exit_layer)
     if draft_kind == "ss":
         kw["ss_adapter"] = models.ss_adapter
+    elif engine == "sd":
+        kw["draft_stop"] = cfg.draft_stop
     return kw
 
 
@@ -137,7 +140,7 @@ def _turn_record(res, prompt_len: int, seconds: float, retried: int, profile: bo
     if s.get("method") == "ar":
         rec.update(decode_s=s.get("decode_s"), decode_steps=s.get("decode_steps"))
         return rec
-    rec.update({k: s["settings"][k] for k in ("gamma", "kappa", "branch_budget", "exit_layer")})
+    rec.update({k: s["settings"][k] for k in ("gamma", "kappa", "branch_budget", "exit_layer", "draft_stop")})
     rec["exit_head"] = s.get("exit_head")
     keep = lambda r: r if profile else {k: v for k, v in r.items() if k not in ("branches", "phases")}
     rec["rounds"] = [keep(r) for r in s.get("per_round", [])]

@@ -48,9 +48,9 @@ DEVICE_DEFAULTS = {
     # CPU: one branch. Measured (experiments/results/bench_methods*.md): on one CPU device nothing
     # overlaps and a 2-row draft forward costs ~1.8x a 1-row one, so budget 1 ran fastest (0.86x sd
     # on code; budgets 2 and 4 hit more often, fallback 0.23 / 0.13, but ran at 0.74x / 0.71x sd).
-    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1},
-    "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64},
-    "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64},
+    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_stop": 0.0},
+    "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_stop": 0.0},
+    "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_stop": 0.0},
 }
 
 
@@ -111,7 +111,7 @@ def resolve_exit(exit_head, target, target_cfg, exit_layer):
 
 def resolve_settings(
     method, target_cfg, placement: Placement, *, gamma, kappa, exit_layer, branch_budget, verifier,
-    sampling: SamplingParams, profile: bool, allow_full_exit: bool,
+    sampling: SamplingParams, profile: bool, allow_full_exit: bool, draft_stop=None, ss: bool = False,
 ) -> SpecSettings:
     """Fill in device defaults and validate every setting before any work starts."""
     d = DEVICE_DEFAULTS.get(placement.draft.platform, DEVICE_DEFAULTS["gpu"])
@@ -140,7 +140,15 @@ def resolve_settings(
             f"verifier {verifier!r} does not fit temperature={sampling.temperature}: use 'greedy' with "
             f"temperature 0 and 'sample_match' or 'rejection' with temperature > 0"
         )
-    return SpecSettings(method, gamma, kappa, exit_layer, budget, verifier, profile)
+    if draft_stop is None:
+        draft_stop = d["draft_stop"] if method == "sd" and not ss else 0.0
+    if isinstance(draft_stop, bool) or not isinstance(draft_stop, int | float) or not 0.0 <= draft_stop < 1.0:
+        raise ConfigError(f"draft_stop must be a probability in [0, 1) (0: full windows), got {draft_stop!r}")
+    if draft_stop > 0 and (method != "sd" or ss):
+        raise ConfigError(
+            f"draft_stop (ending a window early) applies to method 'sd' with the plain draft; got method {method!r}"
+            + (" with a speculative-streaming draft" if ss else "") + ": leave draft_stop at None or 0")
+    return SpecSettings(method, gamma, kappa, exit_layer, budget, verifier, profile, float(draft_stop))
 
 
 def generate(
@@ -168,6 +176,7 @@ def generate(
     progress=None,
     loop: str = "host",
     exit_head="auto",
+    draft_stop: float | None = None,
 ) -> GenerationResult:
     """Decode `prompts` (lists of token ids) with `method`; see the module docstring.
 
@@ -186,7 +195,11 @@ def generate(
     `exit_head` (mirror): the trained early exit, see `resolve_exit`. With the default pair the
     committed heads are used and `exit_layer` defaults to their recommended layer; ``None`` gives the
     untrained exit (the target's LM head on layer l_e). It changes which branches are rolled out,
-    never the output."""
+    never the output.
+
+    `draft_stop` (sd, plain draft): the draft ends a window after a token it gives less than this
+    probability, so gamma is a maximum (adaptive draft length; lossless: verification never accepts
+    past the drafted tokens). 0 keeps full windows; None takes the device default."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     if loop not in LOOPS:
@@ -212,6 +225,7 @@ def generate(
     s = resolve_settings(
         method, cfg_t, pl, gamma=gamma, kappa=kappa, exit_layer=exit_layer, branch_budget=branch_budget,
         verifier=verifier, sampling=sampling, profile=profile, allow_full_exit=allow_full_exit,
+        draft_stop=draft_stop, ss=ss_adapter is not None,
     )
     capacity = cache_capacity(max(map(len, prompts)), max_new_tokens, s.margin(), max_len)
     sscfg, ssp = (None, None) if ss_adapter is None else tuple(ss_adapter)[:2]

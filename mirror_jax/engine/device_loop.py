@@ -91,6 +91,7 @@ class RowStats:
     draft_forwards: jax.Array  # [B] int32
     reuse: jax.Array  # [B] int32 (mirror): rounds whose next window was a rolled-out branch
     omega_hits: jax.Array  # [B] int32 (mirror): committed tokens inside the early-exit top-kappa
+    drafted: jax.Array  # [B] int32: window tokens proposed (gamma per round unless the sd draft stops early)
 
 
 @struct.dataclass
@@ -106,6 +107,7 @@ class DecodeState:
     done: jax.Array  # [B] bool: max_new_tokens reached or an EOS committed
     pending: jax.Array  # [B] int32: draft forwards spent on `window` (sd counts them when it is verified)
     stats: RowStats
+    length: jax.Array  # [B] int32: tokens of `window` the draft proposed (gamma, or fewer: `SpecSettings.draft_stop`)
 
 
 @struct.dataclass
@@ -135,24 +137,25 @@ def start(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, tokens, 
     first = first_token(logits, n_valid, samp, greedy=s.verifier == "greedy")  # as every method's first token
     cache_d = init_cache(spec.draft, b, spec.capacity, params_d.embed.dtype)
     _, cache_d = prefill(spec.draft, params_d, tokens, n_valid, cache_d)
-    window, q, conf, cache_d, forwards = propose(spec.draft, params_d, cache_d, first[:, None], spec.gamma, samp,
-                                                 sample=s.draft_samples, ss=ss)
+    prop, cache_d = propose(spec.draft, params_d, cache_d, first[:, None], spec.gamma, samp,
+                            sample=s.draft_samples, ss=ss, stop_logp=s.stop_logp)
     zeros = jnp.zeros((b,), jnp.int32)
     stats = RowStats(rounds=zeros, accepted_hist=jnp.zeros((b, spec.gamma + 1), jnp.int32),
-                     draft_forwards=zeros, reuse=zeros, omega_hits=zeros)
+                     draft_forwards=zeros, reuse=zeros, omega_hits=zeros, drafted=zeros)
     out = jnp.zeros((b, spec.out_width), jnp.int32).at[:, 0].set(first)
     done = _is_eos(spec, first) | (spec.max_new_tokens <= 1)
-    return DecodeState(cache_t, cache_d, first, window, q, conf, out, zeros + 1, done, zeros + forwards, stats)
+    return DecodeState(cache_t, cache_d, first, prop.window, prop.q, prop.conf, out, zeros + 1, done,
+                       zeros + prop.forwards, stats, prop.length)
 
 
-def _verify_rows(spec: LoopSpec, logits, window, q, samp: SamplingArrays, pos0):
+def _verify_rows(spec: LoopSpec, logits, window, q, samp: SamplingArrays, pos0, length):
     """`verify_window` per row: (A [B], c [B], target tokens y [B, gamma+1])."""
     rule = spec.settings.verifier
 
-    def one(lg, w, qq, row, p0):
-        return verify_window(lg, w, qq, _row_samp(samp, row), p0, rule=rule)
+    def one(lg, w, qq, row, p0, n):
+        return verify_window(lg, w, qq, _row_samp(samp, row), p0, rule=rule, length=n)
 
-    return jax.vmap(one)(logits, window, q, samp.row, pos0)
+    return jax.vmap(one)(logits, window, q, samp.row, pos0, length)
 
 
 def _commit_round(spec: LoopSpec, st: DecodeState, cache_t: KVCache, a, y, forwards, reuse=None, omega=None):
@@ -175,6 +178,7 @@ def _commit_round(spec: LoopSpec, st: DecodeState, cache_t: KVCache, a, y, forwa
         draft_forwards=old.draft_forwards + act * forwards,
         reuse=old.reuse if reuse is None else old.reuse + act * reuse,
         omega_hits=old.omega_hits if omega is None else old.omega_hits + act * omega,
+        drafted=old.drafted + act * st.length,
     )
     st = st.replace(cache_t=commit(cache_t, n), out=out, n_out=n_out, done=done, stats=stats)
     return st, n
@@ -188,24 +192,25 @@ def sd_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: D
     s, gamma = spec.settings, spec.gamma
     tokens = jnp.concatenate([st.last[:, None], st.window], axis=1)  # [B, gamma+1] at P..P+gamma
     logits, cache_t = M.forward(spec.target, params_t, tokens, st.cache_t)
-    a, c, y = _verify_rows(spec, logits, st.window, st.q, samp, st.cache_t.lengths + 1)
+    a, c, y = _verify_rows(spec, logits, st.window, st.q, samp, st.cache_t.lengths + 1, st.length)
     active = ~st.done
     st, n = _commit_round(spec, st, cache_t, a, y, forwards=st.pending)
-    draft = functools.partial(propose, spec.draft, params_d, gamma=gamma, samp=samp, sample=s.draft_samples, ss=ss)
+    draft = functools.partial(propose, spec.draft, params_d, gamma=gamma, samp=samp, sample=s.draft_samples, ss=ss,
+                              stop_logp=s.stop_logp)
 
     def feed_one(cache_d):  # every active row has d_1 .. d_A's K/V: commit them, feed [c]
         return draft(cache=commit(cache_d, n), first=c[:, None])
 
-    def feed_two(cache_d):  # some row accepted all gamma: feed [token at P+A, c] from P+A
+    def feed_two(cache_d):  # some row accepted its whole window: feed [token at P+A, c] from P+A
         rows = jnp.arange(a.shape[0])
         prev = jnp.where(a > 0, st.window[rows, jnp.maximum(a - 1, 0)], st.last)
-        toks, q, conf, cache_d, fw = draft(cache=commit(cache_d, jnp.where(active, a, 0)),
-                                           first=jnp.stack([prev, c], 1))
-        return toks, q, conf, commit(cache_d, active.astype(jnp.int32)), fw
+        prop, cache_d = draft(cache=commit(cache_d, jnp.where(active, a, 0)), first=jnp.stack([prev, c], 1))
+        return prop, commit(cache_d, active.astype(jnp.int32))
 
-    window, q, conf, cache_d, forwards = lax.cond(jnp.any(active & (a == gamma)), feed_two, feed_one, st.cache_d)
-    return st.replace(cache_d=cache_d, last=jnp.where(active, c, st.last), window=window, q=q, conf=conf,
-                      pending=jnp.zeros_like(st.pending) + forwards)
+    # A row that accepted all it drafted (A = length) lacks the K/V of its last window token.
+    prop, cache_d = lax.cond(jnp.any(active & (a == st.length)), feed_two, feed_one, st.cache_d)
+    return st.replace(cache_d=cache_d, last=jnp.where(active, c, st.last), window=prop.window, q=prop.q,
+                      conf=prop.conf, pending=jnp.zeros_like(st.pending) + prop.forwards, length=prop.length)
 
 
 def _rollout_rows(spec: LoopSpec, params_d: ModelParams, cache_d: KVCache, last, window, conf, channel,
@@ -243,7 +248,7 @@ def mirror_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, s
     ee = early_exit(ee_logits, st.window, s.kappa)  # batched: one top-k over [B*(gamma+1), V]
     branches = _rollout_rows(spec, params_d, st.cache_d, st.last, st.window, st.conf, ee.channel, samp, ss)
     logits, cache_t = M.forward_suffix(spec.target, params_t, hidden, cache_t, s.exit_layer)
-    a, c, y = _verify_rows(spec, logits, st.window, st.q, samp, st.cache_t.lengths + 1)
+    a, c, y = _verify_rows(spec, logits, st.window, st.q, samp, st.cache_t.lengths + 1, st.length)
     j = jnp.arange(gamma + 1)[None, :]
     inside = jnp.any(ee.top_ids == y[..., None], axis=-1)  # [B, gamma+1]
     omega = jnp.sum(inside & (j <= a[:, None]), axis=-1).astype(jnp.int32)
@@ -262,14 +267,16 @@ def mirror_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, s
     def reuse(cache_d):
         return reused, reused_q, reused_conf, cache_d, jnp.int32(0)
 
+    def chain(cache_d, first):
+        prop, cache_d = propose(spec.draft, params_d, cache_d, first, gamma, samp, sample=s.draft_samples, ss=ss)
+        return prop.window, prop.q, prop.conf, cache_d, prop.forwards
+
     def feed_two(cache_d):  # [x_A, c] at P+A, P+A+1
-        first = jnp.stack([branches.path[rows, a], c], axis=1)  # [B, 2]
-        return propose(spec.draft, params_d, cache_d, first, gamma, samp, sample=s.draft_samples, ss=ss)
+        return chain(cache_d, jnp.stack([branches.path[rows, a], c], axis=1))  # first: [B, 2]
 
     def feed_one(cache_d):  # [c] at P+A+1 (every missing row has x_A's K/V: A < gamma)
         base = cache_d.lengths
-        toks, q, conf, cache_d, fw = propose(spec.draft, params_d, commit(cache_d, active.astype(jnp.int32)),
-                                             c[:, None], gamma, samp, sample=s.draft_samples, ss=ss)
+        toks, q, conf, cache_d, fw = chain(commit(cache_d, active.astype(jnp.int32)), c[:, None])
         return toks, q, conf, cache_d.replace(lengths=base), fw
 
     def fallback(cache_d):  # the whole batch re-drafts from c; rows that hit keep their branch

@@ -23,6 +23,7 @@ commits an EOS anywhere in its window.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import jax
@@ -52,6 +53,12 @@ class SpecSettings:
     branch_budget: int
     verifier: str  # "greedy" | "sample_match" | "rejection"
     profile: bool = False
+    draft_stop: float = 0.0  # sd: the draft ends its window after a token it gives less than this probability
+
+    @property
+    def stop_logp(self) -> float | None:
+        """`draft_stop` as the log-prob threshold of `rounds.draft.draft_chain_until` (None: full windows)."""
+        return math.log(self.draft_stop) if self.draft_stop > 0 else None
 
     @property
     def draft_samples(self) -> bool:
@@ -118,6 +125,7 @@ class SpecDecoder:
         samp = sampling.arrays(row=row)  # the seed key, the row and the scalars, placed once per device
         self.samp_t, self.samp_d = pl.to_target(samp), pl.to_draft(samp)
         self._dkw = dict(sample=s.draft_samples, ss=draft.ss)
+        self._pkw = dict(self._dkw, gamma=s.gamma, stop_logp=s.stop_logp)  # draft_propose's (sd's windows)
 
     def start(self, prompt: list[int]) -> tuple[int, SpecState]:
         """Prefill both caches, choose the first token, draft the first window."""
@@ -130,7 +138,7 @@ class SpecDecoder:
         _, cache_d = prefill(d.cfg, d.params, pl.to_draft(padded), pl.to_draft(n_valid), cache_d)
         last_d = pl.to_draft(first)
         proposal, cache_d = draft_propose(d.cfg, d.params, cache_d, pl.to_draft(jnp.int32(0)), last_d[None],
-                                          self.samp_d, gamma=self.s.gamma, **self._dkw)
+                                          self.samp_d, **self._pkw)
         return int(first[0]), SpecState(cache_t, cache_d, first, last_d, proposal, len(prompt), len(prompt))
 
     def dispatch_mirror(self, st: SpecState, timer: PhaseTimer) -> dict:
@@ -176,25 +184,28 @@ class SpecDecoder:
         win_t = timer.lap("channel_fv", pl.to_target(st.proposal.window))
         q_t = None if st.proposal.q is None else pl.to_target(st.proposal.q)
         logits, st.cache_t = timer.lap("target", *target_full(t.cfg, t.params, st.cache_t, st.last_t, win_t))
+        len_t = None if s.stop_logp is None else pl.to_target(st.proposal.length)
         verdict, st.cache_t = timer.lap("verify", *verify_round(
-            logits, win_t, q_t, st.cache_t, self.samp_t, rule=s.verifier))
-        a, c, win, forwards = jax.device_get((verdict.a, verdict.c, win_t, st.proposal.forwards))  # the sync
-        a, c, win = int(a), int(c), np.asarray(win)[0]
-        # The last chain fed [last, d1..d_{gamma-1}] (after one extra token when it started with two)
-        # at slots draft_len..fed_end-1. Commit what is both fed and accepted; feed the rest: [c], or
-        # [d_gamma, c] when the whole window was accepted (d_gamma's K/V was never computed).
+            logits, win_t, q_t, st.cache_t, self.samp_t, length=len_t, rule=s.verifier))
+        a, c, win, forwards, n = jax.device_get((verdict.a, verdict.c, win_t, st.proposal.forwards,
+                                                 st.proposal.length))  # the sync
+        a, c, win, n = int(a), int(c), np.asarray(win)[0], int(n[0])
+        # The last chain fed [last, d1..d_{n-1}] (after one extra token when it started with two) at
+        # slots draft_len..fed_end-1 (n = the window's drafted length: gamma unless the draft stopped
+        # early). Commit what is both fed and accepted; feed the rest: [c], or [d_n, c] when the whole
+        # window was accepted (d_n's K/V was never computed).
         new_pos = st.pos + a + 1
-        fed_end = st.pos + s.gamma
+        fed_end = st.pos + n
         new_len = min(new_pos, fed_end)
         seq = np.concatenate([win[:a], [c]])  # committed tokens at positions pos+1 .. pos+a+1
         first = seq[new_len - st.pos - 1 : a + 1][None].astype(np.int32)  # 1 or 2 tokens up to c
         first_d = timer.lap("channel_fv", pl.to_draft(first))
         st.proposal, st.cache_d = timer.lap("draft", *draft_propose(
             d.cfg, d.params, st.cache_d, pl.to_draft(jnp.int32(new_len - st.draft_len)), first_d, self.samp_d,
-            gamma=s.gamma, **self._dkw))
+            **self._pkw))
         st.draft_len = new_len
         st.last_t = verdict.c.reshape(1)
-        return RoundRecord(a=a, c=c, draft_forwards=int(forwards), wall_s=0.0), win.tolist()
+        return RoundRecord(a=a, c=c, draft_forwards=int(forwards), wall_s=0.0, drafted=n), win.tolist()
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos_ids=(), progress=None):
         """Generate for one prompt. Returns (tokens, round records)."""

@@ -32,6 +32,7 @@ class RoundRecord:
     omega_hits: int | None = None  # mirror: committed tokens inside the early-exit top-kappa
     branches: list[tuple[int, int]] | None = None  # mirror: (depth, root) of every branch rolled out
     branch_rank: int | None = None  # mirror: rank of branch (a, c) among all scored candidates; -1: not one
+    drafted: int | None = None  # sd: window tokens the draft proposed (gamma unless it stopped early)
     phases: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds, profile=True only
 
     def to_dict(self) -> dict:
@@ -102,6 +103,8 @@ def summarize(rounds, gamma: int | None = None) -> dict:
         "decode_s": float(sum(r.wall_s for r in rounds)),
         "draft_forwards_per_round": float(np.mean([r.draft_forwards for r in rounds])),
     }
+    if all(r.drafted is not None for r in rounds):
+        out["drafted_per_round"] = float(np.mean([r.drafted for r in rounds]))
     if rounds[0].hit is not None:
         hits = np.array([bool(r.hit) for r in rounds])
         out.update(reuse=int(hits.sum()), fallback=int((~hits).sum()), fallback_rate=float((~hits).mean()),
@@ -156,10 +159,13 @@ def summarize_rows(counts: dict, method: str) -> dict:
         "accepted_hist": hist.tolist(),
         "draft_forwards_per_round": float(c["draft_forwards"].sum() / rounds),
     }
+    if method == "sd" and "drafted" in c:
+        out["drafted_per_round"] = float(c["drafted"].sum() / rounds)
     if method == "mirror":
         reuse = int(c["reuse"].sum())
         out.update(reuse=reuse, fallback=rounds - reuse, fallback_rate=(rounds - reuse) / rounds,
                    omega_kappa=float(c["omega_hits"].sum() / tokens))
-    keys = ("rounds", "accepted_hist", "draft_forwards") + (("reuse", "omega_hits") if method == "mirror" else ())
+    keys = ("rounds", "accepted_hist", "draft_forwards") + (("reuse", "omega_hits") if method == "mirror" else
+                                                             ("drafted",) if "drafted" in c else ())
     out["per_row"] = [{k: c[k][b].tolist() for k in keys} for b in range(c["rounds"].shape[0])]
     return out

@@ -4,7 +4,9 @@ Draft cache invariant: entering a round whose last committed token y sits at pos
 window d_1 .. d_gamma at P+1 .. P+gamma, the draft cache has ``lengths == P`` and holds, past the
 committed slots, the K/V of ``y, d_1 .. d_{gamma-1}`` at P .. P+gamma-1: whoever drafted the
 window (the first chain, a fallback chain, or the reused branch) wrote them. Only d_gamma's K/V is
-missing (it was never fed). The rollout therefore needs no path forward.
+missing (it was never fed). The rollout therefore needs no path forward. (Vanilla SD with
+``draft_stop`` may end a window early, at d_L: then ``y, d_1 .. d_{L-1}`` have K/V and d_L's is the
+one missing; `Proposal.length` carries L. Mirror-SD always drafts whole windows.)
 
 Branch-complete rollouts (Mirror-SD, spec section 2 step 4), worked example with gamma = 3:
 
@@ -46,6 +48,32 @@ from mirror_jax.sampling import Draw, SamplingArrays, own_logprob, pick
 from mirror_jax.ss.rollout import SSDraft, ss_chain
 
 
+def _chain_start(cfg, params, cache: KVCache, first, gamma: int, choose):
+    """The chain's first forward over `first` [B, n0]: (token 1, its processed log-probs or None, its
+    raw log-prob, cache with n0 more committed, and the [B, gamma] buffers it starts)."""
+    b, n0 = first.shape
+    logits, cache = M.forward(cfg, params, first, cache)
+    cache = commit(cache, n0)
+    tok, lp = choose(logits[:, -1], positions=cache.lengths)
+    cf = own_logprob(logits[:, -1], tok)
+    toks = jnp.zeros((b, gamma), jnp.int32).at[:, 0].set(tok)
+    conf = jnp.zeros((b, gamma), jnp.float32).at[:, 0].set(cf)
+    lps = None if lp is None else jnp.zeros((b, gamma, lp.shape[-1]), jnp.float32).at[:, 0].set(lp)
+    return tok, cf, cache, toks, lps, conf
+
+
+def _chain_step(cfg, params, cache: KVCache, tok, i, toks, lps, conf, choose):
+    """Feed token i-1 [B], emit token i into the buffers. Returns (token, its raw log-prob, cache, buffers)."""
+    logits, cache = M.forward(cfg, params, tok[:, None], cache)
+    cache = commit(cache, 1)
+    tok, lp = choose(logits[:, 0], positions=cache.lengths)
+    cf = own_logprob(logits[:, 0], tok)
+    toks, conf = toks.at[:, i].set(tok), conf.at[:, i].set(cf)
+    if lps is not None:
+        lps = lps.at[:, i].set(lp)
+    return tok, cf, cache, toks, lps, conf
+
+
 def draft_chain(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays, *, sample: bool = False):
     """Autoregressive draft of `gamma` tokens per row (one token per forward).
 
@@ -55,44 +83,75 @@ def draft_chain(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingAr
     draft's raw distribution), cache). The K/V of the fed tokens (``first`` and tokens 1..gamma-1)
     are written; lengths are left unchanged (the caller commits)."""
     base = cache.lengths
-    b, n0 = first.shape
     choose = functools.partial(pick, samp=samp, stream=Draw.DRAFT, sample=sample, want_logprobs=sample)
-    logits, cache = M.forward(cfg, params, first, cache)
-    cache = commit(cache, n0)
-    tok, lp = choose(logits[:, -1], positions=cache.lengths)
-    toks = jnp.zeros((b, gamma), jnp.int32).at[:, 0].set(tok)
-    conf = jnp.zeros((b, gamma), jnp.float32).at[:, 0].set(own_logprob(logits[:, -1], tok))
-    lps = None if lp is None else jnp.zeros((b, gamma, lp.shape[-1]), jnp.float32).at[:, 0].set(lp)
+    tok, _, cache, toks, lps, conf = _chain_start(cfg, params, cache, first, gamma, choose)
 
     def body(i, carry):
         cache, tok, toks, lps, conf = carry
-        logits, cache = M.forward(cfg, params, tok[:, None], cache)
-        cache = commit(cache, 1)
-        tok, lp = choose(logits[:, 0], positions=cache.lengths)
-        toks = toks.at[:, i].set(tok)
-        conf = conf.at[:, i].set(own_logprob(logits[:, 0], tok))
-        if lps is not None:
-            lps = lps.at[:, i].set(lp)
+        tok, _, cache, toks, lps, conf = _chain_step(cfg, params, cache, tok, i, toks, lps, conf, choose)
         return cache, tok, toks, lps, conf
 
     cache, _, toks, lps, conf = jax.lax.fori_loop(1, gamma, body, (cache, tok, toks, lps, conf))
     return toks, lps, conf, cache.replace(lengths=base)
 
 
-def propose(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays, *, sample: bool = False,
-            ss: SSDraft | None = None):
-    """A chain of `gamma` draft tokens per row after `first` [B, n0]: `draft_chain`, or speculative
-    streaming when `ss` is given (several tokens per forward, the same tokens).
+def draft_chain_until(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays, stop_logp: float, *,
+                      sample: bool = False):
+    """`draft_chain` that stops early: a row's window ends after the first token whose raw draft
+    log-prob (its ``conf``) is below `stop_logp`, or after `gamma` tokens (adaptive draft length,
+    as in SpecDec++ and transformers' assistant confidence threshold). The loop runs while any row
+    is still drafting, so a batch-1 chain saves the forwards it does not need.
 
-    Returns (tokens [B, gamma], q or None, conf [B, gamma], cache with lengths unchanged, draft
-    forwards)."""
-    if ss is None:
+    Lossless with every verifier: where a window ends depends only on the draft's own outputs, and
+    verification never accepts a token past it (`rounds.verify.verify_window`'s ``length``).
+
+    Example, gamma 4, stop below p = 0.6 (stop_logp = log 0.6): the draft emits d1 (p 0.95), d2
+    (p 0.8), d3 (p 0.4) and stops: length 3, three forwards; tokens[:, 3] is padding (0 once the
+    loop has stopped; in a batch, whatever the row drafted while others went on), never accepted.
+    The K/V of ``first, d1, d2`` are written (d3's is missing, as d_gamma's is after a full window).
+
+    Returns (tokens [B, gamma], log-probs or None, conf, cache (lengths unchanged), length [B]
+    int32 in 1..gamma, forwards [] int32: the loop's forwards, the longest row's length)."""
+    base = cache.lengths
+    choose = functools.partial(pick, samp=samp, stream=Draw.DRAFT, sample=sample, want_logprobs=sample)
+    tok, cf, cache, toks, lps, conf = _chain_start(cfg, params, cache, first, gamma, choose)
+    going = cf >= stop_logp  # [B]: rows that go on drafting
+    length = jnp.ones_like(tok)
+
+    def body(carry):
+        i, cache, tok, toks, lps, conf, length, going = carry
+        tok, cf, cache, toks, lps, conf = _chain_step(cfg, params, cache, tok, i, toks, lps, conf, choose)
+        return i + 1, cache, tok, toks, lps, conf, length + going, going & (cf >= stop_logp)
+
+    carry = (jnp.int32(1), cache, tok, toks, lps, conf, length, going)
+    i, cache, _, toks, lps, conf, length, _ = jax.lax.while_loop(
+        lambda c: (c[0] < gamma) & jnp.any(c[-1]), body, carry)
+    return toks, lps, conf, cache.replace(lengths=base), length, i
+
+
+def propose(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays, *, sample: bool = False,
+            ss: SSDraft | None = None, stop_logp: float | None = None):
+    """A chain of up to `gamma` draft tokens per row after `first` [B, n0]: `draft_chain`
+    (`draft_chain_until` with `stop_logp`), or speculative streaming when `ss` is given (several
+    tokens per forward, the same tokens; no early stop).
+
+    Returns (`Proposal` with window [B, gamma] and length [B] (gamma: a full window), cache with
+    lengths unchanged)."""
+    b = first.shape[0]
+    full = jnp.full((b,), gamma, jnp.int32)
+    if ss is not None:
+        if stop_logp is not None:
+            raise ValueError("an early-stopping draft (draft_stop) needs the plain draft, not speculative streaming")
+        # Tokens before the root whose K/V are missing (d_gamma after a fully accepted window) go into
+        # the SS rollout's first forward with the root.
+        toks, q, conf, forwards, cache = ss_chain(cfg, params, ss, cache, first, gamma, samp, sample=sample)
+        return Proposal(window=toks, q=q, conf=conf, forwards=forwards, length=full), cache
+    if stop_logp is None:
         toks, q, conf, cache = draft_chain(cfg, params, cache, first, gamma, samp, sample=sample)
-        return toks, q, conf, cache, jnp.int32(gamma)
-    # Tokens before the root whose K/V are missing (d_gamma after a fully accepted window) go into
-    # the SS rollout's first forward with the root.
-    toks, q, conf, forwards, cache = ss_chain(cfg, params, ss, cache, first, gamma, samp, sample=sample)
-    return toks, q, conf, cache, forwards
+        return Proposal(window=toks, q=q, conf=conf, forwards=jnp.int32(gamma), length=full), cache
+    toks, q, conf, cache, length, forwards = draft_chain_until(cfg, params, cache, first, gamma, samp, stop_logp,
+                                                               sample=sample)
+    return Proposal(window=toks, q=q, conf=conf, forwards=forwards, length=length), cache
 
 
 # Acceptance model: P(target accepts d_j | it accepted d_1 .. d_{j-1}) =
@@ -142,14 +201,12 @@ def broadcast_rows(cache: KVCache, rows: int, lengths: jax.Array) -> KVCache:
     return KVCache(k=tuple(map(bc, cache.k)), v=tuple(map(bc, cache.v)), lengths=lengths.astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "gamma", "sample"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "gamma", "sample", "stop_logp"), donate_argnames=("cache",))
 def draft_propose(cfg, params, cache: KVCache, advance, first, samp: SamplingArrays, *, gamma: int,
-                  sample: bool = False, ss: SSDraft | None = None):
+                  sample: bool = False, ss: SSDraft | None = None, stop_logp: float | None = None):
     """Commit `advance` tokens to the draft cache, then draft a window of gamma tokens after
-    `first` [1, n0]. Returns (`Proposal`, cache)."""
-    cache = commit(cache, advance)
-    toks, q, conf, cache, forwards = propose(cfg, params, cache, first, gamma, samp, sample=sample, ss=ss)
-    return Proposal(window=toks, q=q, conf=conf, forwards=forwards), cache
+    `first` [1, n0] (fewer with `stop_logp`: `draft_chain_until`). Returns (`Proposal`, cache)."""
+    return propose(cfg, params, commit(cache, advance), first, gamma, samp, sample=sample, ss=ss, stop_logp=stop_logp)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "budget", "sample", "always_feed_x"))
@@ -175,7 +232,8 @@ def draft_rollout(cfg, params, cache: KVCache, last, window, channel: Channel, s
         forwards = jnp.int32(gamma)
     else:  # speculative streaming runs on materialised rows (a copy of the cache per branch)
         rows = broadcast_rows(cache, budget, start)
-        toks, q, conf, rows, forwards = propose(cfg, params, rows, first, gamma, samp, sample=sample, ss=ss)
+        prop, rows = propose(cfg, params, rows, first, gamma, samp, sample=sample, ss=ss)
+        toks, q, conf, forwards = prop.window, prop.q, prop.conf, prop.forwards
         buf = rows_to_buffer(rows, start, gamma + 1)
     return Branches(depth=depth, root=root, tokens=toks, q=q, conf=conf, forwards=forwards, path=path,
                     buffer=buf, scores=scores, cand_ids=channel.cand_ids)
@@ -193,11 +251,10 @@ def select_window(cfg, params, cache: KVCache, branches: Branches, a, c, samp: S
         q = None if branches.q is None else branches.q[idx][None]
         cache = commit(write_branch(cache, branches.buffer, idx), a + 1)
         return Proposal(window=branches.tokens[idx][None], q=q, conf=branches.conf[idx][None],
-                        forwards=jnp.int32(0)), cache
+                        forwards=jnp.int32(0), length=jnp.full((1,), gamma, jnp.int32)), cache
 
     def chain(cache, first):
-        toks, q, conf, cache, forwards = propose(cfg, params, cache, first, gamma, samp, sample=sample, ss=ss)
-        return Proposal(window=toks, q=q, conf=conf, forwards=forwards), cache
+        return propose(cfg, params, cache, first, gamma, samp, sample=sample, ss=ss)
 
     def two(cache):  # feed [x_A, c] at P+A, P+A+1
         proposal, cache = chain(cache, jnp.stack([branches.path[a], c]).reshape(1, 2))

@@ -37,35 +37,39 @@ from mirror_jax.sampling import Draw, SamplingArrays, accepted_length, pick, pro
 VERIFIERS = ("greedy", "sample_match", "rejection")
 
 
-def verify_window(logits, window, q_logprobs, samp: SamplingArrays, pos0, *, rule: str):
+def verify_window(logits, window, q_logprobs, samp: SamplingArrays, pos0, *, rule: str, length=None):
     """Verify `window` [gamma] given target logits [gamma+1, V].
 
     pos0: absolute position of window[0]. q_logprobs: draft log-probs [gamma, V] (rejection only).
+    length: window tokens the draft proposed (int32 [], None: gamma); tokens past it are padding,
+    never accepted, and when all `length` are accepted c is the target's own (bonus) token there.
     Returns (A, c, target_tokens [gamma+1]) where target_tokens[j] is the token the target commits
     at index j when j <= A (window[j] for j < A, c at A)."""
     gamma = window.shape[0]
     positions = pos0 + jnp.arange(gamma + 1, dtype=jnp.int32)
+    drafted = jnp.arange(gamma) < (gamma if length is None else length)  # [gamma]
     if rule in ("greedy", "sample_match"):
         y, _ = pick(logits, samp, positions, stream=Draw.TARGET, sample=rule == "sample_match")
     elif rule == "rejection":
-        return _rejection(logits, window, q_logprobs, samp, positions)
+        return _rejection(logits, window, q_logprobs, samp, positions, drafted)
     else:
         raise ValueError(f"unknown verifier {rule!r}; choose one of {VERIFIERS}")
-    a = accepted_length(window == y[:gamma])
+    a = accepted_length((window == y[:gamma]) & drafted)
     return a, y[a], y
 
 
-def _rejection(logits, window, q_logprobs, samp: SamplingArrays, positions):
+def _rejection(logits, window, q_logprobs, samp: SamplingArrays, positions, drafted):
     gamma = window.shape[0]
     p_lp = processed_logprobs(logits, samp.temperature, samp.top_k, samp.top_p)  # [gamma+1, V]
     p_d = jnp.take_along_axis(p_lp[:gamma], window[:, None], axis=-1)[:, 0]
     q_d = jnp.take_along_axis(q_logprobs, window[:, None], axis=-1)[:, 0]
     u = uniform_at(samp.key, Draw.ACCEPT, samp.rows_for(positions[:gamma]), positions[:gamma])
-    accept = jnp.log(u) < jnp.minimum(0.0, p_d - q_d)
+    accept = (jnp.log(u) < jnp.minimum(0.0, p_d - q_d)) & drafted
     a = accepted_length(accept)
     p_a = jnp.exp(p_lp[a])
-    q_a = jnp.where(a < gamma, jnp.exp(q_logprobs[jnp.minimum(a, gamma - 1)]), 0.0)
-    resid = jnp.maximum(p_a - q_a, 0.0)  # q = 0 at a == gamma: the bonus is drawn from p itself
+    rejected = drafted[jnp.minimum(a, gamma - 1)] & (a < gamma)  # a drafted token was rejected at a
+    q_a = jnp.where(rejected, jnp.exp(q_logprobs[jnp.minimum(a, gamma - 1)]), 0.0)
+    resid = jnp.maximum(p_a - q_a, 0.0)  # q = 0 past the drafted tokens: the bonus is drawn from p itself
     total = jnp.sum(resid)
     resid_lp = jnp.where(total > 0, jnp.log(resid / jnp.where(total > 0, total, 1.0)), p_lp[a])
     c = sample_at(samp.key, Draw.RESIDUAL, resid_lp, samp.rows_for(positions[a]), positions[a])
@@ -74,14 +78,16 @@ def _rejection(logits, window, q_logprobs, samp: SamplingArrays, positions):
 
 
 @functools.partial(jax.jit, static_argnames=("rule",), donate_argnames=("cache",))
-def verify(logits, window, q, cache: KVCache, samp: SamplingArrays, top_ids=None, *, rule: str):
+def verify(logits, window, q, cache: KVCache, samp: SamplingArrays, top_ids=None, length=None, *, rule: str):
     """Verify the window and commit A + 1 tokens to the target cache (donated).
 
     logits: [1, gamma+1, V]; window: [1, gamma]; q: [1, gamma, V] draft log-probs or None;
+    length: [1] tokens drafted (`Proposal.length`; None: the whole window);
     top_ids: [gamma+1, kappa] raw early-exit top-kappa (`EarlyExit.top_ids`) or None. Returns
     (`Verdict`, cache); ``omega_hits`` counts the committed tokens (indices <= A) inside top_ids."""
     pos0 = cache.lengths[0] + 1
-    a, c, y = verify_window(logits[0], window[0], None if q is None else q[0], samp, pos0, rule=rule)
+    a, c, y = verify_window(logits[0], window[0], None if q is None else q[0], samp, pos0, rule=rule,
+                            length=None if length is None else length[0])
     if top_ids is None:
         hits = jnp.int32(-1)
     else:

@@ -1,0 +1,172 @@
+"""Adaptive draft length (``draft_stop``): the draft ends its window after a token it is unsure of.
+
+The chain is the plain chain cut short (tokens, K/V, forwards); verification never accepts past the
+drafted tokens and draws the bonus there from the target itself, so sampled output keeps the
+target's exact distribution (chi-square per window index, with a negative control that forgets the
+window's length) and greedy / sample-match output equals AR's, in the host and the device loop."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mirror_jax import model as M
+from mirror_jax.engine.api import ConfigError, generate
+from mirror_jax.kv_cache import commit, init_cache
+from mirror_jax.rounds.draft import draft_chain, draft_chain_until
+from mirror_jax.rounds.verify import verify_window
+from mirror_jax.sampling import SamplingArrays, SamplingParams, accepted_length
+from mirror_jax.ss.model import SSConfig, init_ss_params
+from mirror_jax.testing import noisy_pair as pair
+from mirror_jax.testing import random_prompts as prompts
+from tests.test_engine_sampling import _pvalues_by_index
+
+GAMMA, V, N_TRIALS, THR = 3, 6, 200_000, 0.25
+N_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def dists():
+    """Target logits [gamma+1, V] and draft log-probs [gamma, V] (as in test_engine_sampling)."""
+    rng = np.random.default_rng(0)
+    p_logits = jnp.asarray(rng.normal(0, 2.0, size=(GAMMA + 1, V)), jnp.float32)
+    q_logits = p_logits[:GAMMA] + jnp.asarray(rng.normal(0, 0.6, size=(GAMMA, V)), jnp.float32)
+    return p_logits, jax.nn.log_softmax(q_logits, axis=-1)
+
+
+def _committed_with_stop(rule, p_logits, q_lp, tell_length=True):
+    """Per trial: the draft samples its window from q and stops after the first token whose q is
+    below THR (the window is padded with token 0 past it, as the engine pads it); the token committed
+    at every index (-1 past the correction), A, and the drafted length."""
+    keys = jax.random.split(jax.random.key(321), N_TRIALS)
+
+    def trial(key):
+        kd, kv = jax.random.split(key)
+        samp = SamplingArrays(key=kv, row=jnp.int32(0), temperature=jnp.float32(1.0), top_k=jnp.int32(0),
+                              top_p=jnp.float32(1.0))
+        window = jax.random.categorical(kd, q_lp, axis=-1).astype(jnp.int32)
+        q_tok = jnp.take_along_axis(q_lp, window[:, None], axis=-1)[:, 0]
+        length = jnp.minimum(accepted_length(q_tok >= jnp.log(THR)) + 1, GAMMA)  # through the first unsure token
+        window = jnp.where(jnp.arange(GAMMA) < length, window, 0)
+        a, c, _ = verify_window(p_logits, window, q_lp, samp, jnp.int32(5), rule=rule,
+                                length=length if tell_length else None)
+        j = jnp.arange(GAMMA + 1)
+        win = jnp.concatenate([window, jnp.zeros((1,), jnp.int32)])
+        return jnp.where(j < a, win, jnp.where(j == a, c, -1)), a, length
+
+    committed, a, length = jax.jit(jax.vmap(trial))(keys)
+    return np.asarray(committed), np.asarray(a), np.asarray(length)
+
+
+@pytest.mark.parametrize("rule", ["rejection", "sample_match"])
+def test_stopped_windows_keep_the_target_distribution(dists, rule):
+    p_logits, q_lp = dists
+    committed, a, length = _committed_with_stop(rule, p_logits, q_lp)
+    for n in range(1, GAMMA + 1):  # every window length occurs, and full acceptance of a short window too
+        assert (length == n).mean() > 0.05, n
+        assert ((length == n) & (a == n)).mean() > (0.01 if rule == "rejection" else 5e-4), n
+    assert np.all(a <= length)
+    pv = _pvalues_by_index(committed, p_logits)
+    assert min(pv) > 1e-3, pv
+
+
+def test_verification_that_ignores_the_length_is_detected(dists):
+    """Negative control: told nothing of the stop, rejection sampling treats the padding as drafted
+    tokens (accepting token 0 with min(1, p/q)) and the committed tokens leave p."""
+    p_logits, q_lp = dists
+    committed, _, _ = _committed_with_stop("rejection", p_logits, q_lp, tell_length=False)
+    pv = _pvalues_by_index(committed, p_logits)
+    assert min(pv[1:]) < 1e-6, pv
+
+
+def test_draft_chain_until_is_the_plain_chain_cut_short():
+    """Stopping after token k: the first k+1 tokens and their confidences equal the plain chain's,
+    k+1 forwards ran, the K/V of the fed tokens (first, d_1 .. d_k) equal the plain chain's and the
+    slot after them is untouched."""
+    (cfg, _), (_, dp) = pair(noise=0.005)
+    gamma, base = 6, 7
+    samp = SamplingParams().arrays()
+    cache = init_cache(cfg, 1, 32)
+    _, cache = M.forward(cfg, dp, jnp.asarray([prompts(1, seed=4, lo=base, hi=base + 1)[0]]), cache)
+    cache = commit(cache, base)
+    first = jnp.asarray([[5]], jnp.int32)
+    toks, _, conf, full = draft_chain(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma, samp)
+    conf = np.asarray(conf[0])
+    stops = [k for k in range(1, gamma - 1) if conf[k] < conf[:k].min()]
+    assert stops, conf  # some token is less sure than every one before it
+    for k in stops[:2]:
+        thr = float((conf[k] + conf[:k].min()) / 2)
+        t2, _, c2, cut, length, forwards = draft_chain_until(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma,
+                                                             samp, thr)
+        assert int(length[0]) == k + 1 and int(forwards) == k + 1
+        np.testing.assert_array_equal(np.asarray(t2[0, : k + 1]), np.asarray(toks[0, : k + 1]))
+        np.testing.assert_allclose(np.asarray(c2[0, : k + 1]), conf[: k + 1], rtol=1e-5, atol=1e-6)
+        assert int(cut.lengths[0]) == base
+        for kc, kf, kz in zip(cut.k, full.k, cache.k, strict=True):
+            np.testing.assert_allclose(np.asarray(kc[:, base : base + k + 1]), np.asarray(kf[:, base : base + k + 1]),
+                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(np.asarray(kc[:, base + k + 1]), np.asarray(kz[:, base + k + 1]))
+    # A threshold nothing reaches stops after the first token; none at all drafts the whole window.
+    assert int(draft_chain_until(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma, samp, 0.0)[4][0]) == 1
+    assert int(draft_chain_until(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma, samp, -1e9)[4][0]) == gamma
+
+
+@pytest.fixture(scope="module")
+def models():
+    return pair(noise=0.02)
+
+
+@pytest.mark.parametrize("stop", [0.5, 0.9])
+def test_sd_with_draft_stop_gives_ar_tokens_host_and_device(models, stop):
+    """Greedy sd with early-stopping windows: AR's tokens in the host loop (batch 1 per prompt) and
+    the device loop (batch 6, rows stop at different tokens); both loops run the same rounds; the
+    draft proposes fewer tokens and spends fewer forwards than with full windows."""
+    target, draft = models
+    ps = prompts(6, seed=8)
+    ref = generate(target, ps, N_NEW).tokens
+    kw = dict(method="sd", draft=draft, gamma=5)
+    full = generate(target, ps, N_NEW, draft_stop=0.0, **kw)
+    host = generate(target, ps, N_NEW, draft_stop=stop, **kw)
+    dev = generate(target, ps, N_NEW, draft_stop=stop, loop="device", **kw)
+    assert host.tokens == ref == dev.tokens == full.tokens
+    assert full.stats["drafted_per_round"] == 5.0
+    assert 1.0 <= host.stats["drafted_per_round"] < 4.5
+    assert host.stats["draft_forwards_per_round"] < full.stats["draft_forwards_per_round"]
+    for key in ("rounds", "accepted_hist", "drafted_per_round"):
+        assert dev.stats[key] == host.stats[key], key
+    one = generate(target, [ps[2]], N_NEW, draft_stop=stop, loop="device", **kw)
+    alone = generate(target, [ps[2]], N_NEW, draft_stop=stop, **kw)
+    assert one.stats["draft_forwards_per_round"] == alone.stats["draft_forwards_per_round"]  # batch 1: same forwards
+
+
+def test_sampled_sd_with_draft_stop(models):
+    """Sample-and-match reproduces AR's samples; rejection sampling commits the same tokens in the
+    host and the device loop."""
+    target, draft = pair(noise=0.05)
+    ps = prompts(3, seed=21)
+    for seed in (0, 1):
+        kw = dict(temperature=0.8, top_k=5, top_p=0.9, seed=seed)
+        ref = generate(target, ps, 16, **kw).tokens
+        for loop in ("host", "device"):
+            assert generate(target, ps, 16, method="sd", draft=draft, gamma=4, draft_stop=0.6, loop=loop,
+                            **kw).tokens == ref
+        kw = dict(method="sd", draft=draft, gamma=4, draft_stop=0.6, temperature=1.0, seed=seed, verifier="rejection")
+        host, dev = generate(target, ps, 16, **kw), generate(target, ps, 16, loop="device", **kw)
+        assert dev.tokens == host.tokens and dev.stats["accepted_hist"] == host.stats["accepted_hist"]
+        assert host.stats["drafted_per_round"] < 4
+
+
+def test_draft_stop_settings_are_checked(models):
+    target, draft = models
+    ps = prompts(1)
+    for bad in (-0.1, 1.0, 2, "0.5", True):
+        with pytest.raises(ConfigError, match="draft_stop must be a probability"):
+            generate(target, ps, 4, method="sd", draft=draft, draft_stop=bad)
+    with pytest.raises(ConfigError, match="applies to method 'sd'"):
+        generate(target, ps, 4, method="mirror", draft=draft, draft_stop=0.5)
+    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+    ssp = init_ss_params(draft[0], sscfg, draft[1], seed=3)
+    with pytest.raises(ConfigError, match="speculative-streaming"):
+        generate(target, ps, 4, method="sd", draft=draft, draft_stop=0.5, ss_adapter=(sscfg, ssp))
