@@ -37,6 +37,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-stop", type=float, default=None,
                    help="sd: the draft ends a window after a token it gives less than this probability "
                         "(gamma becomes a maximum; 0: full windows; default: per device kind)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="the draft's LM head covers only the first N token ids plus EOS/special tokens "
+                        "(a cheaper draft forward; lossless; default: the whole vocabulary)")
     p.add_argument("--kappa", type=int, default=None, help="early-exit candidates per position")
     p.add_argument("--exit-layer", type=int, default=None,
                    help="target early-exit layer (default: the trained exit heads' layer, else N/2)")
@@ -87,7 +90,8 @@ def run_generate(args) -> int:
     else:
         ids = apply_chat_template(tok, [{"role": "user", "content": args.prompt}], target.chat_template)
     kw = dict(
-        method=args.method, draft=draft, gamma=args.gamma, draft_stop=args.draft_stop, kappa=args.kappa,
+        method=args.method, draft=draft, gamma=args.gamma, draft_stop=args.draft_stop, draft_vocab=args.draft_vocab,
+        kappa=args.kappa,
         exit_layer=args.exit_layer,
         branch_budget=args.branch_budget, placement=args.placement, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, verifier=args.verifier, loop=args.loop,

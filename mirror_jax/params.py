@@ -40,7 +40,10 @@ class ModelParams:
     embed: jax.Array  # [V, H]
     layers: tuple[LayerParams, ...]
     final_norm: jax.Array  # [H]
-    lm_head: jax.Array  # [V, H] (the same array as embed when embeddings are tied)
+    lm_head: jax.Array  # [V, H] (the same array as embed when embeddings are tied); [N, H] with head_ids
+    # [N] int32 sorted token ids: the LM head covers only these tokens (a draft's reduced vocabulary,
+    # `mirror_jax.draft_vocab`); every other logit is NEG_INF. None: the whole vocabulary.
+    head_ids: jax.Array | None = None
 
 
 def param_bytes(params, *, exclude_embed: bool = False) -> int:

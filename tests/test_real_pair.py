@@ -100,8 +100,8 @@ def test_committed_ss_adapter_streams(real):
 
 def test_device_loop_and_draft_stop_on_the_real_pair(real):
     """The device loop (the three prompts as one batch in one `lax.while_loop`) gives ar's tokens for
-    sd and mirror; sd with an early-stopping draft (draft_stop) gives them too, proposing fewer
-    tokens per round than its maximum window."""
+    sd and mirror; sd with an early-stopping draft (draft_stop) over a reduced vocabulary
+    (draft_vocab) gives them too, proposing fewer tokens per round than its maximum window."""
     from mirror_jax.engine.api import generate
 
     t, d, ids = real["target"], real["draft"], real["ids"]
@@ -110,9 +110,10 @@ def test_device_loop_and_draft_stop_on_the_real_pair(real):
         res = generate(t, ids, N_SPEC, method=method, draft=d, gamma=4, loop="device")
         assert res.tokens == ar, method
         assert res.stats["batch"] == 3 and res.stats["mean_tokens_per_round"] > 2.0, (method, res.stats)
-    res = generate(t, ids, N_SPEC, method="sd", draft=d, gamma=7, draft_stop=0.6)
+    res = generate(t, ids, N_SPEC, method="sd", draft=d, gamma=7, draft_stop=0.6, draft_vocab=32768)
     assert res.tokens == ar
     assert res.stats["drafted_per_round"] < 6.5 and res.stats["mean_tokens_per_round"] > 2.0, res.stats
+    assert 32768 < res.stats["draft_vocab"] < 33000  # the first 32768 ids and the special tokens
 
 
 def test_committed_exit_heads_beat_the_untrained_exit(real):

@@ -52,6 +52,9 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-stop", type=float, default=None,
                    help="sd: the draft ends a window after a token it gives less than this probability "
                         "(gamma becomes a maximum; 0: full windows; default: per device kind)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="the draft's LM head covers only the first N token ids plus EOS/special tokens "
+                        "(a cheaper draft forward; lossless; default: the whole vocabulary)")
     p.add_argument("--kappa", type=int, default=None, help="early-exit candidates per position")
     p.add_argument("--branch-budget", type=int, default=None, help="Mirror-SD branches rolled out per round")
     p.add_argument("--exit-layer", type=int, default=None, help="target early-exit layer (default N/2)")
@@ -78,8 +81,8 @@ def config_from_args(args, argv=None):
     return BenchConfig(
         questions=args.questions, categories=args.categories, limit_per_category=args.limit_per_category,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
-        methods=list(args.methods), gamma=args.gamma, draft_stop=args.draft_stop, kappa=args.kappa,
-        branch_budget=args.branch_budget,
+        methods=list(args.methods), gamma=args.gamma, draft_stop=args.draft_stop, draft_vocab=args.draft_vocab,
+        kappa=args.kappa, branch_budget=args.branch_budget,
         exit_layer=args.exit_layer, placement=args.placement, profile_per_task=args.profile_per_task,
         profile_max_new_tokens=args.profile_max_new_tokens, profile_max_questions=args.profile_max_questions,
         seed=args.seed, out=args.out, run_name=args.run_name,

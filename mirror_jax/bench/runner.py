@@ -56,6 +56,7 @@ class BenchConfig:
     methods: list[str] = dataclasses.field(default_factory=lambda: list(LADDER))
     gamma: int | None = None
     draft_stop: float | None = None
+    draft_vocab: int | None = None
     kappa: int | None = None
     branch_budget: int | None = None
     exit_layer: int | None = None
@@ -121,7 +122,7 @@ def _gen_kwargs(method: str, cfg: BenchConfig, models: BenchModels, profile: boo
               eos_ids=models.eos_ids)
     if engine == "ar":
         return kw
-    kw.update(draft=models.draft, gamma=cfg.gamma, profile=profile)
+    kw.update(draft=models.draft, gamma=cfg.gamma, profile=profile, draft_vocab=cfg.draft_vocab)
     if engine == "mirror":
         kw.update(kappa=cfg.kappa, branch_budget=cfg.branch_budget, exit_layer=cfg.exit_layer)
     if draft_kind == "ss":

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from mirror_jax.draft_vocab import DraftVocabError, reduced_vocab, restrict_head
 from mirror_jax.engine.autoregressive import GenerationResult, generate_ar
 from mirror_jax.engine.device_loop import LoopSpec, run_device_loop
 from mirror_jax.engine.placement import Placement
@@ -177,6 +178,7 @@ def generate(
     loop: str = "host",
     exit_head="auto",
     draft_stop: float | None = None,
+    draft_vocab: int | Sequence[int] | None = None,
 ) -> GenerationResult:
     """Decode `prompts` (lists of token ids) with `method`; see the module docstring.
 
@@ -199,7 +201,11 @@ def generate(
 
     `draft_stop` (sd, plain draft): the draft ends a window after a token it gives less than this
     probability, so gamma is a maximum (adaptive draft length; lossless: verification never accepts
-    past the drafted tokens). 0 keeps full windows; None takes the device default."""
+    past the drafted tokens). 0 keeps full windows; None takes the device default.
+
+    `draft_vocab`: the draft's LM head covers only these token ids (a sequence), or the first N ids
+    plus the EOS and special tokens (an int N); a cheaper draft forward that never proposes the other
+    tokens (`mirror_jax.draft_vocab`; lossless). None: the whole vocabulary."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     if loop not in LOOPS:
@@ -221,6 +227,8 @@ def generate(
         return res
     cfg_d, p_d, tok_d = _unpack(draft, "draft (needed for method 'sd'/'mirror')")
     check_pair(cfg_t, cfg_d, tok_t, tok_d)
+    if draft_vocab is not None:
+        p_d = _reduce_draft_vocab(cfg_d, p_d, tok_d, draft_vocab, pl)
     exit_layer, head = resolve_exit(exit_head, target, cfg_t, exit_layer) if method == "mirror" else (exit_layer, None)
     s = resolve_settings(
         method, cfg_t, pl, gamma=gamma, kappa=kappa, exit_layer=exit_layer, branch_budget=branch_budget,
@@ -246,7 +254,8 @@ def generate(
         rounds.extend(recs)
     total = time.perf_counter() - t0
     stats = {"method": method, "loop": "host", "total_s": total, "settings": dataclasses.asdict(s),
-             "placement": pl.describe(), "draft_kind": "ar" if ssp is None else "ss", "exit_head": _exit_kind(tgt, s)}
+             "placement": pl.describe(), "draft_kind": "ar" if ssp is None else "ss", "exit_head": _exit_kind(tgt, s),
+             "draft_vocab": _vocab_size(drf)}
     stats.update(summarize(rounds, s.gamma))
     res = GenerationResult(tokens=tokens, stats=stats)
     res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)
@@ -275,11 +284,48 @@ def _generate_device(tgt: TargetModel, drf: DraftModel, s: SpecSettings, pl: Pla
     tokens = [truncate_at_eos(out[b, : n_out[b]].tolist(), set(eos), max_new_tokens) for b in range(len(prompts))]
     stats = {"method": s.method, "loop": "device", "batch": len(prompts), "total_s": total,
              "settings": dataclasses.asdict(s), "placement": pl.describe(),
-             "draft_kind": "ar" if drf.ss is None else "ss", "exit_head": _exit_kind(tgt, s)}
+             "draft_kind": "ar" if drf.ss is None else "ss", "exit_head": _exit_kind(tgt, s),
+             "draft_vocab": _vocab_size(drf)}
     stats.update(summarize_rows(counts, s.method))
     res = GenerationResult(tokens=tokens, stats=stats)
     res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)
     return res
+
+
+def _reduce_draft_vocab(cfg_d, p_d, tok_d, draft_vocab, pl: Placement):
+    """The draft's parameters with the LM head cut to `draft_vocab` (`mirror_jax.draft_vocab`)."""
+    if len(pl.draft_group) > 1:
+        raise ConfigError("a reduced draft vocabulary (draft_vocab) needs the draft on one device, not a group")
+    try:
+        if isinstance(draft_vocab, int | np.integer) and not isinstance(draft_vocab, bool):
+            ids = reduced_vocab(cfg_d, int(draft_vocab), keep=getattr(tok_d, "all_special_ids", None) or ())
+        else:
+            ids = draft_vocab
+        return _restricted(p_d, cfg_d, ids)
+    except (DraftVocabError, TypeError, ValueError) as e:
+        raise ConfigError(f"draft_vocab: {e} (give an int N >= 1 or a sequence of token ids)") from e
+
+
+_RESTRICTED: dict = {}  # (id of the full head, ids) -> (the full head, kept alive so its id stays unique; params)
+
+
+def _restricted(p_d, cfg_d, ids):
+    """`restrict_head`, remembered for the last two (model, vocabulary) pairs: a benchmark calls
+    `generate` per prompt, and gathering a 0.5B draft's reduced head costs ~0.4 s each time."""
+    arr = np.asarray(list(ids) if isinstance(ids, range) else ids)
+    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+        return restrict_head(p_d, cfg_d, ids)  # raises the error
+    key = (id(p_d.lm_head), id(p_d.embed), arr.tobytes())
+    if key not in _RESTRICTED:
+        while len(_RESTRICTED) >= 2:
+            _RESTRICTED.pop(next(iter(_RESTRICTED)))
+        _RESTRICTED[key] = (p_d.lm_head, restrict_head(p_d, cfg_d, ids))
+    return _RESTRICTED[key][1]
+
+
+def _vocab_size(drf: DraftModel) -> int:
+    """Tokens the draft's LM head covers."""
+    return drf.cfg.vocab_size if drf.params.head_ids is None else int(drf.params.head_ids.shape[0])
 
 
 def _exit_kind(tgt: TargetModel, s: SpecSettings) -> str | None:

@@ -1,0 +1,237 @@
+"""Vanilla SD's draft settings on the default pair, one run: window gamma, draft_stop, draft_vocab.
+
+* ``draft_stop``: the draft ends a window after a token it gives less probability than this
+  (`mirror_jax.rounds.draft.draft_chain_until`), so gamma becomes a maximum.
+* ``draft_vocab``: the draft's LM head covers only the first N token ids plus EOS/special tokens
+  (`mirror_jax.draft_vocab`), a cheaper draft forward that never proposes the others.
+
+Each setting decodes the same held-out Python-stdlib prompts (files no adapter or exit head was
+trained on; never SpecBench) greedily (or, with ``--source specbench``, the first turn of SpecBench
+questions, evaluation only), and is compared with ar in the same run: tokens/s (median over prompts of the per-prompt
+speed-up), tokens per round, tokens drafted and draft forwards per round, and whether every output
+equals ar's. Every setting is compiled on a warm-up prompt first, and a timed run that compiled
+(a new prompt-length bucket) is run again.
+
+    python experiments/bench_sd_draft.py --settings 4:0:0,7:0.6:0,4:0:32768,7:0.6:32768
+    python experiments/bench_sd_draft.py --source specbench --per-category 1 --name sd_draft_specbench
+    python experiments/bench_sd_draft.py --tiny                  # random tiny pair, smoke test
+
+``--settings`` lists ``gamma:draft_stop:draft_vocab`` (vocab 0: the whole vocabulary); without it
+every gamma x stop of ``--gammas`` / ``--stops`` runs with the whole vocabulary. Also reported: one
+draft forward's median time per vocabulary size, and the share of ar's output tokens inside each
+reduced vocabulary. Writes ``experiments/results/<name>.{json,md,png}`` (default name sd_draft).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+from mirror_jax.bench.report import machine_info, machine_md, markdown_table, write_results  # noqa: E402
+from mirror_jax.bench.runner import _watch  # noqa: E402
+from mirror_jax.draft_vocab import coverage, reduced_vocab, restrict_head  # noqa: E402
+from mirror_jax.engine.api import generate  # noqa: E402
+
+
+def load(args):
+    if args.tiny:
+        from mirror_jax.testing import noisy_pair, random_prompts
+
+        target, draft = noisy_pair(noise=0.02)
+        return target, draft, random_prompts(args.num_prompts + 1, seed=3, lo=8, hi=16), (), "tiny-random"
+    import jax.numpy as jnp
+    from train_ss_draft import make_prompts
+
+    from mirror_jax.loading.default_pair import default_pair
+
+    target, draft, tok = default_pair(jnp.float32, progress=False, exit_heads=False)
+    if args.source == "specbench":
+        from mirror_jax.bench.questions import load_questions
+        from mirror_jax.tokenizer import apply_chat_template
+
+        qs = load_questions(limit_per_category=args.per_category)
+        prompts = [apply_chat_template(tok, [{"role": "user", "content": q["turns"][0]}], target.chat_template)
+                   for q in qs]
+        prompts = [prompts[0]] + prompts  # the first doubles as the warm-up
+    else:
+        prompts, _ = make_prompts(tok, "heldout", args.num_prompts + 1, args.prompt_len, seed=args.seed)
+    return target, draft, prompts, tuple(target.cfg.eos_token_ids), f"{target.name} / {draft.name}"
+
+
+def run(target, prompt, n_new, eos, **kw):
+    """One timed generate; run again (up to twice) when it compiled something."""
+    watch = _watch()
+    for _ in range(3):
+        before = watch.count
+        t0 = time.perf_counter()
+        res = generate(target, [prompt], n_new, eos_ids=eos, **kw)
+        secs = time.perf_counter() - t0
+        if watch.count == before:
+            break
+    return res, secs
+
+
+def draft_cfg(draft):
+    return draft[0] if isinstance(draft, tuple) else draft.cfg
+
+
+def special_ids(draft) -> list[int]:
+    tok = None if isinstance(draft, tuple) else draft.tokenizer
+    return list(getattr(tok, "all_special_ids", None) or [])
+
+
+def forward_ms(draft, vocabs) -> dict[int, float]:
+    """Median ms of one jitted 1-token draft forward after 64 tokens, per vocabulary size."""
+    import jax
+    import jax.numpy as jnp
+
+    from mirror_jax import model as M
+    from mirror_jax.bench.report import median_ms
+    from mirror_jax.kv_cache import commit, init_cache
+
+    cfg = draft_cfg(draft)
+    params = draft[1] if isinstance(draft, tuple) else draft.params
+    fwd = jax.jit(lambda p, t, c: M.forward(cfg, p, t, c)[0])
+    cache = init_cache(cfg, 1, 128, dtype=params.embed.dtype)
+    _, cache = jax.jit(M.forward, static_argnums=0)(cfg, params, jnp.zeros((1, 64), jnp.int32), cache)
+    cache = commit(cache, 64)
+    out = {}
+    for v in vocabs:
+        p = restrict_head(params, cfg, reduced_vocab(cfg, v, keep=special_ids(draft))) if v else params
+        out[v] = median_ms(lambda p=p: fwd(p, jnp.ones((1, 1), jnp.int32), cache), repeats=9)
+    return out
+
+
+def per_round(runs, key: str) -> float:
+    """A per-round mean over several generate results (weighted by their rounds)."""
+    return sum(r.stats[key] * r.stats["rounds"] for r, _ in runs) / sum(r.stats["rounds"] for r, _ in runs)
+
+
+def total_tps(runs) -> float:
+    """All tokens over all seconds (weights long, slow prompts more than the median does)."""
+    return sum(len(r.tokens[0]) for r, _ in runs) / sum(secs for _, secs in runs)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--source", choices=("stdlib", "specbench"), default="stdlib")
+    ap.add_argument("--per-category", type=int, default=1, help="--source specbench: questions per category")
+    ap.add_argument("--num-prompts", type=int, default=6, help="--source stdlib: held-out prompts")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--gammas", default="4,7")
+    ap.add_argument("--stops", default="0,0.5,0.7")
+    ap.add_argument("--settings", default=None,
+                    help="explicit sd settings 'gamma:stop,...' (e.g. '4:0,7:0.6') instead of gammas x stops")
+    ap.add_argument("--seed", type=int, default=3, help="which held-out prompts")
+    ap.add_argument("--name", default="sd_draft")
+    ap.add_argument("--out", default=str(ROOT / "experiments" / "results"))
+    args = ap.parse_args(argv)
+    command = "python experiments/bench_sd_draft.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    target, draft, prompts, eos, name = load(args)
+    warm, prompts = prompts[0], prompts[1:]
+    triples = ([(x.split(":") + ["0", "0"])[:3] for x in args.settings.split(",")] if args.settings
+               else [(g, p, "0") for g, p in itertools.product(args.gammas.split(","), args.stops.split(","))])
+    settings = [("ar", None, None, None)] + [("sd", int(g), float(p), int(v)) for g, p, v in triples]
+
+    def kw(method, gamma, stop, vocab):
+        if method == "ar":
+            return {"method": "ar"}
+        return dict(method="sd", draft=draft, gamma=gamma, draft_stop=stop, draft_vocab=vocab or None)
+
+    for st in tqdm(settings, desc="compile"):
+        run(target, warm, args.max_new_tokens, eos, **kw(*st))
+    per = {st: [] for st in settings}
+    for prompt in tqdm(prompts, desc="prompts"):
+        for st in settings:  # every setting on a prompt back to back: machine drift hits them alike
+            res, secs = run(target, prompt, args.max_new_tokens, eos, **kw(*st))
+            per[st].append((res, secs))
+
+    ref = [r.tokens[0] for r, _ in per[settings[0]]]
+    ar_tps = np.array([len(t) / s for t, (_, s) in zip(ref, per[settings[0]], strict=True)])
+    rows = []
+    for st in settings:
+        runs = per[st]
+        tps = np.array([len(r.tokens[0]) / s for r, s in runs])
+        row = {"method": st[0], "gamma": st[1], "draft_stop": st[2], "draft_vocab": st[3],
+               "identical_to_ar": all(r.tokens[0] == t for (r, _), t in zip(runs, ref, strict=True)),
+               "tokens_per_s": float(np.median(tps)), "speedup_vs_ar": float(np.median(tps / ar_tps)),
+               "speedup_total": total_tps(runs) / total_tps(per[settings[0]]),
+               "new_tokens": int(sum(len(r.tokens[0]) for r, _ in runs))}
+        if st[0] == "sd":
+            rounds = sum(r.stats["rounds"] for r, _ in runs)
+            row.update(rounds=rounds, tokens_per_round=per_round(runs, "mean_tokens_per_round"),
+                       drafted_per_round=per_round(runs, "drafted_per_round"),
+                       draft_forwards_per_round=per_round(runs, "draft_forwards_per_round"),
+                       round_ms_median=float(np.median([r.stats["round_wall_ms_median"] for r, _ in runs])))
+        rows.append(row)
+    vocabs = sorted({st[3] for st in settings[1:]})
+    fwd_ms = forward_ms(draft, vocabs)
+    covered = {v: coverage(reduced_vocab(draft_cfg(draft), v, keep=special_ids(draft)), [t for r in ref for t in r])
+               for v in vocabs if v}
+    info = machine_info()
+    what = (f"SpecBench questions ({args.per_category} per category, first turn)" if args.source == "specbench"
+            else f"held-out stdlib code prompts ({args.prompt_len} tokens)")
+    payload = {"command": command, "models": name, "source": what, "prompts": len(prompts),
+               "max_new_tokens": args.max_new_tokens, "machine": info, "rows": rows,
+               "draft_forward_ms": fwd_ms, "ar_output_coverage": covered}
+    cols = ["method", "gamma", "draft_stop", "draft_vocab", "tokens_per_s", "speedup_vs_ar", "speedup_total",
+            "tokens_per_round", "drafted_per_round", "draft_forwards_per_round", "round_ms_median", "identical_to_ar"]
+    fmt = {c: "{:.2f}" for c in cols[4:11]}
+    md = "\n".join([
+        f"# Adaptive draft length (sd, {name})", "", machine_md(info), "",
+        f"{len(prompts)} {what}, {args.max_new_tokens} new tokens, "
+        "greedy, batch 1, one device. speedup_vs_ar: median over prompts of (tokens/s) / (ar's tokens/s on the "
+        "same prompt, same run); speedup_total: all tokens / all seconds, over ar's. draft_stop 0 = full windows.",
+        "",
+        markdown_table(rows, cols, fmt),
+        "One draft forward (1 token, 64-token context, median of 9) by vocabulary size (0: whole): "
+        + ", ".join(f"{v}: {ms:.1f} ms" for v, ms in fwd_ms.items()) + ".",
+        "Share of ar's output tokens inside each reduced vocabulary: "
+        + (", ".join(f"{v}: {c:.3f}" for v, c in covered.items()) or "none run") + ".", "",
+        f"Command: `{command}`", ""])
+    out = Path(args.out)
+    write_results(out, args.name, payload, md)
+    plot(rows, out / f"{args.name}.png", f"sd vs ar: {what}")
+    print(md)
+    return 0
+
+
+def plot(rows, path: Path, name: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sd = [r for r in rows if r["method"] == "sd"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    for g, v in sorted({(r["gamma"], r["draft_vocab"]) for r in sd}):
+        rs = [r for r in sd if (r["gamma"], r["draft_vocab"]) == (g, v)]
+        lab = f"gamma {g}" + (f", vocab {v}" if v else "")
+        ax[0].plot([r["draft_stop"] for r in rs], [r["speedup_vs_ar"] for r in rs], "o-", label=lab)
+        ax[1].plot([r["draft_stop"] for r in rs], [r["drafted_per_round"] for r in rs], "o-", label=f"drafted, {lab}")
+        ax[1].plot([r["draft_stop"] for r in rs], [r["tokens_per_round"] for r in rs], "s--",
+                   label=f"committed, {lab}")
+    ax[0].axhline(1.0, color="grey", lw=0.8)
+    ax[0].set(xlabel="draft_stop (probability)", ylabel="speed-up vs ar (median)", title=name)
+    ax[1].set(xlabel="draft_stop (probability)", ylabel="tokens per round")
+    for a in ax:
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
