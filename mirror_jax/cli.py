@@ -39,7 +39,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                         "(gamma becomes a maximum; 0: full windows; default: per device kind)")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="the draft's LM head covers only the first N token ids plus EOS/special tokens "
-                        "(a cheaper draft forward; lossless; default: the whole vocabulary)")
+                        "(a cheaper draft forward; lossless; 0: the whole vocabulary; default: per device kind)")
     p.add_argument("--kappa", type=int, default=None, help="early-exit candidates per position")
     p.add_argument("--exit-layer", type=int, default=None,
                    help="target early-exit layer (default: the trained exit heads' layer, else N/2)")

@@ -54,7 +54,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                         "(gamma becomes a maximum; 0: full windows; default: per device kind)")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="the draft's LM head covers only the first N token ids plus EOS/special tokens "
-                        "(a cheaper draft forward; lossless; default: the whole vocabulary)")
+                        "(a cheaper draft forward; lossless; 0: the whole vocabulary; default: per device kind)")
     p.add_argument("--kappa", type=int, default=None, help="early-exit candidates per position")
     p.add_argument("--branch-budget", type=int, default=None, help="Mirror-SD branches rolled out per round")
     p.add_argument("--exit-layer", type=int, default=None, help="target early-exit layer (default N/2)")

@@ -49,9 +49,14 @@ DEVICE_DEFAULTS = {
     # CPU: one branch. Measured (experiments/results/bench_methods*.md): on one CPU device nothing
     # overlaps and a 2-row draft forward costs ~1.8x a 1-row one, so budget 1 ran fastest (0.86x sd
     # on code; budgets 2 and 4 hit more often, fallback 0.23 / 0.13, but ran at 0.74x / 0.71x sd).
-    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_stop": 0.0},
-    "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_stop": 0.0},
-    "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_stop": 0.0},
+    # Every draft on one CPU device: a 32768-token LM head (the draft forward costs 0.78x the whole
+    # head's and 98% of ar's tokens lie inside; sd ran 1.20x ar against 1.12x with the whole head on
+    # held-out code, experiments/results/sd_draft.md). The same run measured sd with windows of up to
+    # 7 ending below 0.6 (draft_stop) at 1.25x; that stays opt-in (sd's "sd" entry is empty).
+    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "sd": {}, "draft_vocab": 32768},
+    # Accelerators: not measured yet, so full windows and the whole head.
+    "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "sd": {}, "draft_vocab": 0},
+    "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "sd": {}, "draft_vocab": 0},
 }
 
 
@@ -116,7 +121,8 @@ def resolve_settings(
 ) -> SpecSettings:
     """Fill in device defaults and validate every setting before any work starts."""
     d = DEVICE_DEFAULTS.get(placement.draft.platform, DEVICE_DEFAULTS["gpu"])
-    gamma = d["gamma"] if gamma is None else gamma
+    sd_plain = d["sd"] if method == "sd" and not ss else {}  # vanilla SD's own defaults (plain draft only)
+    gamma = sd_plain.get("gamma", d["gamma"]) if gamma is None else gamma
     kappa = d["kappa"] if kappa is None else kappa
     n = target_cfg.num_layers
     exit_layer = n // 2 if exit_layer is None else exit_layer
@@ -142,7 +148,7 @@ def resolve_settings(
             f"temperature 0 and 'sample_match' or 'rejection' with temperature > 0"
         )
     if draft_stop is None:
-        draft_stop = d["draft_stop"] if method == "sd" and not ss else 0.0
+        draft_stop = sd_plain.get("draft_stop", 0.0)
     if isinstance(draft_stop, bool) or not isinstance(draft_stop, int | float) or not 0.0 <= draft_stop < 1.0:
         raise ConfigError(f"draft_stop must be a probability in [0, 1) (0: full windows), got {draft_stop!r}")
     if draft_stop > 0 and (method != "sd" or ss):
@@ -201,11 +207,13 @@ def generate(
 
     `draft_stop` (sd, plain draft): the draft ends a window after a token it gives less than this
     probability, so gamma is a maximum (adaptive draft length; lossless: verification never accepts
-    past the drafted tokens). 0 keeps full windows; None takes the device default.
+    past the drafted tokens). 0 keeps full windows; None takes the device default (full windows
+    everywhere for now; ``gamma=7, draft_stop=0.6`` measured fastest on CPU, see the README).
 
     `draft_vocab`: the draft's LM head covers only these token ids (a sequence), or the first N ids
     plus the EOS and special tokens (an int N); a cheaper draft forward that never proposes the other
-    tokens (`mirror_jax.draft_vocab`; lossless). None: the whole vocabulary."""
+    tokens (`mirror_jax.draft_vocab`; lossless). 0: the whole vocabulary; None: the device default
+    (32768 for a draft on one CPU device, the whole vocabulary elsewhere)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     if loop not in LOOPS:
@@ -227,7 +235,10 @@ def generate(
         return res
     cfg_d, p_d, tok_d = _unpack(draft, "draft (needed for method 'sd'/'mirror')")
     check_pair(cfg_t, cfg_d, tok_t, tok_d)
-    if draft_vocab is not None:
+    if draft_vocab is None:  # the device default, for a draft on one device (a group keeps its whole head)
+        one = len(pl.draft_group) == 1
+        draft_vocab = DEVICE_DEFAULTS.get(pl.draft.platform, DEVICE_DEFAULTS["gpu"])["draft_vocab"] if one else 0
+    if not (isinstance(draft_vocab, int) and draft_vocab == 0):
         p_d = _reduce_draft_vocab(cfg_d, p_d, tok_d, draft_vocab, pl)
     exit_layer, head = resolve_exit(exit_head, target, cfg_t, exit_layer) if method == "mirror" else (exit_layer, None)
     s = resolve_settings(

@@ -145,7 +145,14 @@ def start(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, tokens, 
     out = jnp.zeros((b, spec.out_width), jnp.int32).at[:, 0].set(first)
     done = _is_eos(spec, first) | (spec.max_new_tokens <= 1)
     return DecodeState(cache_t, cache_d, first, prop.window, prop.q, prop.conf, out, zeros + 1, done,
-                       zeros + prop.forwards, stats, prop.length)
+                       _row_forwards(prop, ss), stats, prop.length)
+
+
+def _row_forwards(prop, ss: SSDraft | None) -> jax.Array:
+    """[B] draft forwards each row's window needed: its drafted length for the plain chain (one token
+    per forward; an early-stopping batch runs until its longest row stops, as the host loop's batch-1
+    run would not), the batch's forwards for speculative streaming."""
+    return prop.length if ss is None else jnp.zeros_like(prop.length) + prop.forwards
 
 
 def _verify_rows(spec: LoopSpec, logits, window, q, samp: SamplingArrays, pos0, length):
@@ -210,7 +217,7 @@ def sd_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: D
     # A row that accepted all it drafted (A = length) lacks the K/V of its last window token.
     prop, cache_d = lax.cond(jnp.any(active & (a == st.length)), feed_two, feed_one, st.cache_d)
     return st.replace(cache_d=cache_d, last=jnp.where(active, c, st.last), window=prop.window, q=prop.q,
-                      conf=prop.conf, pending=jnp.zeros_like(st.pending) + prop.forwards, length=prop.length)
+                      conf=prop.conf, pending=_row_forwards(prop, ss), length=prop.length)
 
 
 def _rollout_rows(spec: LoopSpec, params_d: ModelParams, cache_d: KVCache, last, window, conf, channel,
