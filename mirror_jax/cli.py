@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mirror_jax.bench.cli import add_bench_args, run_bench
+from mirror_jax.bench.cli import add_bench_args, add_draft_args, run_bench
 from mirror_jax.xla_env import ensure_host_devices
 
 
@@ -34,12 +34,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gamma", type=int, default=None, help="draft window (default: per device kind)")
-    p.add_argument("--draft-stop", type=float, default=None,
-                   help="sd: the draft ends a window after a token it gives less than this probability "
-                        "(gamma becomes a maximum; 0: full windows; default: per device kind)")
-    p.add_argument("--draft-vocab", type=int, default=None,
-                   help="the draft's LM head covers only the first N token ids plus EOS/special tokens "
-                        "(a cheaper draft forward; lossless; 0: the whole vocabulary; default: per device kind)")
+    add_draft_args(p)
     p.add_argument("--kappa", type=int, default=None, help="early-exit candidates per position")
     p.add_argument("--exit-layer", type=int, default=None,
                    help="target early-exit layer (default: the trained exit heads' layer, else N/2)")

@@ -36,6 +36,16 @@ def _positive(s: str) -> int:
     return v
 
 
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    """The draft options `mirror-jax generate` and `mirror-jax bench` share."""
+    p.add_argument("--draft-stop", type=float, default=None,
+                   help="sd: the draft ends a window after a token it gives less than this probability "
+                        "(gamma becomes a maximum; 0: full windows; default: per device kind)")
+    p.add_argument("--draft-vocab", type=int, default=None,
+                   help="the draft's LM head covers only the first N token ids plus EOS/special tokens "
+                        "(a cheaper draft forward; lossless; 0: the whole vocabulary; default: per device kind)")
+
+
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions", default=None,
                    help="a SpecBench-format question.jsonl (default: the 480 SpecBench questions shipped with "
@@ -49,12 +59,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", type=_methods, default=list(LADDER),
                    help=f"comma-separated subset of {','.join(LADDER)} (ar is always run: it is the baseline)")
     p.add_argument("--gamma", type=int, default=None, help="draft window (default: per device kind)")
-    p.add_argument("--draft-stop", type=float, default=None,
-                   help="sd: the draft ends a window after a token it gives less than this probability "
-                        "(gamma becomes a maximum; 0: full windows; default: per device kind)")
-    p.add_argument("--draft-vocab", type=int, default=None,
-                   help="the draft's LM head covers only the first N token ids plus EOS/special tokens "
-                        "(a cheaper draft forward; lossless; 0: the whole vocabulary; default: per device kind)")
+    add_draft_args(p)
     p.add_argument("--kappa", type=int, default=None, help="early-exit candidates per position")
     p.add_argument("--branch-budget", type=int, default=None, help="Mirror-SD branches rolled out per round")
     p.add_argument("--exit-layer", type=int, default=None, help="target early-exit layer (default N/2)")
