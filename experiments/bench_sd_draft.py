@@ -59,7 +59,7 @@ def load(args):
         from mirror_jax.bench.questions import load_questions
         from mirror_jax.tokenizer import apply_chat_template
 
-        qs = load_questions(limit_per_category=args.per_category)
+        qs = load_questions(categories=args.categories, limit_per_category=args.per_category)
         prompts = [apply_chat_template(tok, [{"role": "user", "content": q["turns"][0]}], target.chat_template)
                    for q in qs]
         prompts = [prompts[0]] + prompts  # the first doubles as the warm-up
@@ -127,6 +127,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--source", choices=("stdlib", "specbench"), default="stdlib")
     ap.add_argument("--per-category", type=int, default=1, help="--source specbench: questions per category")
+    ap.add_argument("--categories", nargs="+", default=None, help="--source specbench: tasks or MT-bench categories")
     ap.add_argument("--num-prompts", type=int, default=6, help="--source stdlib: held-out prompts")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=96)
