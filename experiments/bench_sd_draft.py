@@ -191,7 +191,7 @@ def main(argv=None) -> int:
             "tokens_per_round", "drafted_per_round", "draft_forwards_per_round", "round_ms_median", "identical_to_ar"]
     fmt = {c: "{:.2f}" for c in cols[4:11]}
     md = "\n".join([
-        f"# Adaptive draft length (sd, {name})", "", machine_md(info), "",
+        f"# Vanilla SD draft settings (sd, {name})", "", machine_md(info), "",
         f"{len(prompts)} {what}, {args.max_new_tokens} new tokens, "
         "greedy, batch 1, one device. speedup_vs_ar: median over prompts of (tokens/s) / (ar's tokens/s on the "
         "same prompt, same run); speedup_total: all tokens / all seconds, over ar's. draft_stop 0 = full windows.",
