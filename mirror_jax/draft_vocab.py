@@ -20,7 +20,7 @@ streams instead. Example::
     generate(target, prompts, 128, method="sd", draft=(draft.cfg, small))
     generate(target, prompts, 128, method="sd", draft=draft, draft_vocab=32768)   # the same, by name
 
-`experiments/bench_draft_vocab.py` measures the draft forward, acceptance and sd's speed by N.
+`experiments/bench_sd_draft.py` measures the draft forward, acceptance and sd's speed by N.
 """
 
 from __future__ import annotations
@@ -59,16 +59,22 @@ def restrict_head(params: ModelParams, cfg: ModelConfig, ids) -> ModelParams:
     `mirror_jax.model.head` scatters the N logits into a NEG_INF vocabulary row."""
     if params.head_ids is not None:
         raise DraftVocabError("these parameters already have a reduced LM head; restrict the full model instead")
-    arr = np.asarray(list(ids) if isinstance(ids, range) else ids)
-    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
-        raise DraftVocabError(f"draft vocabulary ids must be a non-empty 1-D sequence of ints, got {ids!r:.60}")
-    ids = np.unique(arr.astype(np.int64))
-    if ids[0] < 0 or ids[-1] >= cfg.vocab_size:
-        raise DraftVocabError(f"draft vocabulary ids must be a non-empty subset of [0, {cfg.vocab_size})")
+    ids = vocab_ids(ids, cfg.vocab_size)
     if ids.size == cfg.vocab_size:
         return params
     ids_dev = jnp.asarray(ids, jnp.int32)
     return params.replace(lm_head=jnp.take(params.lm_head, ids_dev, axis=0), head_ids=ids_dev)
+
+
+def vocab_ids(ids, vocab_size: int) -> np.ndarray:
+    """`ids` (a sequence or range of token ids) checked and made sorted, unique int64 [N]."""
+    arr = np.asarray(list(ids) if isinstance(ids, range) else ids)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise DraftVocabError(f"draft vocabulary ids must be a non-empty 1-D sequence of ints, got {ids!r:.60}")
+    ids = np.unique(arr.astype(np.int64))
+    if ids[0] < 0 or ids[-1] >= vocab_size:
+        raise DraftVocabError(f"draft vocabulary ids must be a non-empty subset of [0, {vocab_size})")
+    return ids
 
 
 def rank_by_frequency(token_streams: Iterable[Sequence[int]], vocab_size: int) -> np.ndarray:

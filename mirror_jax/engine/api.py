@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from mirror_jax.draft_vocab import DraftVocabError, reduced_vocab, restrict_head
+from mirror_jax.draft_vocab import DraftVocabError, reduced_vocab, restrict_head, vocab_ids
 from mirror_jax.engine.autoregressive import GenerationResult, generate_ar
 from mirror_jax.engine.device_loop import LoopSpec, run_device_loop
 from mirror_jax.engine.placement import Placement
@@ -52,11 +52,11 @@ DEVICE_DEFAULTS = {
     # Every draft on one CPU device: a 32768-token LM head (the draft forward costs 0.78x the whole
     # head's and 98% of ar's tokens lie inside; sd ran 1.20x ar against 1.12x with the whole head on
     # held-out code, experiments/results/sd_draft.md). The same run measured sd with windows of up to
-    # 7 ending below 0.6 (draft_stop) at 1.25x; that stays opt-in (sd's "sd" entry is empty).
-    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "sd": {}, "draft_vocab": 32768},
-    # Accelerators: not measured yet, so full windows and the whole head.
-    "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "sd": {}, "draft_vocab": 0},
-    "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "sd": {}, "draft_vocab": 0},
+    # 7 ending below 0.6 (draft_stop) at 1.25x; that stays opt-in (draft_stop defaults to 0).
+    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_vocab": 32768},
+    # Accelerators: not measured yet, so the whole head.
+    "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0},
+    "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0},
 }
 
 
@@ -120,9 +120,8 @@ def resolve_settings(
     sampling: SamplingParams, profile: bool, allow_full_exit: bool, draft_stop=None, ss: bool = False,
 ) -> SpecSettings:
     """Fill in device defaults and validate every setting before any work starts."""
-    d = DEVICE_DEFAULTS.get(placement.draft.platform, DEVICE_DEFAULTS["gpu"])
-    sd_plain = d["sd"] if method == "sd" and not ss else {}  # vanilla SD's own defaults (plain draft only)
-    gamma = sd_plain.get("gamma", d["gamma"]) if gamma is None else gamma
+    d = _device_defaults(placement)
+    gamma = d["gamma"] if gamma is None else gamma
     kappa = d["kappa"] if kappa is None else kappa
     n = target_cfg.num_layers
     exit_layer = n // 2 if exit_layer is None else exit_layer
@@ -148,7 +147,7 @@ def resolve_settings(
             f"temperature 0 and 'sample_match' or 'rejection' with temperature > 0"
         )
     if draft_stop is None:
-        draft_stop = sd_plain.get("draft_stop", 0.0)
+        draft_stop = 0.0
     if isinstance(draft_stop, bool) or not isinstance(draft_stop, int | float) or not 0.0 <= draft_stop < 1.0:
         raise ConfigError(f"draft_stop must be a probability in [0, 1) (0: full windows), got {draft_stop!r}")
     if draft_stop > 0 and (method != "sd" or ss):
@@ -237,7 +236,7 @@ def generate(
     check_pair(cfg_t, cfg_d, tok_t, tok_d)
     if draft_vocab is None:  # the device default, for a draft on one device (a group keeps its whole head)
         one = len(pl.draft_group) == 1
-        draft_vocab = DEVICE_DEFAULTS.get(pl.draft.platform, DEVICE_DEFAULTS["gpu"])["draft_vocab"] if one else 0
+        draft_vocab = _device_defaults(pl)["draft_vocab"] if one else 0
     if not (isinstance(draft_vocab, int) and draft_vocab == 0):
         p_d = _reduce_draft_vocab(cfg_d, p_d, tok_d, draft_vocab, pl)
     exit_layer, head = resolve_exit(exit_head, target, cfg_t, exit_layer) if method == "mirror" else (exit_layer, None)
@@ -323,15 +322,18 @@ _RESTRICTED: dict = {}  # (id of the full head, ids) -> (the full head, kept ali
 def _restricted(p_d, cfg_d, ids):
     """`restrict_head`, remembered for the last two (model, vocabulary) pairs: a benchmark calls
     `generate` per prompt, and gathering a 0.5B draft's reduced head costs ~0.4 s each time."""
-    arr = np.asarray(list(ids) if isinstance(ids, range) else ids)
-    if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-        return restrict_head(p_d, cfg_d, ids)  # raises the error
-    key = (id(p_d.lm_head), id(p_d.embed), arr.tobytes())
+    ids = vocab_ids(ids, cfg_d.vocab_size)
+    key = (id(p_d.lm_head), id(p_d.embed), ids.tobytes())
     if key not in _RESTRICTED:
         while len(_RESTRICTED) >= 2:
             _RESTRICTED.pop(next(iter(_RESTRICTED)))
         _RESTRICTED[key] = (p_d.lm_head, restrict_head(p_d, cfg_d, ids))
     return _RESTRICTED[key][1]
+
+
+def _device_defaults(pl: Placement) -> dict:
+    """`DEVICE_DEFAULTS` for the draft's device kind (unknown kinds: the accelerator defaults)."""
+    return DEVICE_DEFAULTS.get(pl.draft.platform, DEVICE_DEFAULTS["gpu"])
 
 
 def _vocab_size(drf: DraftModel) -> int:
