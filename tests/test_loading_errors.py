@@ -341,6 +341,32 @@ def test_check_same_tokenizer():
         check_same_tokenizer(_tiny_tokenizer(), None)
 
 
+def test_tokenizer_fingerprint_is_remembered_until_the_tokenizer_changes(monkeypatch):
+    """generate checks the pair on every call: each tokenizer is serialised once, not per call, and a
+    tokenizer that gains a token or changes a special token is fingerprinted again."""
+    import importlib
+    import json
+    import types
+
+    dp = importlib.import_module("mirror_jax.loading.default_pair")
+    calls = []
+    monkeypatch.setattr(dp, "json", types.SimpleNamespace(
+        loads=lambda s: calls.append(1) or json.loads(s), dumps=json.dumps))
+    a, b = _tiny_tokenizer(), _tiny_tokenizer()
+    for _ in range(3):
+        check_same_tokenizer(a, b)
+    assert len(calls) == 2
+    b.add_tokens(["<new>"])
+    with pytest.raises(TokenizerMismatchError, match="size"):
+        check_same_tokenizer(a, b)
+    assert len(calls) == 3
+    a.add_tokens(["<new>"])
+    check_same_tokenizer(a, b)
+    a.eos_token = "<eot>"
+    with pytest.raises(TokenizerMismatchError, match="special ids"):
+        check_same_tokenizer(a, b)
+
+
 def test_tokenizer_helpers():
     tok = _tiny_tokenizer()
     assert encode(tok, "ab c", add_special_tokens=False) == [5, 6]

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -192,24 +193,39 @@ def assemble_default_files(cache_dir: str | os.PathLike | None = None) -> tuple[
     return assemble(TARGET_SPEC, cache_dir), assemble(DRAFT_SPEC, cache_dir)
 
 
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (state, fingerprint)
+
+
 def _tokenizer_fingerprint(tok) -> dict:
+    """What two tokenizers must share, each part as a sha256 digest. Serialising a 152k-token
+    tokenizer costs ~0.3 s, and `generate` checks the pair on every call, so the fingerprint is
+    remembered per tokenizer object while its size and special ids stay the same (adding tokens or
+    changing a special token recomputes it)."""
+    special = {"bos": tok.bos_token_id, "eos": tok.eos_token_id, "pad": tok.pad_token_id, "unk": tok.unk_token_id}
+    state = (len(tok), tuple(special.values()))
+    try:
+        hit = _FINGERPRINTS.get(tok)
+    except TypeError:  # not weak-referenceable: no memo
+        hit = None
+    if hit is not None and hit[0] == state:
+        return hit[1]
     backend = json.loads(tok.backend_tokenizer.to_str())
     model = backend.get("model", {})
-    return {
+    parts = {
         "vocab": model.get("vocab"),
         "merges": model.get("merges"),
         "model type": model.get("type"),
         "added tokens": [(t["id"], t["content"], t.get("special")) for t in backend.get("added_tokens", [])],
-        "special ids": {
-            "bos": tok.bos_token_id,
-            "eos": tok.eos_token_id,
-            "pad": tok.pad_token_id,
-            "unk": tok.unk_token_id,
-        },
         "pre_tokenizer": backend.get("pre_tokenizer"),
         "normalizer": backend.get("normalizer"),
-        "size": len(tok),
     }
+    fp = {k: hashlib.sha256(json.dumps(v, sort_keys=True).encode()).hexdigest() for k, v in parts.items()}
+    fp.update({"special ids": special, "size": len(tok)})
+    try:
+        _FINGERPRINTS[tok] = (state, fp)
+    except TypeError:
+        pass
+    return fp
 
 
 def check_same_tokenizer(tok_a, tok_b) -> None:
