@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     ap.add_argument("--branch-budget", type=int, default=None, help="default: the engine's device default")
     ap.add_argument("--budgets", type=int, nargs="*", default=None,
                     help="several branch budgets in the same run: one mirror row each (mirror_b<n>)")
+    ap.add_argument("--exit-vocabs", type=int, nargs="*", default=None,
+                    help="several early-exit vocabularies in the same run (0: whole): one row per budget and "
+                         "vocabulary (mirror_b<n>_ev<N>); default: the engine's device default only")
     ap.add_argument("--placements", nargs="*", default=["cpu:0", "cpu:0,cpu:1"])
     ap.add_argument("--profile-prompts", type=int, default=2, help="prompts for the instrumented pass")
     ap.add_argument("--no-untrained-exit", dest="untrained_exit", action="store_false",
@@ -65,7 +68,12 @@ def main(argv=None) -> int:
     spec = dict(draft=draft, gamma=args.gamma, kappa=args.kappa, branch_budget=args.branch_budget)
     methods = {"ar": ("ar", {}), "sd": ("sd", dict(draft=draft, gamma=args.gamma))}
     if args.budgets:
-        methods.update({f"mirror_b{b}": ("mirror", dict(spec, branch_budget=b)) for b in args.budgets})
+        for b in args.budgets:
+            if b == 0 or not args.exit_vocabs:  # budget 0 runs no early exit
+                methods[f"mirror_b{b}"] = ("mirror", dict(spec, branch_budget=b))
+                continue
+            methods.update({f"mirror_b{b}_ev{v}": ("mirror", dict(spec, branch_budget=b, exit_vocab=v))
+                            for v in args.exit_vocabs})
     else:
         methods["mirror"] = ("mirror", spec)
     if args.untrained_exit:  # the same run with the untrained exit at N/2, for a same-machine comparison

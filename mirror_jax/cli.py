@@ -41,7 +41,9 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exit-head", default="auto",
                    help="mirror's early exit: 'auto' (the committed trained heads with the default pair), 'none' "
                         "(the untrained exit), or an exit-head checkpoint directory")
-    p.add_argument("--branch-budget", type=int, default=None, help="branches rolled out per round")
+    p.add_argument("--branch-budget", type=int, default=None,
+                   help="branches rolled out per round (0: none; default: none when draft and target share a "
+                        "device, else the device default)")
     p.add_argument("--verifier", default=None, choices=["greedy", "sample_match", "rejection"])
     p.add_argument("--placement", default=None,
                    help="'target,draft' devices, e.g. cpu:0,cpu:1 or gpu:0,cpu:0; join devices with + to shard a model "
@@ -86,7 +88,7 @@ def run_generate(args) -> int:
         ids = apply_chat_template(tok, [{"role": "user", "content": args.prompt}], target.chat_template)
     kw = dict(
         method=args.method, draft=draft, gamma=args.gamma, draft_stop=args.draft_stop, draft_vocab=args.draft_vocab,
-        kappa=args.kappa,
+        exit_vocab=args.exit_vocab, kappa=args.kappa,
         exit_layer=args.exit_layer,
         branch_budget=args.branch_budget, placement=args.placement, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, verifier=args.verifier, loop=args.loop,
@@ -102,7 +104,10 @@ def run_generate(args) -> int:
     line = f"\n[{args.method}] {len(res.tokens[0])} tokens, {s['tokens_per_s']:.2f} tokens/s"
     if args.method != "ar":
         line += f", {s['mean_tokens_per_round']:.2f} tokens/round"
-    if args.method == "mirror":
+    if args.method == "mirror" and s["settings"]["branch_budget"] == 0:
+        line += (f", {s['placement']}: no branch rollouts (they would run in series with the target; "
+                 "give the draft its own device, e.g. --placement gpu:0,gpu:1, or set --branch-budget)")
+    elif args.method == "mirror":
         line += (f", fallback {s['fallback_rate']:.0%}, Omega_kappa {s['omega_kappa']:.2f} "
                  f"({s['exit_head']} exit at layer {s['settings']['exit_layer']}), {s['placement']}")
     print(line)

@@ -213,16 +213,16 @@ def forward_prefix(cfg: ModelConfig, params: ModelParams, tokens: jax.Array, cac
                    exit_head=None):
     """Layers [0, exit_layer) over tokens [B, T].
 
-    `exit_head`: a trained early exit (`mirror_jax.exit.ExitHead`, anything with
-    ``.apply(cfg, x)``) mapping the hidden state before the final norm + LM head; None reads the
-    head straight off layer l_e. Returns (hidden [B, T, H], early-exit logits [B, T, V] (float32),
-    cache with the prefix layers' K/V written)."""
+    `exit_head`: an early exit (`mirror_jax.exit.ExitHead`, anything with ``.logits(cfg, params, x)``):
+    a trained map of the hidden state before the final norm + LM head and/or a reduced exit
+    vocabulary; None reads the target's head straight off layer l_e. Returns (hidden [B, T, H],
+    early-exit logits [B, T, V] (float32), cache with the prefix layers' K/V written)."""
     positions = token_positions(cache, tokens.shape[1])
     x, ks, vs = run_layers(
         cfg, params.layers[:exit_layer], embed(params, tokens), cache.k[:exit_layer], cache.v[:exit_layer], positions
     )
     cache = cache.replace(k=ks + cache.k[exit_layer:], v=vs + cache.v[exit_layer:])
-    return x, head(cfg, params, x if exit_head is None else exit_head.apply(cfg, x)), cache
+    return x, head(cfg, params, x) if exit_head is None else exit_head.logits(cfg, params, x), cache
 
 
 def forward_suffix(cfg: ModelConfig, params: ModelParams, hidden: jax.Array, cache: KVCache, exit_layer: int):

@@ -25,7 +25,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     argv = ["bench", "--tiny", "--categories", "qa", "writing", "--limit-per-category", "1", "--max-new-tokens", "6",
-            "--profile-max-new-tokens", "6", "--out", str(out), "--run-name", "tiny", "--no-progress"]
+            "--profile-max-new-tokens", "6", "--out", str(out), "--run-name", "tiny", "--no-progress",
+            "--branch-budget", "2"]  # one device: without a budget Mirror-SD would roll out no branches
     rc = cli_main(argv)
     return rc, out / "tiny"
 

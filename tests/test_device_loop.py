@@ -41,7 +41,8 @@ def _stats(res):
 
 
 @pytest.mark.parametrize("method", ["sd", "mirror"])
-@pytest.mark.parametrize("gamma,kappa,exit_layer,budget", [(1, 1, 1, None), (3, 4, 2, None), (7, 8, 2, 64)])
+@pytest.mark.parametrize("gamma,kappa,exit_layer,budget", [(1, 1, 1, 1), (3, 4, 2, None), (3, 4, 2, 2),
+                                                          (7, 8, 2, 64)])
 def test_device_loop_matches_host_loop_greedy(models, batch, method, gamma, kappa, exit_layer, budget):
     """Batch 6 in one loop: AR's tokens, and the host loop's round statistics (same rounds,
     accepted-length histogram, draft forwards, reuse and Omega), so every row ran the same rounds."""

@@ -1,12 +1,12 @@
-"""A reduced draft vocabulary (`mirror_jax.draft_vocab`): the draft's LM head covers N token ids.
+"""Reduced vocabularies: the draft's LM head (`mirror_jax.draft_vocab`) or the early exit's
+(`mirror_jax.exit.head.restrict_exit`) covers N token ids.
 
 The head's logits at those ids are the full head's and NEG_INF elsewhere, so the draft never
-proposes another token; output stays AR's (greedy, host and device loop, sd and mirror) and rejection
-sampling keeps the target's exact distribution; bad vocabularies are refused with a clear error."""
+proposes another token and the exit never offers one as a candidate; output stays AR's (greedy, host
+and device loop, sd and mirror) and rejection sampling keeps the target's exact distribution; bad
+vocabularies are refused with a clear error."""
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,8 @@ import pytest
 
 from mirror_jax import model as M
 from mirror_jax.draft_vocab import DraftVocabError, coverage, rank_by_frequency, reduced_vocab, restrict_head
-from mirror_jax.engine.api import ConfigError, _reduce_draft_vocab, generate
+from mirror_jax.engine.api import ConfigError, _vocab_setting, generate
+from mirror_jax.exit.head import restrict_exit
 from mirror_jax.kv_cache import commit, init_cache
 from mirror_jax.rounds.draft import draft_chain
 from mirror_jax.sampling import SamplingParams
@@ -67,7 +68,7 @@ def test_reduced_draft_keeps_ar_output(models, method):
     target, draft = models
     ps = prompts(4, seed=12)
     ref = generate(target, ps, N_NEW).tokens
-    kw = dict(method=method, draft=draft, gamma=4, kappa=4)
+    kw = dict(method=method, draft=draft, gamma=4, kappa=4, branch_budget=2 if method == "mirror" else None)
     full = generate(target, ps, N_NEW, draft_vocab=0, **kw)
     for vocab in (32, list(range(0, 64, 2))):
         host = generate(target, ps, N_NEW, draft_vocab=vocab, **kw)
@@ -104,7 +105,7 @@ def test_bad_draft_vocabularies_are_refused(models):
     with pytest.raises(DraftVocabError, match="already"):
         restrict_head(restrict_head(dp, cfg, [1, 2]), cfg, [1])
     with pytest.raises(ConfigError, match="one device"):  # a draft sharded over a group keeps its whole head
-        _reduce_draft_vocab(cfg, dp, None, 16, SimpleNamespace(draft_group=("cpu:1", "cpu:2")))
+        _vocab_setting(16, cfg, None, "draft_vocab", "the draft", ("cpu:1", "cpu:2"))
     assert restrict_head(dp, cfg, range(64)) is dp  # the whole vocabulary: nothing to cut
 
 
@@ -115,3 +116,72 @@ def test_rank_by_frequency_and_coverage():
     ids = reduced_vocab(cfg, 2, ranking=ranking)
     assert ids.tolist() == [2, 5]
     assert coverage(ids, [2, 5, 7, 2]) == 0.75
+
+
+def test_reduced_exit_is_the_full_exit_on_its_ids(models):
+    """The untrained exit and a trained head, each with a reduced vocabulary: their early-exit
+    logits equal the whole exit's on its ids and are NEG_INF elsewhere; the hidden state is unchanged."""
+    from tests.test_exit import random_head
+
+    (cfg, tp), _ = models
+    toks = jnp.asarray([prompts(1, seed=4, lo=9, hi=10)[0]])
+    ids = np.arange(3, 64, 3)
+    outside = np.setdiff1d(np.arange(cfg.vocab_size), ids)
+    for head in (None, random_head(cfg, 2, scale=3.0)):
+        small = restrict_exit(head, cfg, tp, ids, 2)
+        assert small.lm_head.shape == (ids.size, cfg.hidden_size) and small.trained == (head is not None)
+        h0, full, _ = M.forward_prefix(cfg, tp, toks, init_cache(cfg, 1, 16), 2, head)
+        h1, red, _ = M.forward_prefix(cfg, tp, toks, init_cache(cfg, 1, 16), 2, small)
+        np.testing.assert_array_equal(np.asarray(h0), np.asarray(h1))
+        np.testing.assert_allclose(np.asarray(red[..., ids]), np.asarray(full[..., ids]), rtol=1e-5, atol=1e-5)
+        assert np.all(np.asarray(red[..., outside]) <= M.NEG_INF / 2)
+    with pytest.raises(ValueError, match="exit layer 2, not 3"):
+        restrict_exit(random_head(cfg, 2), cfg, tp, ids, 3)
+
+
+@pytest.mark.parametrize("loop", ["host", "device"])
+def test_reduced_exit_keeps_ar_output(models, loop):
+    """Mirror-SD with branches and a reduced exit vocabulary (an int and a list) commits AR's tokens;
+    a vocabulary without the tokens the target emits (odd ids only, 32 of 64) lowers Omega_kappa
+    (the candidates really come from the reduced head)."""
+    target, draft = models
+    ps = prompts(4, seed=13)
+    ref = generate(target, ps, N_NEW).tokens
+    kw = dict(method="mirror", draft=draft, gamma=3, kappa=2, branch_budget=3, loop=loop)
+    full = generate(target, ps, N_NEW, exit_vocab=0, **kw)
+    assert full.tokens == ref and full.stats["exit_vocab"] == 64
+    for vocab, n in ((40, 40), (list(range(1, 64, 2)), 32)):
+        res = generate(target, ps, N_NEW, exit_vocab=vocab, **kw)
+        assert res.tokens == ref, vocab
+        assert res.stats["exit_vocab"] == n and res.stats["exit_head"] == "untrained"
+    assert res.stats["omega_kappa"] < full.stats["omega_kappa"]
+    sd = generate(target, ps, 4, method="sd", draft=draft)
+    assert sd.stats["exit_vocab"] is None
+
+
+def test_bad_exit_vocabularies_are_refused(models):
+    target, draft = models
+    ps = prompts(1)
+    for bad in (-3, [], [64], "abc"):
+        with pytest.raises(ConfigError, match="exit_vocab"):
+            generate(target, ps, 4, method="mirror", draft=draft, branch_budget=1, exit_vocab=bad)
+    with pytest.raises(ConfigError, match="vanilla SD has no early exit"):
+        generate(target, ps, 4, method="sd", draft=draft, exit_vocab=32)
+    with pytest.raises(ConfigError, match="the target on one device"):
+        _vocab_setting(16, target[0], None, "exit_vocab", "the target", ("cpu:1", "cpu:2"))
+
+
+def test_exit_checkpoints_hold_the_trained_map_only(models, tmp_path):
+    """A reduced exit vocabulary is a runtime choice: saving a restricted head stores its map alone
+    (restored without the vocabulary); the untrained exit is not saved."""
+    from mirror_jax.exit.checkpoint import restore_exit_heads, save_exit_heads
+    from tests.test_exit import random_head
+
+    (cfg, tp), _ = models
+    head = random_head(cfg, 2)
+    save_exit_heads(tmp_path / "heads", cfg, tp, [restrict_exit(head, cfg, tp, range(10), 2)])
+    back = restore_exit_heads(tmp_path / "heads", cfg, tp).for_layer(2)
+    assert back.vocab_ids is None and back.lm_head is None
+    np.testing.assert_allclose(np.asarray(back.w), np.asarray(head.w), rtol=1e-2, atol=1e-2)  # stored as bf16
+    with pytest.raises(ValueError, match="only trained exit heads"):
+        save_exit_heads(tmp_path / "none", cfg, tp, [restrict_exit(None, cfg, tp, range(10), 2)])

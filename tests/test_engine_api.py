@@ -82,7 +82,7 @@ def test_bad_settings_are_rejected_before_work():
         (dict(kappa=0), "kappa"),
         (dict(exit_layer=0), "exit_layer"),
         (dict(exit_layer=4), "allow_full_exit"),
-        (dict(branch_budget=0), "branch_budget"),
+        (dict(branch_budget=-1), "branch_budget"),
         (dict(gamma=2, kappa=2, branch_budget=7), "branch_budget"),
         (dict(verifier="rejection"), "temperature"),
         (dict(verifier="nope"), "verifier"),

@@ -31,7 +31,7 @@ def ar_reference(models):
 
 @pytest.mark.parametrize(
     "gamma,kappa,exit_layer,budget",
-    [(1, 1, 1, None), (3, 4, 2, None), (3, 4, 3, 16), (7, 8, 2, 64), (7, 1, 1, 3)],
+    [(1, 1, 1, 1), (3, 4, 2, 2), (3, 4, 3, 16), (7, 8, 2, 64), (7, 1, 1, 3)],
 )
 def test_mirror_greedy_identity(models, ar_reference, gamma, kappa, exit_layer, budget):
     target, draft = models

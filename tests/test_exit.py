@@ -155,7 +155,7 @@ def test_generate_resolves_exit_head(models, tmp_path):
     heads = ExitHeads({1: random_head(cfg, 1), 3: random_head(cfg, 3, seed=5)}, default_layer=3)
     target = types.SimpleNamespace(cfg=cfg, params=params, tokenizer=None, exit_heads=heads)
     ps = prompts(2, seed=6)
-    kw = dict(method="mirror", draft=draft, gamma=2, kappa=2)
+    kw = dict(method="mirror", draft=draft, gamma=2, kappa=2, branch_budget=2)  # branches: the exit runs
     auto = generate(target, ps, 8, **kw)
     assert auto.stats["exit_head"] == "trained" and auto.stats["settings"]["exit_layer"] == 3
     at1 = generate(target, ps, 8, exit_layer=1, **kw)

@@ -37,13 +37,16 @@ def _positive(s: str) -> int:
 
 
 def add_draft_args(p: argparse.ArgumentParser) -> None:
-    """The draft options `mirror-jax generate` and `mirror-jax bench` share."""
+    """The draft and early-exit options `mirror-jax generate` and `mirror-jax bench` share."""
     p.add_argument("--draft-stop", type=float, default=None,
                    help="sd: the draft ends a window after a token it gives less than this probability "
                         "(gamma becomes a maximum; 0: full windows; default: per device kind)")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="the draft's LM head covers only the first N token ids plus EOS/special tokens "
                         "(a cheaper draft forward; lossless; 0: the whole vocabulary; default: per device kind)")
+    p.add_argument("--exit-vocab", type=int, default=None,
+                   help="mirror: the early exit's LM head covers only the first N token ids plus EOS/special tokens "
+                        "(a cheaper prefix; lossless; 0: the whole vocabulary; default: per device kind)")
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
@@ -87,7 +90,7 @@ def config_from_args(args, argv=None):
         questions=args.questions, categories=args.categories, limit_per_category=args.limit_per_category,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
         methods=list(args.methods), gamma=args.gamma, draft_stop=args.draft_stop, draft_vocab=args.draft_vocab,
-        kappa=args.kappa, branch_budget=args.branch_budget,
+        exit_vocab=args.exit_vocab, kappa=args.kappa, branch_budget=args.branch_budget,
         exit_layer=args.exit_layer, placement=args.placement, profile_per_task=args.profile_per_task,
         profile_max_new_tokens=args.profile_max_new_tokens, profile_max_questions=args.profile_max_questions,
         seed=args.seed, out=args.out, run_name=args.run_name,

@@ -57,6 +57,7 @@ class BenchConfig:
     gamma: int | None = None
     draft_stop: float | None = None
     draft_vocab: int | None = None
+    exit_vocab: int | None = None
     kappa: int | None = None
     branch_budget: int | None = None
     exit_layer: int | None = None
@@ -124,7 +125,8 @@ def _gen_kwargs(method: str, cfg: BenchConfig, models: BenchModels, profile: boo
         return kw
     kw.update(draft=models.draft, gamma=cfg.gamma, profile=profile, draft_vocab=cfg.draft_vocab)
     if engine == "mirror":
-        kw.update(kappa=cfg.kappa, branch_budget=cfg.branch_budget, exit_layer=cfg.exit_layer)
+        kw.update(kappa=cfg.kappa, branch_budget=cfg.branch_budget, exit_layer=cfg.exit_layer,
+                  exit_vocab=cfg.exit_vocab)
     if draft_kind == "ss":
         kw["ss_adapter"] = models.ss_adapter
     elif engine == "sd":

@@ -30,7 +30,7 @@ from mirror_jax.engine.prefill import cache_capacity, pad_prompts, truncate_at_e
 from mirror_jax.engine.speculative import DraftModel, SpecDecoder, SpecSettings, TargetModel
 from mirror_jax.engine.stats import summarize, summarize_rows
 from mirror_jax.exit.checkpoint import ExitHeads
-from mirror_jax.exit.head import ExitHead, check_exit_head
+from mirror_jax.exit.head import ExitHead, check_exit_head, restrict_exit
 from mirror_jax.rounds.verify import VERIFIERS
 from mirror_jax.sampling import SamplingParams
 from mirror_jax.ss.rollout import ss_draft
@@ -46,18 +46,38 @@ class ConfigError(ValueError):
 # Defaults per device kind. Accelerators follow the paper (gamma 7, kappa 8, all branches). On a
 # compute-bound CPU every extra branch costs real time, so fewer branches and a shorter window win.
 DEVICE_DEFAULTS = {
-    # CPU: one branch. Measured (experiments/results/bench_methods*.md): on one CPU device nothing
-    # overlaps and a 2-row draft forward costs ~1.8x a 1-row one, so budget 1 ran fastest (0.86x sd
-    # on code; budgets 2 and 4 hit more often, fallback 0.23 / 0.13, but ran at 0.74x / 0.71x sd).
-    # Every draft on one CPU device: a 32768-token LM head (the draft forward costs 0.78x the whole
-    # head's and 98% of ar's tokens lie inside; sd ran 1.20x ar against 1.12x with the whole head on
-    # held-out code, experiments/results/sd_draft.md). The same run measured sd with windows of up to
-    # 7 ending below 0.6 (draft_stop) at 1.25x; that stays opt-in (draft_stop defaults to 0).
-    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_vocab": 32768},
+    # Branch budgets apply where the draft has a device of its own (`default_branch_budget`: none
+    # where it shares the target's). CPU: one branch. Measured (experiments/results/bench_methods*.md):
+    # on one CPU device a 2-row draft forward costs ~1.8x a 1-row one, so budget 1 ran fastest of
+    # budgets 1, 2, 4 (0.86x sd on code; budgets 2 and 4 hit more often, fallback 0.23 / 0.13, but ran
+    # at 0.74x / 0.71x sd). Every draft on one CPU device: a 32768-token LM head (the draft forward
+    # costs 0.78x the whole head's and 98% of ar's tokens lie inside; sd ran 1.20x ar against 1.12x
+    # with the whole head on held-out code, experiments/results/sd_draft.md). The same run measured sd
+    # with windows of up to 7 ending below 0.6 (draft_stop) at 1.25x; that stays opt-in.
+    # The early exit's LM head on one CPU device: the same 32768 ids (README, "Mirror-SD's early exit").
+    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_vocab": 32768, "exit_vocab": 32768},
     # Accelerators: not measured yet, so the whole head.
-    "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0},
-    "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0},
+    "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0},
+    "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0},
 }
+
+
+def default_branch_budget(placement: Placement, max_branches: int) -> int:
+    """Mirror-SD's branch budget when none is given: the device default (`DEVICE_DEFAULTS`) where
+    the draft has devices of its own, and 0 (no branch rollouts) where it shares the target's.
+
+    Why 0 there: a branch rollout costs about what the fallback chain costs (gamma draft forwards,
+    one row per branch), and on a shared device it runs in series with the target instead of under
+    its suffix. A round with budget n therefore drafts ``T_rollout(n) + P(miss) * T_chain`` on the
+    critical path against vanilla SD's ``T_chain``: more for every hit rate below 1. Measured on one
+    CPU device (README, "Mirror-SD on one device"): budget 1 ran at ~0.8x sd, budget 0 at sd's
+    speed. With budget 0 a Mirror-SD round is a vanilla-SD round (one unsplit verification forward,
+    no early exit, the next window drafted after verification): fallback rate 1, no Omega_kappa.
+    Pass ``branch_budget`` explicitly to roll out branches on one device anyway (e.g. to study
+    hit rates)."""
+    if not placement.separate:
+        return 0
+    return min(_device_defaults(placement)["branch_budget"], max_branches)
 
 
 def _unpack(model, what: str):
@@ -134,9 +154,13 @@ def resolve_settings(
         extra = "" if allow_full_exit else f" (exit_layer={n} is a testing switch: allow_full_exit=True)"
         raise ConfigError(f"exit_layer must be in 1..{n - 1} for a {n}-layer target, got {exit_layer!r}{extra}")
     max_branches = kappa * (gamma + 1)
-    budget = min(d["branch_budget"], max_branches) if branch_budget is None else branch_budget
-    if not isinstance(budget, int) or not 1 <= budget <= max_branches:
-        raise ConfigError(f"branch_budget must be in 1..kappa*(gamma+1)={max_branches}, got {branch_budget!r}")
+    if branch_budget is None:  # no rollouts where nothing can overlap them: see `default_branch_budget`
+        budget = default_branch_budget(placement, max_branches)
+    else:
+        budget = branch_budget
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget <= max_branches:
+        raise ConfigError(f"branch_budget must be in 0..kappa*(gamma+1)={max_branches} (0: no branch rollouts), "
+                          f"got {branch_budget!r}")
     if verifier is None:
         verifier = "greedy" if sampling.greedy else "sample_match"
     if verifier not in VERIFIERS:
@@ -184,6 +208,7 @@ def generate(
     exit_head="auto",
     draft_stop: float | None = None,
     draft_vocab: int | Sequence[int] | None = None,
+    exit_vocab: int | Sequence[int] | None = None,
 ) -> GenerationResult:
     """Decode `prompts` (lists of token ids) with `method`; see the module docstring.
 
@@ -212,7 +237,12 @@ def generate(
     `draft_vocab`: the draft's LM head covers only these token ids (a sequence), or the first N ids
     plus the EOS and special tokens (an int N); a cheaper draft forward that never proposes the other
     tokens (`mirror_jax.draft_vocab`; lossless). 0: the whole vocabulary; None: the device default
-    (32768 for a draft on one CPU device, the whole vocabulary elsewhere)."""
+    (32768 for a draft on one CPU device, the whole vocabulary elsewhere).
+
+    `exit_vocab` (mirror with branch rollouts): the early exit's LM head covers only these token
+    ids, or the first N plus EOS/special tokens (`mirror_jax.exit.head.restrict_exit`); its
+    candidates only choose which branches are rolled out, so the output never changes. 0: the whole
+    vocabulary; None: the device default (32768 for a target on one CPU device, else whole)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     if loop not in LOOPS:
@@ -237,14 +267,23 @@ def generate(
     if draft_vocab is None:  # the device default, for a draft on one device (a group keeps its whole head)
         one = len(pl.draft_group) == 1
         draft_vocab = _device_defaults(pl)["draft_vocab"] if one else 0
-    if not (isinstance(draft_vocab, int) and draft_vocab == 0):
-        p_d = _reduce_draft_vocab(cfg_d, p_d, tok_d, draft_vocab, pl)
+    ids = _vocab_setting(draft_vocab, cfg_d, tok_d, "draft_vocab", "the draft", pl.draft_group)
+    if ids is not None:
+        p_d = _restricted(p_d, cfg_d, ids)
     exit_layer, head = resolve_exit(exit_head, target, cfg_t, exit_layer) if method == "mirror" else (exit_layer, None)
     s = resolve_settings(
         method, cfg_t, pl, gamma=gamma, kappa=kappa, exit_layer=exit_layer, branch_budget=branch_budget,
         verifier=verifier, sampling=sampling, profile=profile, allow_full_exit=allow_full_exit,
         draft_stop=draft_stop, ss=ss_adapter is not None,
     )
+    if method == "sd" and exit_vocab not in (None, 0):
+        raise ConfigError("exit_vocab applies to method 'mirror' (vanilla SD has no early exit)")
+    if s.rollouts:
+        if exit_vocab is None:  # the device default, for a target on one device
+            exit_vocab = _device_defaults(pl, pl.target)["exit_vocab"] if len(pl.target_group) == 1 else 0
+        ids = _vocab_setting(exit_vocab, cfg_t, tok_t, "exit_vocab", "the target", pl.target_group)
+        if ids is not None:
+            head = _restricted_exit(head, cfg_t, p_t, ids, s.exit_layer)
     capacity = cache_capacity(max(map(len, prompts)), max_new_tokens, s.margin(), max_len)
     sscfg, ssp = (None, None) if ss_adapter is None else tuple(ss_adapter)[:2]
     if ssp is not None and len(pl.draft_group) > 1:
@@ -265,7 +304,7 @@ def generate(
     total = time.perf_counter() - t0
     stats = {"method": method, "loop": "host", "total_s": total, "settings": dataclasses.asdict(s),
              "placement": pl.describe(), "draft_kind": "ar" if ssp is None else "ss", "exit_head": _exit_kind(tgt, s),
-             "draft_vocab": _vocab_size(drf)}
+             "draft_vocab": _vocab_size(drf), "exit_vocab": _exit_vocab_size(tgt, s)}
     stats.update(summarize(rounds, s.gamma))
     res = GenerationResult(tokens=tokens, stats=stats)
     res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)
@@ -295,45 +334,60 @@ def _generate_device(tgt: TargetModel, drf: DraftModel, s: SpecSettings, pl: Pla
     stats = {"method": s.method, "loop": "device", "batch": len(prompts), "total_s": total,
              "settings": dataclasses.asdict(s), "placement": pl.describe(),
              "draft_kind": "ar" if drf.ss is None else "ss", "exit_head": _exit_kind(tgt, s),
-             "draft_vocab": _vocab_size(drf)}
-    stats.update(summarize_rows(counts, s.method))
+             "draft_vocab": _vocab_size(drf), "exit_vocab": _exit_vocab_size(tgt, s)}
+    stats.update(summarize_rows(counts, s.method, rollouts=s.rollouts))
     res = GenerationResult(tokens=tokens, stats=stats)
     res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)
     return res
 
 
-def _reduce_draft_vocab(cfg_d, p_d, tok_d, draft_vocab, pl: Placement):
-    """The draft's parameters with the LM head cut to `draft_vocab` (`mirror_jax.draft_vocab`)."""
-    if len(pl.draft_group) > 1:
-        raise ConfigError("a reduced draft vocabulary (draft_vocab) needs the draft on one device, not a group")
+def _vocab_setting(setting, cfg, tok, name: str, whose: str, group) -> np.ndarray | None:
+    """The checked, sorted token ids of a `draft_vocab` / `exit_vocab` setting (an int N: the first
+    N ids plus EOS and the tokenizer's special tokens; a sequence: those ids), or None for the whole
+    vocabulary (0, or ids that cover it)."""
+    if isinstance(setting, int | np.integer) and not isinstance(setting, bool) and setting == 0:
+        return None
+    if len(group) > 1:
+        raise ConfigError(f"a reduced vocabulary ({name}) needs {whose} on one device, not a group")
     try:
-        if isinstance(draft_vocab, int | np.integer) and not isinstance(draft_vocab, bool):
-            ids = reduced_vocab(cfg_d, int(draft_vocab), keep=getattr(tok_d, "all_special_ids", None) or ())
-        else:
-            ids = draft_vocab
-        return _restricted(p_d, cfg_d, ids)
+        if isinstance(setting, int | np.integer) and not isinstance(setting, bool):
+            setting = reduced_vocab(cfg, int(setting), keep=getattr(tok, "all_special_ids", None) or ())
+        ids = vocab_ids(setting, cfg.vocab_size)
     except (DraftVocabError, TypeError, ValueError) as e:
-        raise ConfigError(f"draft_vocab: {e} (give an int N >= 1 or a sequence of token ids)") from e
+        raise ConfigError(f"{name}: {e} (give an int N >= 1 or a sequence of token ids)") from e
+    return None if ids.size == cfg.vocab_size else ids
 
 
-_RESTRICTED: dict = {}  # (id of the full head, ids) -> (the full head, kept alive so its id stays unique; params)
+# (ids of the source arrays, vocabulary) -> (the sources, kept alive so their ids stay unique; result)
+_RESTRICTED: dict = {}
 
 
-def _restricted(p_d, cfg_d, ids):
-    """`restrict_head`, remembered for the last two (model, vocabulary) pairs: a benchmark calls
-    `generate` per prompt, and gathering a 0.5B draft's reduced head costs ~0.4 s each time."""
-    ids = vocab_ids(ids, cfg_d.vocab_size)
-    key = (id(p_d.lm_head), id(p_d.embed), ids.tobytes())
+def _memo(key, sources, make):
+    """The last four results of `make()` by `key` (a benchmark calls `generate` per prompt, and
+    gathering a reduced LM head costs ~0.4 s for the default draft, more for the target)."""
     if key not in _RESTRICTED:
-        while len(_RESTRICTED) >= 2:
+        while len(_RESTRICTED) >= 4:
             _RESTRICTED.pop(next(iter(_RESTRICTED)))
-        _RESTRICTED[key] = (p_d.lm_head, restrict_head(p_d, cfg_d, ids))
+        _RESTRICTED[key] = (sources, make())
     return _RESTRICTED[key][1]
 
 
-def _device_defaults(pl: Placement) -> dict:
-    """`DEVICE_DEFAULTS` for the draft's device kind (unknown kinds: the accelerator defaults)."""
-    return DEVICE_DEFAULTS.get(pl.draft.platform, DEVICE_DEFAULTS["gpu"])
+def _restricted(p_d, cfg_d, ids):
+    """`restrict_head`, remembered (`_memo`)."""
+    return _memo(("draft", id(p_d.lm_head), id(p_d.embed), ids.tobytes()), (p_d.lm_head, p_d.embed),
+                 lambda: restrict_head(p_d, cfg_d, ids))
+
+
+def _restricted_exit(head, cfg_t, p_t, ids, layer: int):
+    """`restrict_exit`, remembered (`_memo`)."""
+    return _memo(("exit", id(p_t.lm_head), id(head), layer, ids.tobytes()), (p_t.lm_head, head),
+                 lambda: restrict_exit(head, cfg_t, p_t, ids, layer))
+
+
+def _device_defaults(pl: Placement, device=None) -> dict:
+    """`DEVICE_DEFAULTS` for the kind of `device` (default: the draft's; unknown kinds: the
+    accelerator defaults)."""
+    return DEVICE_DEFAULTS.get((device or pl.draft).platform, DEVICE_DEFAULTS["gpu"])
 
 
 def _vocab_size(drf: DraftModel) -> int:
@@ -342,6 +396,14 @@ def _vocab_size(drf: DraftModel) -> int:
 
 
 def _exit_kind(tgt: TargetModel, s: SpecSettings) -> str | None:
-    if s.method != "mirror":
+    if not s.rollouts:  # sd, or mirror without rollouts: no early exit runs
         return None
-    return "untrained" if tgt.exit_head is None else "trained"
+    return "trained" if tgt.exit_head is not None and tgt.exit_head.trained else "untrained"
+
+
+def _exit_vocab_size(tgt: TargetModel, s: SpecSettings) -> int | None:
+    """Tokens the early exit's LM head covers (None: no early exit runs)."""
+    if not s.rollouts:
+        return None
+    head = tgt.exit_head
+    return tgt.cfg.vocab_size if head is None or head.vocab_ids is None else int(head.vocab_ids.shape[0])

@@ -306,7 +306,7 @@ def mirror_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, s
 def decode(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: DecodeState, samp: SamplingArrays,
            ss: SSDraft | None = None, exit_head=None) -> DecodeState:
     """Run rounds until every row is done: one `lax.while_loop`, no host synchronisation."""
-    round_fn = mirror_round if spec.settings.method == "mirror" else sd_round
+    round_fn = mirror_round if spec.settings.rollouts else sd_round  # budget 0: vanilla SD's round
     return lax.while_loop(lambda st: ~jnp.all(st.done),
                           lambda st: round_fn(spec, params_t, params_d, st, samp, ss, exit_head), st)
 

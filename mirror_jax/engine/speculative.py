@@ -61,6 +61,11 @@ class SpecSettings:
         return math.log(self.draft_stop) if self.draft_stop > 0 else None
 
     @property
+    def rollouts(self) -> bool:
+        """Mirror-SD with branches; budget 0 runs vanilla SD's round (`api.default_branch_budget`)."""
+        return self.method == "mirror" and self.branch_budget > 0
+
+    @property
     def draft_samples(self) -> bool:
         """The draft samples its window (and returns q) only for rejection sampling."""
         return self.verifier == "rejection"
@@ -205,11 +210,12 @@ class SpecDecoder:
             **self._pkw))
         st.draft_len = new_len
         st.last_t = verdict.c.reshape(1)
-        return RoundRecord(a=a, c=c, draft_forwards=int(forwards), wall_s=0.0, drafted=n), win.tolist()
+        hit = False if s.method == "mirror" else None  # mirror without rollouts: every window is a fallback
+        return RoundRecord(a=a, c=c, draft_forwards=int(forwards), wall_s=0.0, drafted=n, hit=hit), win.tolist()
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos_ids=(), progress=None):
         """Generate for one prompt. Returns (tokens, round records)."""
-        round_fn = self.round_mirror if self.s.method == "mirror" else self.round_sd
+        round_fn = self.round_mirror if self.s.rollouts else self.round_sd
         first, st = self.start(prompt)
         eos = set(eos_ids)
         out, rounds = [first], []

@@ -107,8 +107,9 @@ def summarize(rounds, gamma: int | None = None) -> dict:
         out["drafted_per_round"] = float(np.mean([r.drafted for r in rounds]))
     if rounds[0].hit is not None:
         hits = np.array([bool(r.hit) for r in rounds])
+        omega = None if rounds[0].omega_hits is None else float(sum(r.omega_hits for r in rounds) / (a + 1).sum())
         out.update(reuse=int(hits.sum()), fallback=int((~hits).sum()), fallback_rate=float((~hits).mean()),
-                   omega_kappa=float(sum(r.omega_hits for r in rounds) / (a + 1).sum()))
+                   omega_kappa=omega)  # None: mirror without rollouts (no early exit ran)
         ranks = [r.branch_rank for r in rounds if r.branch_rank is not None]
         if len(ranks) == len(rounds):
             out["hit_rate_by_budget"] = hit_rate_by_budget(ranks, 8)  # budgets 1..8
@@ -128,7 +129,7 @@ def modeled_round_ms(ph: dict, method: str, fallback_rate: float | None = None) 
     g = lambda k: ph.get(k) or 0.0
     if not ph:
         return {"serial": None, "modeled": None}
-    if method == "sd":
+    if method == "sd" or "prefix" not in ph:  # sd, or Mirror-SD without rollouts (it runs sd's round)
         t = g("target") + g("verify") + g("draft") + g("channel_fv")
         return {"serial": t, "modeled": t}
     sf = ph.get("select_fallback")
@@ -140,7 +141,7 @@ def modeled_round_ms(ph: dict, method: str, fallback_rate: float | None = None) 
             "fallback_share": fb}
 
 
-def summarize_rows(counts: dict, method: str) -> dict:
+def summarize_rows(counts: dict, method: str, rollouts: bool = True) -> dict:
     """The `summarize` statistics from the device loop's per-row counters (`RowStats` fetched to
     the host as arrays: rounds [B], accepted_hist [B, gamma+1], draft_forwards, reuse, omega_hits),
     plus ``per_row``: the same counters per batch row. No per-round wall times exist there."""
@@ -164,7 +165,7 @@ def summarize_rows(counts: dict, method: str) -> dict:
     if method == "mirror":
         reuse = int(c["reuse"].sum())
         out.update(reuse=reuse, fallback=rounds - reuse, fallback_rate=(rounds - reuse) / rounds,
-                   omega_kappa=float(c["omega_hits"].sum() / tokens))
+                   omega_kappa=float(c["omega_hits"].sum() / tokens) if rollouts else None)
     keys = ("rounds", "accepted_hist", "draft_forwards") + (("reuse", "omega_hits") if method == "mirror" else
                                                              ("drafted",) if "drafted" in c else ())
     out["per_row"] = [{k: c[k][b].tolist() for k in keys} for b in range(c["rounds"].shape[0])]

@@ -76,7 +76,10 @@ def save_exit_heads(directory: str | os.PathLike, cfg: ModelConfig, params: Mode
         raise ValueError(f"one head per exit layer, got layers {layers}")
     if default_layer is not None and default_layer not in layers:
         raise ValueError(f"default_layer {default_layer} has no head (layers {sorted(layers)})")
-    tree = {str(h.layer): _cast(h, STORE_DTYPE) for h in heads}
+    if any(not h.trained for h in heads):
+        raise ValueError("only trained exit heads (with a map) are saved; the untrained exit needs no checkpoint")
+    # A reduced exit vocabulary is a runtime choice (`restrict_exit`), not part of the trained head.
+    tree = {str(h.layer): _cast(h.replace(vocab_ids=None, lm_head=None), STORE_DTYPE) for h in heads}
     meta = {"format": FORMAT_VERSION, "kind": KIND,
             "base_fingerprint": fingerprint or base_fingerprint(cfg, params),
             "base_config": dataclasses.asdict(cfg), "layers": sorted(layers), "default_layer": default_layer,
