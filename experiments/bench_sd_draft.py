@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 from mirror_jax.bench.report import machine_info, machine_md, markdown_table, write_results  # noqa: E402
-from mirror_jax.bench.runner import _watch  # noqa: E402
+from mirror_jax.bench.runner import timed_without_compiles  # noqa: E402
 from mirror_jax.draft_vocab import coverage, reduced_vocab, restrict_head  # noqa: E402
 from mirror_jax.engine.api import generate  # noqa: E402
 
@@ -69,15 +68,8 @@ def load(args):
 
 
 def run(target, prompt, n_new, eos, **kw):
-    """One timed generate; run again (up to twice) when it compiled something."""
-    watch = _watch()
-    for _ in range(3):
-        before = watch.count
-        t0 = time.perf_counter()
-        res = generate(target, [prompt], n_new, eos_ids=eos, **kw)
-        secs = time.perf_counter() - t0
-        if watch.count == before:
-            break
+    """One timed generate, timed again when it compiled something (`timed_without_compiles`)."""
+    res, secs, _ = timed_without_compiles(lambda: generate(target, [prompt], n_new, eos_ids=eos, **kw))
     return res, secs
 
 

@@ -150,18 +150,26 @@ def _turn_record(res, prompt_len: int, seconds: float, retried: int, profile: bo
     return rec
 
 
-def _run_turn(generate, models, prompt, n_new, kw, max_retries: int = 2):
-    """Generate once, timed; re-run (up to max_retries) when XLA compiled during the run."""
+def timed_without_compiles(fn, max_retries: int = 2):
+    """``fn()`` timed; run again (up to `max_retries` times) while XLA compiled something during the
+    run (e.g. a prompt in a new length bucket), so timings never include compilation.
+
+    Returns (result, seconds, retries)."""
     watch = _watch()
     attempt = 0
     for attempt in range(max_retries + 1):  # noqa: B007 (returned below)
         before = watch.count
         t0 = time.perf_counter()
-        res = generate(models.target, [prompt], n_new, **kw)
+        res = fn()
         seconds = time.perf_counter() - t0
         if watch.count == before:
             break
     return res, seconds, attempt
+
+
+def _run_turn(generate, models, prompt, n_new, kw, max_retries: int = 2):
+    """Generate once, timed (`timed_without_compiles`)."""
+    return timed_without_compiles(lambda: generate(models.target, [prompt], n_new, **kw), max_retries)
 
 
 def run_conversation(generate, models: BenchModels, question: dict, n_new: int, kw: dict,

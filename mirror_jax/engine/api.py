@@ -54,8 +54,9 @@ DEVICE_DEFAULTS = {
     # costs 0.78x the whole head's and 98% of ar's tokens lie inside; sd ran 1.20x ar against 1.12x
     # with the whole head on held-out code, experiments/results/sd_draft.md). The same run measured sd
     # with windows of up to 7 ending below 0.6 (draft_stop) at 1.25x; that stays opt-in.
-    # The early exit's LM head on one CPU device: the same 32768 ids (README, "Mirror-SD's early exit").
-    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_vocab": 32768, "exit_vocab": 32768},
+    # The early exit keeps its whole LM head: at 32768 ids its prefix was 14 ms shorter but the branch
+    # hit rate fell from 0.55 to 0.48 on code (experiments/results/bench_methods_code.md), a wash.
+    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_vocab": 32768, "exit_vocab": 0},
     # Accelerators: not measured yet, so the whole head.
     "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0},
     "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0},
@@ -242,7 +243,7 @@ def generate(
     `exit_vocab` (mirror with branch rollouts): the early exit's LM head covers only these token
     ids, or the first N plus EOS/special tokens (`mirror_jax.exit.head.restrict_exit`); its
     candidates only choose which branches are rolled out, so the output never changes. 0: the whole
-    vocabulary; None: the device default (32768 for a target on one CPU device, else whole)."""
+    vocabulary; None: the device default (the whole vocabulary on every device kind for now)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     if loop not in LOOPS:
