@@ -128,6 +128,8 @@ def main(argv=None) -> int:
             rec["modeled_round_ms"] = modeled_round_ms(ph, method, rec.get("fallback_rate"))["modeled"]
             rec["overlap_efficiency"] = rec["round_wall_ms_median"] / rec["modeled_round_ms"]
 
+    # the exit of the first mirror row that ran one (budget 0 runs none)
+    exit_used = next((r["exit"] for r in rows if r["method"].startswith("mirror") and r["exit"][1]), None)
     cols = ["placement", "method", "branch_budget", "tokens", "rounds", "tokens_per_s", "speedup_vs_ar", "vs_sd",
             "mean_tokens_per_round", "fallback_rate",
             "omega_kappa", "round_wall_ms_median", "modeled_round_ms", "overlap_efficiency", "identical_to_ar"]
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     md = [f"# Methods on the default pair (greedy, {len(prompts)} SpecBench prompts, {n_new} new tokens)\n",
           machine_md(info),
           f"\nSettings: gamma={args.gamma}, kappa={args.kappa} (mirror rows: their branch budget in the table), "
-          f"mirror's exit (layer, head): {next((r['exit'] for r in rows if r['method'].startswith('mirror')), None)}"
+          f"mirror's exit (layer, head): {exit_used}"
           f"{', mirror_untrained: the untrained exit at N/2' if args.untrained_exit else ''}. "
           f"Command: `python experiments/bench_methods.py {' '.join(argv or sys.argv[1:])}`\n\n",
           markdown_table(rows, cols, fmt), "\nPer prompt (seconds, tokens, rounds):\n\n",
