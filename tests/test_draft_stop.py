@@ -164,9 +164,33 @@ def test_draft_stop_settings_are_checked(models):
     for bad in (-0.1, 1.0, 2, "0.5", True):
         with pytest.raises(ConfigError, match="draft_stop must be a probability"):
             generate(target, ps, 4, method="sd", draft=draft, draft_stop=bad)
-    with pytest.raises(ConfigError, match="applies to method 'sd'"):
-        generate(target, ps, 4, method="mirror", draft=draft, draft_stop=0.5)
+    with pytest.raises(ConfigError, match="vanilla SD's rounds"):  # branch rollouts assume whole windows
+        generate(target, ps, 4, method="mirror", draft=draft, draft_stop=0.5, branch_budget=1)
     sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
     ssp = init_ss_params(draft[0], sscfg, draft[1], seed=3)
     with pytest.raises(ConfigError, match="speculative-streaming"):
         generate(target, ps, 4, method="sd", draft=draft, draft_stop=0.5, ss_adapter=(sscfg, ssp))
+
+
+def test_device_defaults_for_vanilla_sd_rounds(models):
+    """On CPU, vanilla SD's rounds with the plain draft (sd; mirror without rollouts, the one-device
+    default) default to windows of up to 7 that end below 0.6; an explicit gamma gets full windows;
+    Mirror-SD with rollouts and the SS draft keep gamma 4 and full windows."""
+    target, draft = models
+    ps = prompts(2, seed=9)
+    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+    ssp = init_ss_params(draft[0], sscfg, draft[1], seed=3)
+    cases = [(dict(method="sd"), 7, 0.6), (dict(method="sd", gamma=4), 4, 0.0),
+             (dict(method="mirror"), 7, 0.6), (dict(method="mirror", branch_budget=0, gamma=3), 3, 0.0),
+             (dict(method="mirror", branch_budget=1), 4, 0.0),
+             (dict(method="mirror", placement="cpu:0,cpu:1"), 4, 0.0),
+             (dict(method="sd", ss_adapter=(sscfg, ssp)), 4, 0.0)]
+    for kw, gamma, stop in cases:
+        st = generate(target, ps, 6, draft=draft, **kw).stats["settings"]
+        assert (st["gamma"], st["draft_stop"]) == (gamma, stop), kw
+    ref = generate(target, ps, 20).tokens
+    sd = generate(target, ps, 20, method="sd", draft=draft)
+    mi = generate(target, ps, 20, method="mirror", draft=draft)
+    assert sd.tokens == mi.tokens == ref
+    assert sd.stats["accepted_hist"] == mi.stats["accepted_hist"]
+    assert sd.stats["drafted_per_round"] == mi.stats["drafted_per_round"] < 7

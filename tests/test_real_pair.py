@@ -100,14 +100,14 @@ def test_committed_ss_adapter_streams(real):
 
 def test_device_loop_and_draft_stop_on_the_real_pair(real):
     """The device loop (the three prompts as one batch in one `lax.while_loop`) gives ar's tokens for
-    sd and mirror; sd with an early-stopping draft (draft_stop) over a reduced vocabulary
+    sd and mirror (one branch per round); sd with an early-stopping draft (draft_stop) over a reduced vocabulary
     (draft_vocab) gives them too, proposing fewer tokens per round than its maximum window."""
     from mirror_jax.engine.api import generate
 
     t, d, ids = real["target"], real["draft"], real["ids"]
     ar = real.get("ar") or generate(t, ids, N_SPEC).tokens
-    for method in ("sd", "mirror"):
-        res = generate(t, ids, N_SPEC, method=method, draft=d, gamma=4, loop="device")
+    for method, kw in (("sd", {}), ("mirror", dict(branch_budget=1))):  # mirror: with a branch per round
+        res = generate(t, ids, N_SPEC, method=method, draft=d, gamma=4, loop="device", **kw)
         assert res.tokens == ar, method
         assert res.stats["batch"] == 3 and res.stats["mean_tokens_per_round"] > 2.0, (method, res.stats)
     res = generate(t, ids, N_SPEC, method="sd", draft=d, gamma=7, draft_stop=0.6, draft_vocab=32768)

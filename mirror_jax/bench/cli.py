@@ -39,8 +39,9 @@ def _positive(s: str) -> int:
 def add_draft_args(p: argparse.ArgumentParser) -> None:
     """The draft and early-exit options `mirror-jax generate` and `mirror-jax bench` share."""
     p.add_argument("--draft-stop", type=float, default=None,
-                   help="sd: the draft ends a window after a token it gives less than this probability "
-                        "(gamma becomes a maximum; 0: full windows; default: per device kind)")
+                   help="vanilla SD's rounds (sd; mirror without rollouts): the draft ends a window after a token "
+                        "it gives less than this probability (gamma becomes a maximum; 0: full windows; default: "
+                        "per device kind when --gamma is not given either, CPU 0.6 with windows of up to 7)")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="the draft's LM head covers only the first N token ids plus EOS/special tokens "
                         "(a cheaper draft forward; lossless; 0: the whole vocabulary; default: per device kind)")

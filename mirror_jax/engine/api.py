@@ -49,17 +49,22 @@ DEVICE_DEFAULTS = {
     # Branch budgets apply where the draft has a device of its own (`default_branch_budget`: none
     # where it shares the target's). CPU: one branch. Measured (experiments/results/bench_methods*.md):
     # on one CPU device a 2-row draft forward costs ~1.8x a 1-row one, so budget 1 ran fastest of
-    # budgets 1, 2, 4 (0.86x sd on code; budgets 2 and 4 hit more often, fallback 0.23 / 0.13, but ran
-    # at 0.74x / 0.71x sd). Every draft on one CPU device: a 32768-token LM head (the draft forward
-    # costs 0.78x the whole head's and 98% of ar's tokens lie inside; sd ran 1.20x ar against 1.12x
-    # with the whole head on held-out code, experiments/results/sd_draft.md). The same run measured sd
-    # with windows of up to 7 ending below 0.6 (draft_stop) at 1.25x; that stays opt-in.
-    # The early exit keeps its whole LM head: at 32768 ids its prefix was 14 ms shorter but the branch
+    # budgets 1, 2, 4. Every draft on one CPU device: a 32768-token LM head (the draft forward
+    # costs ~0.8x the whole head's and 98% of ar's tokens on code lie inside).
+    # Vanilla SD's rounds with the plain draft (sd; mirror without rollouts) on CPU: windows of up to
+    # sd_gamma = 7 tokens that end after a token the draft gives less than draft_stop = 0.6. In three
+    # runs it beat gamma 4 with full windows: 1.25x vs 1.20x ar and 1.40x vs 1.31x on held-out code
+    # (experiments/results/sd_draft.md at bdf5dc7 and 7d4e080), 0.98x vs 0.91x on five SpecBench
+    # questions (sd_draft_specbench.md at 3bc0bdd).
+    # The early exit keeps its whole LM head: at 32768 ids its prefix was 19 ms shorter but the branch
     # hit rate fell from 0.55 to 0.48 on code (experiments/results/bench_methods_code.md), a wash.
-    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_vocab": 32768, "exit_vocab": 0},
-    # Accelerators: not measured yet, so the whole head.
-    "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0},
-    "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0},
+    "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_vocab": 32768, "exit_vocab": 0,
+            "sd_gamma": 7, "draft_stop": 0.6},
+    # Accelerators: not measured yet, so the whole heads and the paper's full windows of 7.
+    "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0, "sd_gamma": 7,
+            "draft_stop": 0.0},
+    "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0, "sd_gamma": 7,
+            "draft_stop": 0.0},
 }
 
 
@@ -140,9 +145,18 @@ def resolve_settings(
     method, target_cfg, placement: Placement, *, gamma, kappa, exit_layer, branch_budget, verifier,
     sampling: SamplingParams, profile: bool, allow_full_exit: bool, draft_stop=None, ss: bool = False,
 ) -> SpecSettings:
-    """Fill in device defaults and validate every setting before any work starts."""
+    """Fill in device defaults and validate every setting before any work starts.
+
+    Vanilla SD's rounds (method "sd", and "mirror" without branch rollouts: `default_branch_budget`)
+    with the plain draft take the device's ``sd_gamma`` and, when gamma is not given either, its
+    ``draft_stop``; Mirror-SD with rollouts and the SS draft take ``gamma`` and full windows."""
     d = _device_defaults(placement)
-    gamma = d["gamma"] if gamma is None else gamma
+    no_rollouts = branch_budget == 0 or (branch_budget is None and not placement.separate)
+    plain_sd = (method == "sd" or (method == "mirror" and no_rollouts)) and not ss
+    if draft_stop is None:  # the device's adaptive window goes with its window length, not with any gamma
+        draft_stop = d["draft_stop"] if plain_sd and gamma is None else 0.0
+    if gamma is None:
+        gamma = d["sd_gamma"] if plain_sd else d["gamma"]
     kappa = d["kappa"] if kappa is None else kappa
     n = target_cfg.num_layers
     exit_layer = n // 2 if exit_layer is None else exit_layer
@@ -171,14 +185,14 @@ def resolve_settings(
             f"verifier {verifier!r} does not fit temperature={sampling.temperature}: use 'greedy' with "
             f"temperature 0 and 'sample_match' or 'rejection' with temperature > 0"
         )
-    if draft_stop is None:
-        draft_stop = 0.0
     if isinstance(draft_stop, bool) or not isinstance(draft_stop, int | float) or not 0.0 <= draft_stop < 1.0:
         raise ConfigError(f"draft_stop must be a probability in [0, 1) (0: full windows), got {draft_stop!r}")
-    if draft_stop > 0 and (method != "sd" or ss):
+    if draft_stop > 0 and (ss or not (method == "sd" or budget == 0)):
         raise ConfigError(
-            f"draft_stop (ending a window early) applies to method 'sd' with the plain draft; got method {method!r}"
-            + (" with a speculative-streaming draft" if ss else "") + ": leave draft_stop at None or 0")
+            "draft_stop (ending a window early) applies to vanilla SD's rounds with the plain draft (method 'sd', "
+            f"or 'mirror' with branch_budget=0); got method {method!r}"
+            + (" with a speculative-streaming draft" if ss else f" with branch_budget={budget}")
+            + ": leave draft_stop at None or 0")
     return SpecSettings(method, gamma, kappa, exit_layer, budget, verifier, profile, float(draft_stop))
 
 
@@ -230,10 +244,12 @@ def generate(
     untrained exit (the target's LM head on layer l_e). It changes which branches are rolled out,
     never the output.
 
-    `draft_stop` (sd, plain draft): the draft ends a window after a token it gives less than this
-    probability, so gamma is a maximum (adaptive draft length; lossless: verification never accepts
-    past the drafted tokens). 0 keeps full windows; None takes the device default (full windows
-    everywhere for now; ``gamma=7, draft_stop=0.6`` measured fastest on CPU, see the README).
+    `draft_stop` (vanilla SD's rounds with the plain draft: sd, or mirror without rollouts): the
+    draft ends a window after a token it gives less than this probability, so gamma is a maximum
+    (adaptive draft length; lossless: verification never accepts past the drafted tokens). 0 keeps
+    full windows; None takes the device default when gamma is not given either (CPU: windows of up
+    to 7 ending below 0.6, measured fastest there, see the README; accelerators: full windows of 7),
+    and full windows with an explicit gamma.
 
     `draft_vocab`: the draft's LM head covers only these token ids (a sequence), or the first N ids
     plus the EOS and special tokens (an int N); a cheaper draft forward that never proposes the other
