@@ -52,7 +52,7 @@ def test_mirror_without_rollouts_runs_vanilla_sd_rounds(models, loop, gamma):
     sd = generate(target, ps, N_NEW, method="sd", **kw)
     mi = generate(target, ps, N_NEW, method="mirror", branch_budget=0, **kw)
     assert mi.tokens == sd.tokens == ref
-    for k in ("rounds", "accepted_hist", "draft_forwards_per_round"):
+    for k in ("rounds", "accepted_hist", "draft_forwards_per_round", "drafted_per_round"):
         assert mi.stats[k] == sd.stats[k], k
     assert mi.stats["reuse"] == 0 and mi.stats["fallback_rate"] == 1.0 and mi.stats["omega_kappa"] is None
     if loop == "host":

@@ -160,7 +160,7 @@ def summarize_rows(counts: dict, method: str, rollouts: bool = True) -> dict:
         "accepted_hist": hist.tolist(),
         "draft_forwards_per_round": float(c["draft_forwards"].sum() / rounds),
     }
-    if method == "sd" and "drafted" in c:
+    if (method == "sd" or not rollouts) and "drafted" in c:  # vanilla SD's rounds (mirror without rollouts too)
         out["drafted_per_round"] = float(c["drafted"].sum() / rounds)
     if method == "mirror":
         reuse = int(c["reuse"].sum())
