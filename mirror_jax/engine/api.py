@@ -151,7 +151,7 @@ def resolve_settings(
     with the plain draft take the device's ``sd_gamma`` and, when gamma is not given either, its
     ``draft_stop``; Mirror-SD with rollouts and the SS draft take ``gamma`` and full windows."""
     d = _device_defaults(placement)
-    no_rollouts = branch_budget == 0 or (branch_budget is None and not placement.separate)
+    no_rollouts = (default_branch_budget(placement, 1) if branch_budget is None else branch_budget) == 0
     plain_sd = (method == "sd" or (method == "mirror" and no_rollouts)) and not ss
     if draft_stop is None:  # the device's adaptive window goes with its window length, not with any gamma
         draft_stop = d["draft_stop"] if plain_sd and gamma is None else 0.0
@@ -281,10 +281,8 @@ def generate(
         return res
     cfg_d, p_d, tok_d = _unpack(draft, "draft (needed for method 'sd'/'mirror')")
     check_pair(cfg_t, cfg_d, tok_t, tok_d)
-    if draft_vocab is None:  # the device default, for a draft on one device (a group keeps its whole head)
-        one = len(pl.draft_group) == 1
-        draft_vocab = _device_defaults(pl)["draft_vocab"] if one else 0
-    ids = _vocab_setting(draft_vocab, cfg_d, tok_d, "draft_vocab", "the draft", pl.draft_group)
+    ids = _vocab_setting(draft_vocab, cfg_d, tok_d, "draft_vocab", "the draft", pl.draft_group,
+                         default=_device_defaults(pl)["draft_vocab"])
     if ids is not None:
         p_d = _restricted(p_d, cfg_d, ids)
     exit_layer, head = resolve_exit(exit_head, target, cfg_t, exit_layer) if method == "mirror" else (exit_layer, None)
@@ -296,9 +294,8 @@ def generate(
     if method == "sd" and exit_vocab not in (None, 0):
         raise ConfigError("exit_vocab applies to method 'mirror' (vanilla SD has no early exit)")
     if s.rollouts:
-        if exit_vocab is None:  # the device default, for a target on one device
-            exit_vocab = _device_defaults(pl, pl.target)["exit_vocab"] if len(pl.target_group) == 1 else 0
-        ids = _vocab_setting(exit_vocab, cfg_t, tok_t, "exit_vocab", "the target", pl.target_group)
+        ids = _vocab_setting(exit_vocab, cfg_t, tok_t, "exit_vocab", "the target", pl.target_group,
+                             default=_device_defaults(pl, pl.target)["exit_vocab"])
         if ids is not None:
             head = _restricted_exit(head, cfg_t, p_t, ids, s.exit_layer)
     capacity = cache_capacity(max(map(len, prompts)), max_new_tokens, s.margin(), max_len)
@@ -352,16 +349,19 @@ def _generate_device(tgt: TargetModel, drf: DraftModel, s: SpecSettings, pl: Pla
              "settings": dataclasses.asdict(s), "placement": pl.describe(),
              "draft_kind": "ar" if drf.ss is None else "ss", "exit_head": _exit_kind(tgt, s),
              "draft_vocab": _vocab_size(drf), "exit_vocab": _exit_vocab_size(tgt, s)}
-    stats.update(summarize_rows(counts, s.method, rollouts=s.rollouts))
+    stats.update(summarize_rows(counts, s.method, s.rollouts))
     res = GenerationResult(tokens=tokens, stats=stats)
     res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)
     return res
 
 
-def _vocab_setting(setting, cfg, tok, name: str, whose: str, group) -> np.ndarray | None:
+def _vocab_setting(setting, cfg, tok, name: str, whose: str, group, default=0) -> np.ndarray | None:
     """The checked, sorted token ids of a `draft_vocab` / `exit_vocab` setting (an int N: the first
     N ids plus EOS and the tokenizer's special tokens; a sequence: those ids), or None for the whole
-    vocabulary (0, or ids that cover it)."""
+    vocabulary (0, or ids that cover it). None takes `default` (the device kind's) for a model on one
+    device; a model sharded over a group keeps its whole head."""
+    if setting is None:
+        setting = default if len(group) == 1 else 0
     if isinstance(setting, int | np.integer) and not isinstance(setting, bool) and setting == 0:
         return None
     if len(group) > 1:

@@ -141,10 +141,11 @@ def modeled_round_ms(ph: dict, method: str, fallback_rate: float | None = None) 
             "fallback_share": fb}
 
 
-def summarize_rows(counts: dict, method: str, rollouts: bool = True) -> dict:
+def summarize_rows(counts: dict, method: str, rollouts: bool) -> dict:
     """The `summarize` statistics from the device loop's per-row counters (`RowStats` fetched to
     the host as arrays: rounds [B], accepted_hist [B, gamma+1], draft_forwards, reuse, omega_hits),
-    plus ``per_row``: the same counters per batch row. No per-round wall times exist there."""
+    plus ``per_row``: the same counters per batch row. No per-round wall times exist there.
+    `rollouts`: the rounds were Mirror-SD's branch rounds (`SpecSettings.rollouts`), not vanilla SD's."""
     c = {k: np.asarray(v) for k, v in counts.items()}
     rounds = int(c["rounds"].sum())
     if not rounds:
@@ -160,7 +161,7 @@ def summarize_rows(counts: dict, method: str, rollouts: bool = True) -> dict:
         "accepted_hist": hist.tolist(),
         "draft_forwards_per_round": float(c["draft_forwards"].sum() / rounds),
     }
-    if (method == "sd" or not rollouts) and "drafted" in c:  # vanilla SD's rounds (mirror without rollouts too)
+    if not rollouts and "drafted" in c:  # vanilla SD's rounds: sd, and mirror without rollouts
         out["drafted_per_round"] = float(c["drafted"].sum() / rounds)
     if method == "mirror":
         reuse = int(c["reuse"].sum())
