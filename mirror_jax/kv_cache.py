@@ -1,7 +1,12 @@
 """Static-shape KV cache with per-row lengths and rollback.
 
-Layout: per layer ``k, v: [B, S, H_kv, D]``, plus ``lengths: [B]`` int32, the number of committed
+Layout: per layer ``k, v: [B, H_kv, S, D]``, plus ``lengths: [B]`` int32, the number of committed
 tokens of each row. Slot == position: the token at position p of row b lives in slot p.
+
+Heads before slots (as jax-ml/jax-llm-examples lays out its caches): attention contracts each
+(row, KV head) with a contiguous [S, D] slab. With slots before heads XLA:CPU copies the cache into
+that order for every layer once the batch has more than one row: 5.9 vs 1.7 ms per layer at B = 8,
+S = 1024 (`experiments/probe_attention.py`).
 
 Protocol (worked example, one row, capacity S = 8)::
 
@@ -27,6 +32,8 @@ from flax import struct
 
 from mirror_jax.config import ModelConfig
 
+SLOT_AXIS = 2  # the slot (position) axis of a [B, H_kv, S, D] cache buffer
+
 
 class CacheCapacityError(ValueError):
     """A write would go past the end of the KV cache."""
@@ -34,13 +41,13 @@ class CacheCapacityError(ValueError):
 
 @struct.dataclass
 class KVCache:
-    k: tuple[jax.Array, ...]  # per layer [B, S, H_kv, D]
-    v: tuple[jax.Array, ...]  # per layer [B, S, H_kv, D]
+    k: tuple[jax.Array, ...]  # per layer [B, H_kv, S, D]
+    v: tuple[jax.Array, ...]  # per layer [B, H_kv, S, D]
     lengths: jax.Array  # [B] int32, committed tokens per row
 
     @property
     def capacity(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[SLOT_AXIS]
 
     @property
     def batch(self) -> int:
@@ -48,7 +55,7 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32, device=None) -> KVCache:
-    shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
 
     def z():
         a = jnp.zeros(shape, dtype)
@@ -65,11 +72,13 @@ def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32, d
 
 
 def write_slots(buf: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """Write ``new: [B, T, H, D]`` into ``buf: [B, S, H, D]`` at ``positions: [B, T]``.
+    """Write ``new: [B, T, H, D]`` (token-major, as the projections give it) into ``buf: [B, H, S, D]``
+    at ``positions: [B, T]``.
 
     Slots outside ``[0, S)`` are dropped (never written)."""
     b = jnp.arange(buf.shape[0])[:, None]  # [B, 1]
-    return buf.at[b, positions].set(new.astype(buf.dtype), mode="drop")
+    # The two index arrays are split by a slice, so (numpy rules) the indexed view is [B, T, H, D].
+    return buf.at[b, :, positions].set(new.astype(buf.dtype), mode="drop")
 
 
 def commit(cache: KVCache, n) -> KVCache:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from mirror_jax.config import ModelConfig
-from mirror_jax.kv_cache import KVCache, write_slots
+from mirror_jax.kv_cache import SLOT_AXIS, KVCache, write_slots
 from mirror_jax.params import LayerParams, ModelParams
 
 NEG_INF = -1e30
@@ -114,18 +114,18 @@ def project_qkv(cfg: ModelConfig, lp: LayerParams, x: jax.Array, positions: jax.
 
 
 def attention_scores(cfg: ModelConfig, q: jax.Array, k: jax.Array) -> jax.Array:
-    """q: [B, T, Nq, D], k: [B, S, Nkv, D] -> scaled scores [B, Nkv, G, T, S] (float32)."""
+    """q: [B, T, Nq, D], k: [B, Nkv, S, D] -> scaled scores [B, Nkv, G, T, S] (float32)."""
     b, t = q.shape[:2]
     g = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(b, t, cfg.num_kv_heads, g, cfg.head_dim)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    s = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32)
     return s * (cfg.head_dim**-0.5)
 
 
 def attention_values(cfg: ModelConfig, probs: jax.Array, v: jax.Array) -> jax.Array:
-    """probs: [B, Nkv, G, T, S], v: [B, S, Nkv, D] -> [B, T, Nq*D]."""
+    """probs: [B, Nkv, G, T, S], v: [B, Nkv, S, D] -> [B, T, Nq*D]."""
     b, _, _, t, _ = probs.shape
-    o = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    o = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return o.reshape(b, t, cfg.q_size)
 
 
@@ -162,7 +162,7 @@ def layer_forward(cfg, lp: LayerParams, x, k_buf, v_buf, positions, mask):
 
 def run_layers(cfg, layers, x, ks, vs, positions):
     """Run a contiguous slice of layers. ks/vs: the matching slice of cache buffers."""
-    mask = causal_cache_mask(positions, ks[0].shape[1]) if layers else None
+    mask = causal_cache_mask(positions, ks[0].shape[SLOT_AXIS]) if layers else None
     new_k, new_v = [], []
     for lp, kb, vb in zip(layers, ks, vs, strict=True):
         x, kb, vb = layer_forward(cfg, lp, x, kb, vb, positions, mask)

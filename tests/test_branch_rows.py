@@ -50,8 +50,8 @@ def test_branch_rows_match_rollouts_on_copied_rows():
     for i in range(4):
         s = int(start[i])
         for layer in range(cfg.num_layers):
-            np.testing.assert_allclose(buf.k[layer][i], rows.k[layer][i, s : s + GAMMA + 1], rtol=1e-4, atol=1e-4)
-            np.testing.assert_allclose(buf.v[layer][i], rows.v[layer][i, s : s + GAMMA + 1], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(buf.k[layer][i], rows.k[layer][i, :, s : s + GAMMA + 1], rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(buf.v[layer][i], rows.v[layer][i, :, s : s + GAMMA + 1], rtol=1e-4, atol=1e-4)
     # Rows whose x_r is already cached (depth < gamma) may feed v alone: the same tokens and K/V.
     shallow = np.asarray(depth) < GAMMA
     toks1, _, _, buf1 = branch_chain(cfg, dp, cache, start[shallow], first[shallow], GAMMA, samp, x_cached=True)
@@ -63,10 +63,11 @@ def test_branch_rows_match_rollouts_on_copied_rows():
     after = write_branch(cache, buf, 2)
     s = int(start[2])
     for layer in range(cfg.num_layers):
-        want = rows.k[layer][2, s : s + GAMMA + 1]
-        np.testing.assert_allclose(after.k[layer][0, s : s + GAMMA + 1], want, rtol=1e-4, atol=1e-4)
-        np.testing.assert_array_equal(np.asarray(after.k[layer][0, :s]), before[layer][0, :s])
-        np.testing.assert_array_equal(np.asarray(after.k[layer][0, s + GAMMA + 1 :]), before[layer][0, s + GAMMA + 1 :])
+        want = rows.k[layer][2, :, s : s + GAMMA + 1]
+        np.testing.assert_allclose(after.k[layer][0, :, s : s + GAMMA + 1], want, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(np.asarray(after.k[layer][0, :, :s]), before[layer][0, :, :s])
+        np.testing.assert_array_equal(np.asarray(after.k[layer][0, :, s + GAMMA + 1 :]),
+                                      before[layer][0, :, s + GAMMA + 1 :])
     assert int(after.lengths[0]) == int(cache.lengths[0])
     unchanged = write_branch(cache, buf, 2, keep=False)
     for layer in range(cfg.num_layers):

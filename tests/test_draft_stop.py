@@ -105,9 +105,9 @@ def test_draft_chain_until_is_the_plain_chain_cut_short():
         np.testing.assert_allclose(np.asarray(c2[0, : k + 1]), conf[: k + 1], rtol=1e-5, atol=1e-6)
         assert int(cut.lengths[0]) == base
         for kc, kf, kz in zip(cut.k, full.k, cache.k, strict=True):
-            np.testing.assert_allclose(np.asarray(kc[:, base : base + k + 1]), np.asarray(kf[:, base : base + k + 1]),
-                                       rtol=1e-5, atol=1e-6)
-            np.testing.assert_array_equal(np.asarray(kc[:, base + k + 1]), np.asarray(kz[:, base + k + 1]))
+            np.testing.assert_allclose(np.asarray(kc[:, :, base : base + k + 1]),
+                                       np.asarray(kf[:, :, base : base + k + 1]), rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(np.asarray(kc[:, :, base + k + 1]), np.asarray(kz[:, :, base + k + 1]))
     # A threshold nothing reaches stops after the first token; none at all drafts the whole window.
     assert int(draft_chain_until(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma, samp, 0.0)[4][0]) == 1
     assert int(draft_chain_until(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma, samp, -1e9)[4][0]) == gamma
@@ -194,3 +194,4 @@ def test_device_defaults_for_vanilla_sd_rounds(models):
     assert sd.tokens == mi.tokens == ref
     assert sd.stats["accepted_hist"] == mi.stats["accepted_hist"]
     assert sd.stats["drafted_per_round"] == mi.stats["drafted_per_round"] < 7
+

@@ -57,7 +57,7 @@ def test_one_round_by_hand_places_every_array():
     branches = R.draft_rollout(cfg, dp, cache_d, last_d, window, ch_d, samp_d, budget=budget)
     assert _devices(branches) == {pl.draft}
     assert branches.tokens.shape == (budget, gamma)
-    assert branches.buffer.k[0].shape == (budget, gamma + 1, cfg.num_kv_heads, cfg.head_dim)
+    assert branches.buffer.k[0].shape == (budget, cfg.num_kv_heads, gamma + 1, cfg.head_dim)
 
     logits, cache_t = R.target_suffix(cfg, tp, hidden, cache_t, exit_layer=2)
     verdict, cache_t = R.verify(logits, win_t, None, cache_t, samp_t, ee.top_ids, rule="greedy")

@@ -90,9 +90,22 @@ def test_writes_beyond_capacity_are_refused():
     with pytest.raises(CacheCapacityError, match="capacity"):
         check_headroom(np.array([30, 5]), 3, 32)
     check_headroom(np.array([29, 5]), 3, 32)  # exactly fits
-    buf = jnp.zeros((1, 4, 1, 2))
+    buf = jnp.zeros((1, 1, 4, 2))  # [B, Hkv, S, D]
     out = write_slots(buf, jnp.ones((1, 3, 1, 2)), jnp.asarray([[2, 3, 4]]))  # slot 4 does not exist
-    assert out[0, :, 0, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert out[0, 0, :, 0].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_write_slots_puts_each_token_at_its_row_and_slot():
+    # Two rows, two KV heads: new[b, t, h] must land at buf[b, h, positions[b, t]], nowhere else.
+    new = jnp.arange(2 * 3 * 2 * 1, dtype=jnp.float32).reshape(2, 3, 2, 1) + 1  # [B, T, Hkv, D]
+    pos = jnp.asarray([[1, 2, 3], [4, 0, 6]])
+    out = np.asarray(write_slots(jnp.zeros((2, 2, 6, 1)), new, pos))  # slot 6 of row 1 is dropped
+    want = np.zeros((2, 2, 6, 1), np.float32)
+    for b in range(2):
+        for t in range(3):
+            if pos[b, t] < 6:
+                want[b, :, int(pos[b, t])] = np.asarray(new[b, t])
+    np.testing.assert_array_equal(out, want)
 
 
 def test_ar_batch_matches_full_forward_loop(model):

@@ -54,7 +54,7 @@ def test_sharded_weights_cache_and_collectives(sharded_run):
     assert shard["w_qkv"] == [full["w_qkv"][0] // 4, full["w_qkv"][1]]  # heads split 4 ways
     assert shard["w_down"] == [full["w_down"][0], full["w_down"][1] // 4]  # MLP columns split
     assert shard["lm_head"] == [full["lm_head"][0] // 4, full["lm_head"][1]]  # vocabulary split
-    assert out["cache_shard_shape"][2] == 8 // 4  # K/V heads per device
+    assert out["cache_shard_shape"][1] == 8 // 4  # K/V heads per device ([B, Hkv, S, D])
     coll = out["target_full_collectives"]
     # Megatron pattern: the row-parallel w_o and w_down partial sums are all-reduced, two per layer;
     # heads stay local (no all-to-all / permute between q/k/v and attention) and no weight is gathered.

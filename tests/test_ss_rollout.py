@@ -74,7 +74,8 @@ def test_greedy_equal(batch, gamma):
     for b in range(batch):
         lo = int(cache.lengths[b])
         for ka, kb in zip(c_ar.k + c_ar.v, c_ss.k + c_ss.v, strict=True):
-            np.testing.assert_allclose(np.asarray(ka[b, : lo + gamma]), np.asarray(kb[b, : lo + gamma]), atol=1e-5)
+            np.testing.assert_allclose(np.asarray(ka[b, :, : lo + gamma]), np.asarray(kb[b, :, : lo + gamma]),
+                                       atol=1e-5)
 
 
 def test_perfect_streams_need_fewer_forwards():
@@ -135,7 +136,7 @@ def test_committed_tokens_before_the_root_join_the_first_forward(batch):
     for b in range(batch):
         hi = int(cache.lengths[b]) + 1 + 5  # the committed token, the root, y_1 .. y_4
         for ka, kb in zip(c_ref.k + c_ref.v, c_ss.k + c_ss.v, strict=True):
-            np.testing.assert_allclose(np.asarray(ka[b, :hi]), np.asarray(kb[b, :hi]), atol=1e-5)
+            np.testing.assert_allclose(np.asarray(ka[b, :, :hi]), np.asarray(kb[b, :, :hi]), atol=1e-5)
     assert 1 <= int(nf) <= 5
     zero = PARAMS.replace(lm_head=jnp.zeros_like(PARAMS.lm_head))  # every stream right (see above)
     zc = init_cache(CFG, 1, CAP).replace(lengths=jnp.asarray([3], jnp.int32))

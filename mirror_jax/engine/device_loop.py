@@ -237,9 +237,9 @@ def _rollout_rows(spec: LoopSpec, params_d: ModelParams, cache_d: KVCache, last,
 def _write_reused(cache_d: KVCache, br: Branches, idx, keep) -> KVCache:
     """Write each row's reused branch buffer (row b: branch idx[b], where keep[b]) into the cache."""
     rows = jnp.arange(idx.shape[0])
-    width = br.buffer.k[0].shape[2]
+    width = br.buffer.k[0].shape[3]  # [B, budget, Hkv, W, D]
     pos = jnp.where(keep, br.buffer.start[rows, idx], cache_d.capacity)[:, None] + jnp.arange(width)  # [B, W]
-    put = lambda a, b: write_slots(a, b[rows, idx], pos)
+    put = lambda a, b: write_slots(a, b[rows, idx].swapaxes(1, 2), pos)  # [B, Hkv, W, D] -> [B, W, Hkv, D]
     return cache_d.replace(k=tuple(map(put, cache_d.k, br.buffer.k)), v=tuple(map(put, cache_d.v, br.buffer.v)))
 
 

@@ -121,8 +121,8 @@ def replicated(devices) -> NamedSharding:
 def init_sharded_cache(cfg: ModelConfig, batch: int, capacity: int, dtype, devices) -> KVCache:
     """A zero KV cache whose K/V are sharded over heads across `devices` (lengths replicated)."""
     mesh = make_mesh(devices)
-    kv = NamedSharding(mesh, P(None, None, AXIS, None))
-    shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+    kv = NamedSharding(mesh, P(None, AXIS, None, None))
+    shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
     z = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=kv)
     n = cfg.num_layers
     lengths = jax.device_put(jnp.zeros((batch,), jnp.int32), NamedSharding(mesh, P()))

@@ -1,8 +1,8 @@
 """Branch rows that share the draft's cache: each branch attends over the shared batch-1 cache
 plus its own small buffer, so a rollout of n branches never copies the cache n times.
 
-Layout, per draft layer: the shared cache ``k, v: [1, S, Hkv, D]`` (read only here) and the
-`BranchBuffer` ``k, v: [n, W, Hkv, D]`` with ``start: [n]``. Buffer slot j of row i holds the
+Layout, per draft layer: the shared cache ``k, v: [1, Hkv, S, D]`` (read only here) and the
+`BranchBuffer` ``k, v: [n, Hkv, W, D]`` with ``start: [n]``. Buffer slot j of row i holds the
 token at position ``start[i] + j``; row i sees shared slots ``< start[i]`` and its own buffer
 slots up to the query position. Attention is one softmax over both parts (the scores are
 concatenated, as `mirror_jax.ss.model.msa_stream_layer` does for its stream/main split).
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from mirror_jax import model as M
-from mirror_jax.kv_cache import KVCache, write_slots
+from mirror_jax.kv_cache import SLOT_AXIS, KVCache, write_slots
 from mirror_jax.sampling import Draw, SamplingArrays, own_logprob, pick
 
 
@@ -39,29 +39,29 @@ from mirror_jax.sampling import Draw, SamplingArrays, own_logprob, pick
 class BranchBuffer:
     """Per-branch K/V of the tokens a branch fed (``[x_r, v, t_1 .. t_{gamma-1}]``)."""
 
-    k: tuple[jax.Array, ...]  # per layer [n, W, Hkv, D]
-    v: tuple[jax.Array, ...]  # per layer [n, W, Hkv, D]
+    k: tuple[jax.Array, ...]  # per layer [n, Hkv, W, D]
+    v: tuple[jax.Array, ...]  # per layer [n, Hkv, W, D]
     start: jax.Array  # [n] int32: position of buffer slot 0; the row sees shared slots < start
 
 
 def empty_buffer(shared: KVCache, start: jax.Array, width: int) -> BranchBuffer:
     n = start.shape[0]
-    z = lambda a: jnp.zeros((n, width) + a.shape[2:], a.dtype)
+    z = lambda a: jnp.zeros((n, a.shape[1], width, a.shape[3]), a.dtype)
     return BranchBuffer(k=tuple(map(z, shared.k)), v=tuple(map(z, shared.v)), start=start.astype(jnp.int32))
 
 
 def _attend_two_part(cfg, q, ks, vs, shared_mask, kb, vb, buf_mask):
-    """q: [n, T, Nq, D]; ks/vs: shared [S, Nkv, D]; kb/vb: buffer [n, W, Nkv, D];
+    """q: [n, T, Nq, D]; ks/vs: shared [Nkv, S, D]; kb/vb: buffer [n, Nkv, W, D];
     shared_mask: [n, S]; buf_mask: [n, T, W]. Returns [n, T, Nq*D]."""
     n, t = q.shape[:2]
     g = cfg.num_heads // cfg.num_kv_heads
     qg = q.reshape(n, t, cfg.num_kv_heads, g, cfg.head_dim)
-    sc_s = jnp.einsum("btkgd,skd->bkgts", qg, ks, preferred_element_type=jnp.float32) * cfg.head_dim**-0.5
+    sc_s = jnp.einsum("btkgd,ksd->bkgts", qg, ks, preferred_element_type=jnp.float32) * cfg.head_dim**-0.5
     sc_s = jnp.where(shared_mask[:, None, None, None, :], sc_s, M.NEG_INF)  # [n, Nkv, G, T, S]
     sc_b = jnp.where(buf_mask[:, None, None], M.attention_scores(cfg, q, kb), M.NEG_INF)  # [n, Nkv, G, T, W]
     probs = jax.nn.softmax(jnp.concatenate([sc_s, sc_b], axis=-1), axis=-1)
-    p_s, p_b = probs[..., : ks.shape[0]], probs[..., ks.shape[0]:]
-    o_s = jnp.einsum("bkgts,skd->btkgd", p_s.astype(vs.dtype), vs, preferred_element_type=jnp.float32)
+    p_s, p_b = probs[..., : ks.shape[1]], probs[..., ks.shape[1]:]
+    o_s = jnp.einsum("bkgts,ksd->btkgd", p_s.astype(vs.dtype), vs, preferred_element_type=jnp.float32)
     return o_s.reshape(n, t, cfg.q_size) + M.attention_values(cfg, p_b, vb)
 
 
@@ -70,7 +70,7 @@ def branch_step(cfg, params, tokens, offset: int, shared: KVCache, buf: BranchBu
 
     Returns (logits [n, T, V] float32, buffer with the new K/V written)."""
     n, t = tokens.shape
-    width, cap = buf.k[0].shape[1], shared.capacity
+    width, cap = buf.k[0].shape[SLOT_AXIS], shared.capacity
     slots = offset + jnp.arange(t, dtype=jnp.int32)  # [T]
     positions = buf.start[:, None] + slots[None, :]  # [n, T]
     shared_mask = jnp.arange(cap)[None, :] < buf.start[:, None]  # [n, S]
@@ -111,7 +111,8 @@ def branch_chain(cfg, params, shared: KVCache, start, first, gamma: int, samp: S
         return logits[:, -1], buf
 
     def feed_root(buf):
-        copy = lambda sh, b: b.at[:, 0].set(sh[0, buf.start])  # [n, Hkv, D]: x_r's K/V from its slot
+        # x_r's K/V from its slot: [Hkv, n, D] -> [n, Hkv, D] into buffer slot 0
+        copy = lambda sh, b: b.at[:, :, 0].set(jnp.take(sh[0], buf.start, axis=1).swapaxes(0, 1))
         buf = buf.replace(k=tuple(map(copy, shared.k, buf.k)), v=tuple(map(copy, shared.v, buf.v)))
         logits, buf = branch_step(cfg, params, first[:, 1:], 1, shared, buf)
         return logits[:, -1], buf
@@ -139,14 +140,14 @@ def rows_to_buffer(rows: KVCache, start, width: int) -> BranchBuffer:
     start[i] .. start[i] + width - 1): what the speculative-streaming rollout, which runs on copied
     rows, hands to `write_branch`."""
     idx = start[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]  # [n, W]
-    take = lambda a: jnp.take_along_axis(a, idx[:, :, None, None], axis=1, mode="clip")
+    take = lambda a: jnp.take_along_axis(a, idx[:, None, :, None], axis=SLOT_AXIS, mode="clip")  # [n, Hkv, W, D]
     return BranchBuffer(k=tuple(map(take, rows.k)), v=tuple(map(take, rows.v)), start=start.astype(jnp.int32))
 
 
 def write_branch(shared: KVCache, buf: BranchBuffer, idx, keep=True) -> KVCache:
     """Write branch row `idx`'s buffer into the batch-1 shared cache at positions start[idx] ..
     (dropped where ``keep`` is False; writes past the capacity are dropped too). Lengths unchanged."""
-    width = buf.k[0].shape[1]
+    width = buf.k[0].shape[SLOT_AXIS]
     pos = jnp.where(keep, buf.start[idx], shared.capacity) + jnp.arange(width, dtype=jnp.int32)  # [W]
-    put = lambda a, b: write_slots(a, b[idx][None], pos[None])
+    put = lambda a, b: write_slots(a, b[idx].swapaxes(0, 1)[None], pos[None])  # [Hkv, W, D] -> [1, W, Hkv, D]
     return shared.replace(k=tuple(map(put, shared.k, buf.k)), v=tuple(map(put, shared.v, buf.v)))

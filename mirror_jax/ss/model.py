@@ -36,7 +36,7 @@ from flax import struct
 
 from mirror_jax import model as M
 from mirror_jax.config import ModelConfig
-from mirror_jax.kv_cache import KVCache, init_cache
+from mirror_jax.kv_cache import SLOT_AXIS, KVCache, init_cache
 from mirror_jax.params import LayerParams, ModelParams
 
 
@@ -166,7 +166,7 @@ def stream_layers(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: S
 def msa_stream_layer(cfg: ModelConfig, lp: LayerParams, xs, k_main, v_main, positions, main_mask):
     """One MSA layer for the streams (the main stream is run separately by `model.run_layers`).
 
-    xs: [B, T, s, H] stream states; k_main/v_main: [B, S, Nkv, D] main-stream K/V of this layer
+    xs: [B, T, s, H] stream states; k_main/v_main: [B, Nkv, S, D] main-stream K/V of this layer
     (already holding the current tokens); positions: [B, T]; main_mask: [B, T, S] (slot <= t).
     Stream j at t attends to main slots allowed by main_mask[t] and to streams 1..j at t.
     Returns [B, T, s, H]."""
@@ -187,7 +187,7 @@ def msa_stream_layer(cfg: ModelConfig, lp: LayerParams, xs, k_main, v_main, posi
     tri = jnp.tril(jnp.ones((s, s), bool))  # [j, i]: i <= j
     sc_ss = jnp.where(tri, sc_ss, M.NEG_INF).reshape(b, nkv, g, t * s, s)
     probs = jax.nn.softmax(jnp.concatenate([sc_main, sc_ss], axis=-1), axis=-1)
-    p_main, p_ss = probs[..., : k_main.shape[1]], probs[..., k_main.shape[1] :]
+    p_main, p_ss = probs[..., : k_main.shape[SLOT_AXIS]], probs[..., k_main.shape[SLOT_AXIS] :]
     o_main = M.attention_values(cfg, p_main, v_main)  # [B, T*s, Nq*D]
     p_ss = p_ss.reshape(b, nkv, g, t, s, s)
     o_ss = jnp.einsum("bkgtji,btikd->btjkgd", p_ss.astype(vs.dtype), vs, preferred_element_type=jnp.float32)
@@ -221,11 +221,11 @@ def stream_pass(
     layers: tuple[LayerParams, ...] | None = None,
 ):
     """Streams through the MSA layers. h0: [B, T, H]; ks_top/vs_top: the MSA layers' main K/V
-    buffers [B, S, Nkv, D] (holding the current tokens). Returns stream hidden [B, T, s, H].
+    buffers [B, Nkv, S, D] (holding the current tokens). Returns stream hidden [B, T, s, H].
     `layers`: precomputed `stream_layers(...)` (a rollout merges the LoRA once, not per forward)."""
     layers = stream_layers(cfg, sscfg, params, ssp) if layers is None else layers
     xs = h0[:, :, None, :] + ssp.stream_embed.astype(h0.dtype)[None, None]  # [B, T, s, H]
-    mask = M.causal_cache_mask(positions, ks_top[0].shape[1])
+    mask = M.causal_cache_mask(positions, ks_top[0].shape[SLOT_AXIS])
     for lp, kb, vb in zip(layers, ks_top, vs_top, strict=True):
         xs = msa_stream_layer(cfg, lp, xs, kb, vb, positions, mask)
     return xs

@@ -54,8 +54,8 @@ class MainFeatures:
     """Frozen main-stream quantities of a batch of full sequences (no cache)."""
 
     h0: jax.Array  # [B, T, H] main hidden at the input of layer L0
-    ks: tuple[jax.Array, ...]  # per MSA layer [B, T, Nkv, D] main keys
-    vs: tuple[jax.Array, ...]  # per MSA layer [B, T, Nkv, D] main values
+    ks: tuple[jax.Array, ...]  # per MSA layer [B, Nkv, T, D] main keys
+    vs: tuple[jax.Array, ...]  # per MSA layer [B, Nkv, T, D] main values
     nll_main: jax.Array  # [B, T] -log p_main(y_{t+1}); 0 at t = T-1
     greedy: jax.Array  # [B, T] int32 argmax of the main stream at t (the draft's guess of y_{t+1})
 
