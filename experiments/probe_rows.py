@@ -1,21 +1,23 @@
 """Probe: what a float32 product of M rows costs on this CPU, by formulation (why `model.dense` pads).
 
-Each weight of the default pair is stored ``[out, in]`` and multiplied as ``dot_general(W, x)``, an
-[out, M] product transposed back to [M, out]. Three formulations, for every weight shape of the
-target and the draft and M = 1 .. 16 rows (a decode step is 1 row, a gamma-4 verification window 5,
-an SS forward s+1 = 3, the branch rollouts the budget):
+Each weight of the default pair is stored ``[out, in]``. Four formulations, for every weight shape of
+the target and the draft and M rows (a decode step is 1 row, a gamma-4 verification window 5, an SS
+forward s+1 = 3, the branch rollouts the budget, a batch of B rows B x that, a prefill hundreds):
 
-* ``fused``   - ``dot_general(W, x).T``: XLA:CPU folds the transpose into the dot (the form
-  `mirror_jax.model.dense` used before this probe);
+* ``plain``   - ``dot_general(x, W)``: the [M, out] product directly;
+* ``fused``   - ``dot_general(W, x).T``: the [out, M] product, whose transpose XLA:CPU folds into the
+  dot (the form `mirror_jax.model.dense` used before this probe);
 * ``barrier`` - ``optimization_barrier(dot_general(W, x)).T``: the [out, M] product, then a separate
   transpose;
-* ``dense``   - `mirror_jax.model.dense` as it is now (the barrier, plus more than 4 rows padded to a multiple of 8).
+* ``dense``   - `mirror_jax.model.dense` as it is now (few rows: the barrier, more than 4 padded to a
+  multiple of 8; many rows: the plain form).
 
 ``--weights`` distinct weights per call (one for the LM heads), so nothing stays in cache; median ms
 of ``--repeats`` calls, and the cost relative to M = 1 of the same form. Writes
 ``experiments/results/probe_rows.{json,md}``::
 
     python experiments/probe_rows.py
+    python experiments/probe_rows.py --rows 16 32 64 96 128 192 256 512 --weights 1 --repeats 5 --name probe_rows_many
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def _dg(w, x):
 
 
 FORMS = {
+    "plain": lambda w, x: lax.dot_general(x, w, (((1,), (1,)), ((), ()))),  # [M, out] directly
     "fused": lambda w, x: _dg(w, x).T,
     "barrier": lambda w, x: lax.optimization_barrier(_dg(w, x)).T,
     "dense": lambda w, x: dense(x, w),

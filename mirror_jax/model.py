@@ -26,6 +26,7 @@ from mirror_jax.kv_cache import SLOT_AXIS, KVCache, write_slots
 from mirror_jax.params import LayerParams, ModelParams
 
 NEG_INF = -1e30
+MANY_ROWS = 256  # `_dense_f32_cpu`: from this many rows on, the plain [M, out] product
 
 
 def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
@@ -67,8 +68,13 @@ def _dense_f32_cpu(x2: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
       transpose then moves only M x out floats.
     * The [out, M] kernel streams the weight about once for M <= 4, costs ~1.7x that for M = 5..7
       but ~1.35x for M = 8, and ~2.5-3x for M = 9..12 but ~2x for M = 16, so more than 4 rows are
-      padded to a multiple of 8 (a gamma-4 verification window is 5 rows)."""
+      padded to a multiple of 8 (a gamma-4 verification window is 5 rows).
+    * From `MANY_ROWS` rows on (a prefill, a batch of long windows) the plain [M, out] product is
+      faster: the 1.5B target's gate_up at 512 rows 70 vs 93 ms, its LM head at 256 rows 321 vs 427
+      ms (``experiments/results/probe_rows_many.md``)."""
     m = x2.shape[0]
+    if m >= MANY_ROWS:
+        return lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=out_dtype)  # [M, out]
     pad = (-m) % 8 if m > 4 else 0
     xp = jnp.pad(x2, ((0, pad), (0, 0))) if pad else x2
     return lax.optimization_barrier(_out_by_rows(w, xp, out_dtype)).T[:m]  # [out, M + pad] -> [M, out]

@@ -1,15 +1,16 @@
-"""`model.dense`: the CPU form (product kept as [out, M] behind a barrier, rows padded to a multiple
-of 8 past 4) gives x @ w.T for every row count and leading shape, under jit, vmap and grad."""
+"""`model.dense`: the CPU forms (few rows: the product kept as [out, M] behind a barrier, padded to a
+multiple of 8 past 4; from `MANY_ROWS` on: the plain [M, out] product) give x @ w.T for every row
+count and leading shape, under jit, vmap and grad."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mirror_jax.model import dense
+from mirror_jax.model import MANY_ROWS, dense
 
 
-@pytest.mark.parametrize("lead", [(1,), (3,), (5,), (2, 3), (1, 7), (2, 9), (17,)])
+@pytest.mark.parametrize("lead", [(1,), (3,), (5,), (2, 3), (1, 7), (2, 9), (17,), (MANY_ROWS,), (3, 100)])
 def test_dense_equals_matmul(lead):
     rng = np.random.default_rng(len(lead) * 100 + int(np.prod(lead)))
     w = rng.standard_normal((24, 16)).astype(np.float32)  # [out, in]
