@@ -3,10 +3,14 @@
 Part 1 (batch 1): each prompt alone with ar, sd and mirror; sd and mirror with ``loop="host"``
 (one host sync per round) and ``loop="device"`` (one `lax.while_loop`). Part 2 (batch B): the
 first B prompts as one batch with ar (batched steps) and the device loop of sd and mirror,
-against the same method's batch-1 tokens/s on the same B prompts (from part 1). Every output
-is checked against ar at batch 1. Compilation is excluded (a warm-up call per configuration).
+against the same method's batch-1 tokens/s on the same B prompts (from part 1). Part 3
+(``--sweep-gammas``): sd's device loop at each batch B > 1 with each of those gammas (full
+windows), to check the batch default (`DEVICE_DEFAULTS` "batch_rows"). Settings not given are the
+library's defaults (on one CPU device: mirror runs vanilla SD's rounds, see
+`engine.api.default_branch_budget`). Every output is checked against ar at batch 1. Compilation is
+excluded (a warm-up call per configuration and prompt bucket).
 
-    python experiments/bench_loop.py --max-new-tokens 64 --batches 1 4 8
+    python experiments/bench_loop.py --max-new-tokens 64 --batches 1 4 8 --sweep-gammas 2 3 4 7
     python experiments/bench_loop.py --tiny          # tiny random models: a smoke run for CI
 
 Writes experiments/results/bench_loop.{json,md,png}.
@@ -41,6 +45,12 @@ def _prompts(bm, tasks, n: int):
     return qs, [bm.codec.encode([{"role": "user", "content": q["turns"][0]}]) for q in qs]
 
 
+def _settings(r) -> dict:
+    """The window settings a speculative run used (ar: none)."""
+    st = r.stats.get("settings") or {}
+    return {"gamma": st.get("gamma"), "draft_stop": st.get("draft_stop")}
+
+
 def _timed(fn):
     t0 = time.perf_counter()
     res = fn()
@@ -53,9 +63,11 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", nargs="*", default=DEFAULT_TASKS)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 4, 8])
-    ap.add_argument("--gamma", type=int, default=4)
-    ap.add_argument("--kappa", type=int, default=4)
-    ap.add_argument("--branch-budget", type=int, default=2)
+    ap.add_argument("--gamma", type=int, default=None, help="default: the library's (by method, batch, device)")
+    ap.add_argument("--kappa", type=int, default=None)
+    ap.add_argument("--branch-budget", type=int, default=None)
+    ap.add_argument("--sweep-gammas", type=int, nargs="*", default=[],
+                    help="part 3: sd's device loop at each batch > 1 with each of these gammas")
     ap.add_argument("--methods", nargs="*", default=["sd", "mirror"])
     ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--name", default=None)
@@ -94,7 +106,8 @@ def main(argv=None) -> int:
         per = []
         for p in tqdm(prompts, desc=f"batch 1 {method} {lp}"):
             r, s = _timed(lambda p=p, kw=kw: gen([p], **kw))
-            per.append({"tokens": r.tokens[0], "seconds": s, "rounds": r.stats.get("rounds")})
+            per.append({"tokens": r.tokens[0], "seconds": s, "rounds": r.stats.get("rounds"),
+                        "settings": _settings(r)})
         if method == "ar":
             ref = [x["tokens"] for x in per]
         single[(method, lp)] = per
@@ -103,7 +116,7 @@ def main(argv=None) -> int:
         tok, sec = sum(len(x["tokens"]) for x in per), sum(x["seconds"] for x in per)
         rows.append({"part": "batch 1", "method": method, "loop": lp, "batch": 1, "prompts": len(per), "tokens": tok,
                      "seconds": sec, "tokens_per_s": tok / sec, "identical_to_ar": [x["tokens"] for x in per] == ref,
-                     "rounds": sum(x["rounds"] or 0 for x in per) or None})
+                     "rounds": sum(x["rounds"] or 0 for x in per) or None, **per[0]["settings"]})
     ar1 = next(r for r in rows if r["method"] == "ar")["tokens_per_s"]
     for r in rows:
         r["speedup_vs_ar"] = r["tokens_per_s"] / ar1
@@ -125,7 +138,19 @@ def main(argv=None) -> int:
             batch_rows.append({"part": f"batch {b}", "method": method, "loop": lp, "batch": b, "prompts": b,
                                "tokens": tok, "seconds": sec, "tokens_per_s": tok / sec,
                                "vs_batch1_same_prompts": tok / sec / tps1, "identical_to_ar": r.tokens == want,
-                               "rounds": r.stats.get("rounds")})
+                               "rounds": r.stats.get("rounds"), **_settings(r)})
+        # Part 3: sd's device loop at this batch with each swept gamma (full windows).
+        base = single[("sd", "device")][:b]
+        tps1 = sum(len(x["tokens"]) for x in base) / sum(x["seconds"] for x in base)
+        for g in args.sweep_gammas:
+            kw = {**spec["sd"], "loop": "device", "gamma": g, "draft_stop": 0.0}
+            gen(ps, **kw)
+            r, sec = _timed(lambda ps=ps, kw=kw: gen(ps, **kw))
+            tok = sum(map(len, r.tokens))
+            batch_rows.append({"part": f"batch {b} sweep", "method": "sd", "loop": "device", "batch": b, "prompts": b,
+                               "tokens": tok, "seconds": sec, "tokens_per_s": tok / sec,
+                               "vs_batch1_same_prompts": tok / sec / tps1, "identical_to_ar": r.tokens == want,
+                               "rounds": r.stats.get("rounds"), **_settings(r)})
         ar_b = next(x for x in batch_rows if x["batch"] == b and x["method"] == "ar")["tokens_per_s"]
         for x in batch_rows:
             if x["batch"] == b:
@@ -133,13 +158,14 @@ def main(argv=None) -> int:
 
     all_rows = rows + batch_rows
     cols = ["part", "method", "loop", "batch", "tokens", "seconds", "tokens_per_s", "speedup_vs_ar", "device_vs_host",
-            "vs_batch1_same_prompts", "rounds", "identical_to_ar"]
+            "vs_batch1_same_prompts", "gamma", "draft_stop", "rounds", "identical_to_ar"]
     fmt = {c: "{:.3f}" for c in cols[5:10]}
     cmd = "python experiments/bench_loop.py " + " ".join(argv if argv is not None else sys.argv[1:])
     md = [f"# Host loop vs device loop, and batch scaling ({bm.name}, greedy, {n_new} new tokens)\n\n",
           machine_md(info),
-          f"\nSettings: gamma={args.gamma}, kappa={args.kappa}, branch_budget={args.branch_budget}, exit layer N/2, "
-          f"one device. Command: `{cmd}`\n\n",
+          f"\nSettings given: gamma={args.gamma}, kappa={args.kappa}, branch_budget={args.branch_budget} (None: the "
+          f"library's default; the gamma and draft_stop each row ran with are in the table), one device. "
+          f"`rounds`: rounds summed over rows. Command: `{cmd}`\n\n",
           "`speedup_vs_ar`: against ar at the same batch size; `device_vs_host`: the device loop's tokens/s over "
           "the host loop's (batch 1); `vs_batch1_same_prompts`: tokens/s at batch B over the same method's "
           "batch-1 tokens/s on the same B prompts (part 1). `identical_to_ar`: every row equals ar at batch 1.\n\n",
@@ -156,7 +182,8 @@ def main(argv=None) -> int:
     for method in ["ar"] + args.methods:
         pts = [(1, next(r for r in rows if r["method"] == method and r["loop"] in ("device", "host")
                         and (method == "ar" or r["loop"] == "device"))["tokens_per_s"])]
-        pts += [(x["batch"], x["tokens_per_s"]) for x in batch_rows if x["method"] == method]
+        pts += [(x["batch"], x["tokens_per_s"]) for x in batch_rows
+                if x["method"] == method and not x["part"].endswith("sweep")]
         ax.plot(*zip(*pts, strict=True), marker="o", label=method + ("" if method == "ar" else " (device loop)"))
     ax.set_xlabel("batch size")
     ax.set_ylabel("tokens / s")

@@ -58,13 +58,19 @@ DEVICE_DEFAULTS = {
     # questions (sd_draft_specbench.md at 3bc0bdd).
     # The early exit keeps its whole LM head: at 32768 ids its prefix was 19 ms shorter but the branch
     # hit rate fell from 0.55 to 0.48 on code (experiments/results/bench_methods_code.md), a wash.
+    # A batch of B rows in the device loop (vanilla SD's rounds): full windows of
+    # min(sd_gamma, batch_rows // B - 1). Two CPU cores are compute-bound once a verification
+    # forward has a few dozen rows, so a batch's windows shrink (B = 8: gamma 3); a batch's window
+    # lasts until its longest row stops, so early stops save little there
+    # (experiments/results/bench_loop.md sweeps gamma per batch).
     "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_vocab": 32768, "exit_vocab": 0,
-            "sd_gamma": 7, "draft_stop": 0.6},
-    # Accelerators: not measured yet, so the whole heads and the paper's full windows of 7.
+            "sd_gamma": 7, "draft_stop": 0.6, "batch_rows": 32},
+    # Accelerators: not measured yet, so the whole heads and the paper's full windows of 7 (a batch's
+    # rows are nowhere near compute-bound there: no batch rule).
     "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0, "sd_gamma": 7,
-            "draft_stop": 0.0},
+            "draft_stop": 0.0, "batch_rows": None},
     "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0, "sd_gamma": 7,
-            "draft_stop": 0.0},
+            "draft_stop": 0.0, "batch_rows": None},
 }
 
 
@@ -144,19 +150,25 @@ def resolve_exit(exit_head, target, target_cfg, exit_layer):
 def resolve_settings(
     method, target_cfg, placement: Placement, *, gamma, kappa, exit_layer, branch_budget, verifier,
     sampling: SamplingParams, profile: bool, allow_full_exit: bool, draft_stop=None, ss: bool = False,
+    batch: int = 1,
 ) -> SpecSettings:
     """Fill in device defaults and validate every setting before any work starts.
 
     Vanilla SD's rounds (method "sd", and "mirror" without branch rollouts: `default_branch_budget`)
     with the plain draft take the device's ``sd_gamma`` and, when gamma is not given either, its
-    ``draft_stop``; Mirror-SD with rollouts and the SS draft take ``gamma`` and full windows."""
+    ``draft_stop``; a batch of `batch` > 1 rows decoded together (the device loop) takes full
+    windows of ``min(sd_gamma, batch_rows // batch - 1)`` where the device has a ``batch_rows``
+    (CPU). Mirror-SD with rollouts and the SS draft take ``gamma`` and full windows."""
     d = _device_defaults(placement)
     no_rollouts = (default_branch_budget(placement, 1) if branch_budget is None else branch_budget) == 0
     plain_sd = (method == "sd" or (method == "mirror" and no_rollouts)) and not ss
+    batch_rule = plain_sd and batch > 1 and d["batch_rows"] is not None
     if draft_stop is None:  # the device's adaptive window goes with its window length, not with any gamma
-        draft_stop = d["draft_stop"] if plain_sd and gamma is None else 0.0
+        draft_stop = d["draft_stop"] if plain_sd and gamma is None and not batch_rule else 0.0
     if gamma is None:
         gamma = d["sd_gamma"] if plain_sd else d["gamma"]
+        if batch_rule:
+            gamma = max(1, min(gamma, d["batch_rows"] // batch - 1))
     kappa = d["kappa"] if kappa is None else kappa
     n = target_cfg.num_layers
     exit_layer = n // 2 if exit_layer is None else exit_layer
@@ -249,7 +261,8 @@ def generate(
     (adaptive draft length; lossless: verification never accepts past the drafted tokens). 0 keeps
     full windows; None takes the device default when gamma is not given either (CPU: windows of up
     to 7 ending below 0.6, measured fastest there, see the README; accelerators: full windows of 7),
-    and full windows with an explicit gamma.
+    and full windows with an explicit gamma. A batch in the device loop on CPU takes full windows of
+    min(7, 32 // B - 1) when gamma is not given (B = 8: 3; `DEVICE_DEFAULTS` "batch_rows").
 
     `draft_vocab`: the draft's LM head covers only these token ids (a sequence), or the first N ids
     plus the EOS and special tokens (an int N); a cheaper draft forward that never proposes the other
@@ -289,7 +302,7 @@ def generate(
     s = resolve_settings(
         method, cfg_t, pl, gamma=gamma, kappa=kappa, exit_layer=exit_layer, branch_budget=branch_budget,
         verifier=verifier, sampling=sampling, profile=profile, allow_full_exit=allow_full_exit,
-        draft_stop=draft_stop, ss=ss_adapter is not None,
+        draft_stop=draft_stop, ss=ss_adapter is not None, batch=len(prompts) if loop == "device" else 1,
     )
     if method == "sd" and exit_vocab not in (None, 0):
         raise ConfigError("exit_vocab applies to method 'mirror' (vanilla SD has no early exit)")
