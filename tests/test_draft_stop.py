@@ -197,14 +197,14 @@ def test_device_defaults_for_vanilla_sd_rounds(models):
 
 
 def test_cpu_batch_default_shrinks_the_window(models):
-    """A batch in the device loop on CPU: full windows of min(7, 32 // B - 1) unless gamma is given;
+    """A batch in the device loop on CPU: full windows of max(2, min(7, 12 // B - 1)) unless gamma is given;
     the host loop (one prompt at a time) keeps the batch-1 default. Outputs stay ar's."""
     target, draft = models
     ps = prompts(8, seed=11)
-    cases = [(ps[:2], dict(method="sd", loop="device"), 7, 0.0), (ps, dict(method="sd", loop="device"), 3, 0.0),
-             (ps, dict(method="mirror", loop="device"), 3, 0.0),
+    cases = [(ps[:2], dict(method="sd", loop="device"), 5, 0.0), (ps, dict(method="sd", loop="device"), 2, 0.0),
+             (ps[:3], dict(method="sd", loop="device"), 3, 0.0), (ps, dict(method="mirror", loop="device"), 2, 0.0),
              (ps, dict(method="sd", loop="device", gamma=5), 5, 0.0),
-             (ps, dict(method="sd", loop="device", draft_stop=0.5), 3, 0.5),
+             (ps, dict(method="sd", loop="device", draft_stop=0.5), 2, 0.5),
              (ps[:3], dict(method="sd"), 7, 0.6), (ps, dict(method="mirror", loop="device", branch_budget=2), 4, 0.0)]
     ref = generate(target, ps, 12).tokens
     for batch, kw, gamma, stop in cases:

@@ -59,12 +59,13 @@ DEVICE_DEFAULTS = {
     # The early exit keeps its whole LM head: at 32768 ids its prefix was 19 ms shorter but the branch
     # hit rate fell from 0.55 to 0.48 on code (experiments/results/bench_methods_code.md), a wash.
     # A batch of B rows in the device loop (vanilla SD's rounds): full windows of
-    # min(sd_gamma, batch_rows // B - 1). Two CPU cores are compute-bound once a verification
-    # forward has a few dozen rows, so a batch's windows shrink (B = 8: gamma 3); a batch's window
-    # lasts until its longest row stops, so early stops save little there
-    # (experiments/results/bench_loop.md sweeps gamma per batch).
+    # max(2, min(sd_gamma, batch_rows // B - 1)). Two CPU cores are compute-bound once a verification
+    # forward has a dozen or more rows, so a batch's windows shrink; a batch's window lasts until its
+    # longest row stops, so early stops save little there. experiments/results/bench_loop.md (at
+    # 9901f50) swept gamma 2/3/4/7: best at batch 4 gamma 2 (14.1 tok/s vs 13.6/11.4/10.5), at
+    # batch 8 gamma 2 and 3 (19.0, 18.9 vs 15.1/14.2).
     "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_vocab": 32768, "exit_vocab": 0,
-            "sd_gamma": 7, "draft_stop": 0.6, "batch_rows": 32},
+            "sd_gamma": 7, "draft_stop": 0.6, "batch_rows": 12},
     # Accelerators: not measured yet, so the whole heads and the paper's full windows of 7 (a batch's
     # rows are nowhere near compute-bound there: no batch rule).
     "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0, "sd_gamma": 7,
@@ -157,8 +158,8 @@ def resolve_settings(
     Vanilla SD's rounds (method "sd", and "mirror" without branch rollouts: `default_branch_budget`)
     with the plain draft take the device's ``sd_gamma`` and, when gamma is not given either, its
     ``draft_stop``; a batch of `batch` > 1 rows decoded together (the device loop) takes full
-    windows of ``min(sd_gamma, batch_rows // batch - 1)`` where the device has a ``batch_rows``
-    (CPU). Mirror-SD with rollouts and the SS draft take ``gamma`` and full windows."""
+    windows of ``max(2, min(sd_gamma, batch_rows // batch - 1))`` where the device has a
+    ``batch_rows`` (CPU). Mirror-SD with rollouts and the SS draft take ``gamma`` and full windows."""
     d = _device_defaults(placement)
     no_rollouts = (default_branch_budget(placement, 1) if branch_budget is None else branch_budget) == 0
     plain_sd = (method == "sd" or (method == "mirror" and no_rollouts)) and not ss
@@ -168,7 +169,7 @@ def resolve_settings(
     if gamma is None:
         gamma = d["sd_gamma"] if plain_sd else d["gamma"]
         if batch_rule:
-            gamma = max(1, min(gamma, d["batch_rows"] // batch - 1))
+            gamma = max(2, min(gamma, d["batch_rows"] // batch - 1))
     kappa = d["kappa"] if kappa is None else kappa
     n = target_cfg.num_layers
     exit_layer = n // 2 if exit_layer is None else exit_layer
@@ -262,7 +263,7 @@ def generate(
     full windows; None takes the device default when gamma is not given either (CPU: windows of up
     to 7 ending below 0.6, measured fastest there, see the README; accelerators: full windows of 7),
     and full windows with an explicit gamma. A batch in the device loop on CPU takes full windows of
-    min(7, 32 // B - 1) when gamma is not given (B = 8: 3; `DEVICE_DEFAULTS` "batch_rows").
+    max(2, min(7, 12 // B - 1)) when gamma is not given (B = 2: 5, B >= 4: 2; `DEVICE_DEFAULTS`).
 
     `draft_vocab`: the draft's LM head covers only these token ids (a sequence), or the first N ids
     plus the EOS and special tokens (an int N); a cheaper draft forward that never proposes the other
