@@ -5,6 +5,8 @@ without a host transfer and compiles once per bucket."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,14 +166,39 @@ def test_decode_inside_a_user_jit_makes_no_host_transfer(models, batch):
 
 
 def test_device_loop_compiles_once_per_bucket(models):
+    """New prompts in the same bucket, and other max_new_tokens within the same cache capacity (the
+    limit is traced), reuse the compiled loop; the outputs still equal ar's."""
     target, draft = models
     kw = dict(draft=draft, gamma=3, kappa=4, loop="device")
     for m in ("sd", "mirror"):
         generate(target, prompts(3, seed=8, lo=5, hi=9), N_NEW, method=m, **kw)
     size = DL.run_device_loop._cache_size()
+    ps = prompts(3, seed=9, lo=5, hi=9)
     for m in ("sd", "mirror"):
-        generate(target, prompts(3, seed=9, lo=5, hi=9), N_NEW, method=m, **kw)  # same bucket, new prompts
+        generate(target, ps, N_NEW, method=m, **kw)  # same bucket, new prompts
+        for n in (N_NEW - 3, N_NEW + 4):
+            assert generate(target, ps, n, method=m, **kw).tokens == generate(target, ps, n).tokens
     assert DL.run_device_loop._cache_size() == size
+
+
+def test_traced_length_limit_per_row(models, batch):
+    """LoopSpec(max_new_tokens=None): the limit is a traced argument, one per row; each row stops at
+    its own limit with ar's tokens. Giving the limit twice, or not at all, is an error."""
+    ps, ref = batch
+    spec, tp, dp, toks, n_valid, samp = _spec_and_inputs(models, ps)
+    traced = dataclasses.replace(spec, max_new_tokens=None)
+    limits = np.asarray([1, 4, N_NEW, 7, 2, 9][: len(ps)], np.int32)
+    res = DL.run_device_loop(traced, tp, dp, toks, n_valid, samp, max_new=jnp.asarray(limits))
+    out, n_out = np.asarray(res.tokens), np.asarray(res.n_out)
+    assert out.shape[1] == spec.capacity
+    for b, lim in enumerate(limits):
+        assert n_out[b] >= min(lim, len(ref[b])) and out[b, :lim].tolist()[: len(ref[b][:lim])] == ref[b][:lim]
+    assert np.sum(np.asarray(res.stats.rounds)) < np.sum(np.asarray(DL.run_device_loop(
+        spec, tp, dp, toks, n_valid, samp).stats.rounds))  # shorter limits: fewer rounds (negative control)
+    with pytest.raises(ValueError, match="give the length limit once"):
+        DL.run_device_loop(spec, tp, dp, toks, n_valid, samp, max_new=jnp.int32(3))
+    with pytest.raises(ValueError, match="give the length limit once"):
+        DL.run_device_loop(traced, tp, dp, toks, n_valid, samp)
 
 
 def test_device_loop_bad_settings(models):

@@ -350,12 +350,13 @@ def _generate_device(tgt: TargetModel, drf: DraftModel, s: SpecSettings, pl: Pla
         )
     if s.profile:
         raise ConfigError("profile=True times each phase from the host: use loop='host' for per-phase profiles")
-    spec = LoopSpec(tgt.cfg, drf.cfg, s, max_new_tokens, capacity, tuple(int(e) for e in eos))
+    # The length limit is traced: one compiled loop per (prompt bucket, capacity), whatever max_new_tokens.
+    spec = LoopSpec(tgt.cfg, drf.cfg, s, None, capacity, tuple(int(e) for e in eos))
     toks, n_valid = pad_prompts(prompts)
     samp = pl.to_target(sampling.arrays(row=np.arange(len(prompts))))
     t0 = time.perf_counter()
     res = run_device_loop(spec, tgt.params, drf.params, pl.to_target(toks), pl.to_target(n_valid), samp, drf.ss,
-                          tgt.exit_head)
+                          tgt.exit_head, pl.to_target(np.int32(max_new_tokens)))
     out, n_out, counts = jax.device_get((res.tokens, res.n_out, dataclasses.asdict(res.stats)))  # the one sync
     total = time.perf_counter() - t0
     tokens = [truncate_at_eos(out[b, : n_out[b]].tolist(), set(eos), max_new_tokens) for b in range(len(prompts))]

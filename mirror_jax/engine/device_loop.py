@@ -11,14 +11,17 @@ devices and per-phase profiling. Everything here is traceable and callable insid
 
 or `run_device_loop(spec, params_t, params_d, tokens, n_valid, samp)` (jitted, returns a
 `LoopResult`). ``tokens`` [B, T] are right-padded prompts with ``n_valid`` [B] real tokens each;
-``samp`` is `SamplingParams.arrays(row=range(B))`.
+``samp`` is `SamplingParams.arrays(row=range(B))`. With ``LoopSpec(max_new_tokens=None)`` the length limit
+is traced instead of static: pass ``max_new`` (an int32 scalar or [B], one limit per row) to `start`
+/ `run_device_loop`, and one compiled loop serves every limit whose tokens fit the cache (what
+`generate` does).
 
 Round invariant, per row b (P_b = the position of ``last[b]``): both caches hold committed K/V
 for slots < P_b (``lengths == P_b``); ``window[b]`` is the draft's proposal for P_b+1 .. P_b+gamma.
 A round verifies it, commits A_b + 1 tokens to both caches (only rows not ``done``: a finished
 row commits nothing and writes no output, so its cache positions stay bounded) and leaves the next
 window. Static shapes throughout: every row feeds the same gamma + 1 tokens, the output buffer
-is [B, max_new_tokens + gamma + 1] and writes past a row's count are dropped.
+is [B, max_new_tokens + gamma + 1] ([B, capacity] with a traced limit) and writes past it are dropped.
 
 Vanilla SD re-feeds the draft after verification: its chain fed ``last, d_1 .. d_{gamma-1}``, so
 when a row accepted all gamma tokens d_gamma's K/V is missing and the draft must take two tokens
@@ -64,12 +67,14 @@ class LoopSpec:
 
     `settings` is the engine's `SpecSettings` (method, gamma, kappa, exit layer, branch budget,
     verifier); `capacity` the cache slots per row (prompt + max_new_tokens + 2 * gamma + 2 at least,
-    see `engine.prefill.cache_capacity`)."""
+    see `engine.prefill.cache_capacity`). `max_new_tokens`: an int (static: another value compiles
+    another loop) or None, a traced limit given to `start` as ``max_new`` (it must leave room in the
+    cache as above; the output buffer is then ``capacity`` wide)."""
 
     target: ModelConfig
     draft: ModelConfig
     settings: object  # engine.speculative.SpecSettings (frozen dataclass)
-    max_new_tokens: int
+    max_new_tokens: int | None
     capacity: int
     eos_ids: tuple[int, ...] = ()
 
@@ -79,7 +84,7 @@ class LoopSpec:
 
     @property
     def out_width(self) -> int:
-        return self.max_new_tokens + self.gamma + 1
+        return self.capacity if self.max_new_tokens is None else self.max_new_tokens + self.gamma + 1
 
 
 @struct.dataclass
@@ -108,6 +113,7 @@ class DecodeState:
     pending: jax.Array  # [B] int32: draft forwards spent on `window` (sd counts them when it is verified)
     stats: RowStats
     length: jax.Array  # [B] int32: tokens of `window` the draft proposed (gamma, or fewer: `SpecSettings.draft_stop`)
+    limit: jax.Array  # [B] int32: max new tokens per row (LoopSpec.max_new_tokens, or start's traced max_new)
 
 
 @struct.dataclass
@@ -127,11 +133,22 @@ def _is_eos(spec: LoopSpec, toks: jax.Array) -> jax.Array:
     return jnp.isin(toks, jnp.asarray(spec.eos_ids, jnp.int32))
 
 
+def _limit(spec: LoopSpec, max_new, b: int) -> jax.Array:
+    """[B] int32 length limits: the spec's static one, or the traced `max_new` (scalar or [B])."""
+    if (spec.max_new_tokens is None) == (max_new is None):
+        raise ValueError("give the length limit once: LoopSpec(max_new_tokens=N) for a static limit, or "
+                         "LoopSpec(max_new_tokens=None) and start(..., max_new=...) for a traced one")
+    limit = spec.max_new_tokens if max_new is None else max_new
+    return jnp.broadcast_to(jnp.asarray(limit, jnp.int32), (b,))
+
+
 def start(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, tokens, n_valid, samp: SamplingArrays,
-          ss: SSDraft | None = None) -> DecodeState:
+          ss: SSDraft | None = None, max_new=None) -> DecodeState:
     """Prefill both caches, choose each row's first token (the target's `Draw.TARGET` draw at its
-    position, as every method does) and draft the first window. tokens: [B, T]; n_valid: [B]."""
+    position, as every method does) and draft the first window. tokens: [B, T]; n_valid: [B];
+    `max_new`: the traced length limit (int32 scalar or [B]) when ``spec.max_new_tokens`` is None."""
     s, b = spec.settings, tokens.shape[0]
+    limit = _limit(spec, max_new, b)
     cache_t = init_cache(spec.target, b, spec.capacity, params_t.embed.dtype)
     logits, cache_t = prefill(spec.target, params_t, tokens, n_valid, cache_t)
     first = first_token(logits, n_valid, samp, greedy=s.verifier == "greedy")  # as every method's first token
@@ -143,9 +160,9 @@ def start(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, tokens, 
     stats = RowStats(rounds=zeros, accepted_hist=jnp.zeros((b, spec.gamma + 1), jnp.int32),
                      draft_forwards=zeros, reuse=zeros, omega_hits=zeros, drafted=zeros)
     out = jnp.zeros((b, spec.out_width), jnp.int32).at[:, 0].set(first)
-    done = _is_eos(spec, first) | (spec.max_new_tokens <= 1)
+    done = _is_eos(spec, first) | (limit <= 1)
     return DecodeState(cache_t, cache_d, first, prop.window, prop.q, prop.conf, out, zeros + 1, done,
-                       _row_forwards(prop, ss), stats, prop.length)
+                       _row_forwards(prop, ss), stats, prop.length, limit)
 
 
 def _row_forwards(prop, ss: SSDraft | None) -> jax.Array:
@@ -176,7 +193,7 @@ def _commit_round(spec: LoopSpec, st: DecodeState, cache_t: KVCache, a, y, forwa
     idx = jnp.where(keep, st.n_out[:, None] + j, spec.out_width)  # past the buffer: dropped
     out = st.out.at[rows, idx].set(y, mode="drop")
     n_out = st.n_out + n
-    done = st.done | jnp.any(keep & _is_eos(spec, y), axis=-1) | (n_out >= spec.max_new_tokens)
+    done = st.done | jnp.any(keep & _is_eos(spec, y), axis=-1) | (n_out >= st.limit)
     act = active.astype(jnp.int32)
     old = st.stats
     stats = RowStats(
@@ -313,8 +330,9 @@ def decode(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: Dec
 
 @functools.partial(jax.jit, static_argnames=("spec",))
 def run_device_loop(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, tokens, n_valid,
-                    samp: SamplingArrays, ss: SSDraft | None = None, exit_head=None) -> LoopResult:
-    """`start` then `decode`, as one compiled program. Returns a `LoopResult` (caches dropped)."""
-    st = start(spec, params_t, params_d, tokens, n_valid, samp, ss)
+                    samp: SamplingArrays, ss: SSDraft | None = None, exit_head=None, max_new=None) -> LoopResult:
+    """`start` then `decode`, as one compiled program. Returns a `LoopResult` (caches dropped).
+    `max_new`: the traced length limit when ``spec.max_new_tokens`` is None (see `start`)."""
+    st = start(spec, params_t, params_d, tokens, n_valid, samp, ss, max_new)
     st = decode(spec, params_t, params_d, st, samp, ss, exit_head)
     return LoopResult(tokens=st.out, n_out=st.n_out, stats=st.stats)
