@@ -51,6 +51,11 @@ def _settings(r) -> dict:
     return {"gamma": st.get("gamma"), "draft_stop": st.get("draft_stop")}
 
 
+def _tokens_per_s(per: list[dict]) -> float:
+    """Tokens per second over batch-1 runs (part 1 records)."""
+    return sum(len(x["tokens"]) for x in per) / sum(x["seconds"] for x in per)
+
+
 def _timed(fn):
     t0 = time.perf_counter()
     res = fn()
@@ -115,7 +120,8 @@ def main(argv=None) -> int:
     for (method, lp), per in single.items():
         tok, sec = sum(len(x["tokens"]) for x in per), sum(x["seconds"] for x in per)
         rows.append({"part": "batch 1", "method": method, "loop": lp, "batch": 1, "prompts": len(per), "tokens": tok,
-                     "seconds": sec, "tokens_per_s": tok / sec, "identical_to_ar": [x["tokens"] for x in per] == ref,
+                     "seconds": sec, "tokens_per_s": _tokens_per_s(per),
+                     "identical_to_ar": [x["tokens"] for x in per] == ref,
                      "rounds": sum(x["rounds"] or 0 for x in per) or None, **per[0]["settings"]})
     ar1 = next(r for r in rows if r["method"] == "ar")["tokens_per_s"]
     for r in rows:
@@ -124,33 +130,23 @@ def main(argv=None) -> int:
             host = next(x for x in rows if x["method"] == r["method"] and x["loop"] == "host")
             r["device_vs_host"] = r["tokens_per_s"] / host["tokens_per_s"]
 
-    # Part 2: batches of B prompts, one generate call each.
+    # Part 2: batches of B prompts, one generate call each; part 3: sd's device loop at that batch
+    # with each swept gamma (full windows).
     batch_rows = []
     for b in [b for b in args.batches if b > 1]:
         ps, want = prompts[:b], ref[:b]
-        for method, kw in [("ar", {})] + [(m, {**spec[m], "loop": "device"}) for m in args.methods]:
+        configs = [("ar", "host", f"batch {b}", {})]
+        configs += [(m, "device", f"batch {b}", {**spec[m], "loop": "device"}) for m in args.methods]
+        configs += [("sd", "device", f"batch {b} sweep", {**spec["sd"], "loop": "device", "gamma": g,
+                                                           "draft_stop": 0.0}) for g in args.sweep_gammas]
+        for method, lp, part, kw in configs:
             gen(ps, **kw)  # compile (excluded)
             r, sec = _timed(lambda ps=ps, kw=kw: gen(ps, **kw))
             tok = sum(map(len, r.tokens))
-            lp = "host" if method == "ar" else "device"
-            base = single[(method, lp)][:b]
-            tps1 = sum(len(x["tokens"]) for x in base) / sum(x["seconds"] for x in base)
-            batch_rows.append({"part": f"batch {b}", "method": method, "loop": lp, "batch": b, "prompts": b,
+            batch_rows.append({"part": part, "method": method, "loop": lp, "batch": b, "prompts": b,
                                "tokens": tok, "seconds": sec, "tokens_per_s": tok / sec,
-                               "vs_batch1_same_prompts": tok / sec / tps1, "identical_to_ar": r.tokens == want,
-                               "rounds": r.stats.get("rounds"), **_settings(r)})
-        # Part 3: sd's device loop at this batch with each swept gamma (full windows).
-        base = single[("sd", "device")][:b]
-        tps1 = sum(len(x["tokens"]) for x in base) / sum(x["seconds"] for x in base)
-        for g in args.sweep_gammas:
-            kw = {**spec["sd"], "loop": "device", "gamma": g, "draft_stop": 0.0}
-            gen(ps, **kw)
-            r, sec = _timed(lambda ps=ps, kw=kw: gen(ps, **kw))
-            tok = sum(map(len, r.tokens))
-            batch_rows.append({"part": f"batch {b} sweep", "method": "sd", "loop": "device", "batch": b, "prompts": b,
-                               "tokens": tok, "seconds": sec, "tokens_per_s": tok / sec,
-                               "vs_batch1_same_prompts": tok / sec / tps1, "identical_to_ar": r.tokens == want,
-                               "rounds": r.stats.get("rounds"), **_settings(r)})
+                               "vs_batch1_same_prompts": tok / sec / _tokens_per_s(single[(method, lp)][:b]),
+                               "identical_to_ar": r.tokens == want, "rounds": r.stats.get("rounds"), **_settings(r)})
         ar_b = next(x for x in batch_rows if x["batch"] == b and x["method"] == "ar")["tokens_per_s"]
         for x in batch_rows:
             if x["batch"] == b:
