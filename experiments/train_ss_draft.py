@@ -274,6 +274,10 @@ def main(argv=None):
     ap.add_argument("--num-streams", type=int, default=2)
     ap.add_argument("--msa-layers", type=int, default=2)
     ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--stream-vocab", type=int, default=0,
+                    help="streams choose among N token ids (SSConfig.stream_vocab; 0: the whole vocabulary)")
+    ap.add_argument("--stream-ranking", default="freq", choices=["freq", "id"],
+                    help="which N: the most frequent in the train rows and their labels, or the first N ids")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-4)
@@ -282,13 +286,16 @@ def main(argv=None):
     ap.add_argument("--ckpt-every", type=int, default=25)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--time-budget-min", type=float, default=0.0, help="stop training after this long (0 = off)")
+    ap.add_argument("--feat-batch", type=int, default=16, help="rows per frozen-feature forward")
+    ap.add_argument("--prepare-only", action="store_true", help="build the data and frozen features, then stop")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "mirror_jax" / "ss_runs"))
     ap.add_argument("--results-dir", default=str(ROOT / "experiments" / "results"))
     ap.add_argument("--ckpt-root", default=str(ROOT / "checkpoints"))
     args = ap.parse_args(argv)
 
-    sscfg = SSConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers, lora_rank=args.lora_rank)
+    sscfg = SSConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers, lora_rank=args.lora_rank,
+                     stream_vocab=args.stream_vocab)
     work = Path(args.work_dir) / args.name
     work.mkdir(parents=True, exist_ok=True)
     results = Path(args.results_dir)
@@ -359,12 +366,15 @@ def main(argv=None):
     feats_all = load_features(feats_path, cfg, sscfg, params)
     if feats_all is None:
         feats_host = []
-        for i in tqdm(range(0, n, args.batch), desc="main-stream features (draft)"):
-            f = precompute_main(cfg, sscfg, params, jnp.asarray(tokens_all[i : i + args.batch]))
+        for i in tqdm(range(0, n, args.feat_batch), desc="main-stream features (draft)"):
+            f = precompute_main(cfg, sscfg, params, jnp.asarray(tokens_all[i : i + args.feat_batch]))
             feats_host.append(jax.tree_util.tree_map(np.asarray, f))
         feats_all = jax.tree_util.tree_map(lambda *xs: np.concatenate(xs, axis=0), *feats_host)
         del feats_host
         save_features(feats_path, feats_all)
+    if args.prepare_only:
+        print(f"data and features ready: {feats_path}", flush=True)
+        return None
     if args.labels == "self":
         from mirror_jax.ss.train import self_labels
 
@@ -372,6 +382,18 @@ def main(argv=None):
                                    sscfg.num_streams)[1])
         print("share of stream positions with an exact self label (train): "
               + ", ".join(f"stream {j + 1}: {w[..., j].mean():.3f}" for j in range(w.shape[-1])), flush=True)
+
+    stream_ids = None  # the streams' vocabulary: the most frequent tokens of the train rows and their labels
+    if sscfg.stream_vocab:
+        from mirror_jax.draft_vocab import coverage, rank_by_frequency, reduced_vocab
+
+        ranking = None if args.stream_ranking == "id" else rank_by_frequency(
+            [tokens_all[tr_idx].ravel(), np.asarray(feats_all.greedy[tr_idx]).ravel()], cfg.vocab_size)
+        keep = list(getattr(getattr(draft, "tokenizer", None), "all_special_ids", None) or [])
+        ids_np = reduced_vocab(cfg, sscfg.stream_vocab, keep=keep, ranking=ranking)
+        stream_ids = jnp.asarray(ids_np)
+        print(f"stream vocabulary: {ids_np.size} ids ({args.stream_ranking} ranking); held-out draft greedy tokens "
+              f"inside: {coverage(ids_np, np.asarray(feats_all.greedy[ev_idx]).ravel()):.3f}", flush=True)
 
     def batch_of(idx):
         f = jax.tree_util.tree_map(lambda x: jnp.asarray(x[idx]), feats_all)
@@ -399,7 +421,8 @@ def main(argv=None):
         log_path.unlink()
 
     def evaluate(ssp):
-        ms = [eval_fn(params, ssp, *batch_of(ev_idx[i : i + args.batch])) for i in range(0, n_eval, args.batch)]
+        ms = [eval_fn(params, ssp, *batch_of(ev_idx[i : i + args.batch]), stream_ids=stream_ids)
+              for i in range(0, n_eval, args.batch)]
         return {k: np.mean([np.asarray(m[k]) for m in ms], axis=0) for k in ms[0]}
 
     def to_json(m):
@@ -414,7 +437,7 @@ def main(argv=None):
         for step in bar:
             rng = np.random.default_rng((args.seed, step))  # resumable data order
             idx = np.sort(rng.choice(tr_idx, size=min(args.batch, len(tr_idx)), replace=False))
-            state, m = step_fn(params, state, *batch_of(idx))
+            state, m = step_fn(params, state, *batch_of(idx), stream_ids=stream_ids)
             m = to_json(m)
             log.write(json.dumps({"kind": "train", "step": step + 1, "time_s": time.time() - t0, **m}) + "\n")
             log.flush()
@@ -458,7 +481,7 @@ def main(argv=None):
         cfg,
         params,
         sscfg,
-        state.ssp,
+        state.ssp if stream_ids is None else state.ssp.replace(stream_ids=stream_ids),
         extra,
         fingerprint=base_fingerprint(cfg, params),
     )

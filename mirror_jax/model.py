@@ -184,12 +184,18 @@ def embed(params: ModelParams, tokens: jax.Array) -> jax.Array:
 def head(cfg: ModelConfig, params: ModelParams, x: jax.Array) -> jax.Array:
     """Final norm + LM head -> float32 logits [..., V]. With ``params.head_ids`` (a reduced draft
     vocabulary) the head computes those N rows only and every other token gets NEG_INF."""
-    h = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    logits = dense(h, params.lm_head, out_dtype=jnp.float32)  # [..., V] or [..., N]
+    logits = head_rows(cfg, params, x)  # [..., V] or [..., N]
     if params.head_ids is None:
         return logits
     full = jnp.full(logits.shape[:-1] + (cfg.vocab_size,), NEG_INF, jnp.float32)
     return full.at[..., params.head_ids].set(logits, unique_indices=True, indices_are_sorted=True)
+
+
+def head_rows(cfg: ModelConfig, params: ModelParams, x: jax.Array) -> jax.Array:
+    """Final norm + LM head over the rows the head has -> float32 logits [..., N] (N = V, or the
+    size of a reduced vocabulary: column i is token ``params.head_ids[i]``, no scatter)."""
+    h = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    return dense(h, params.lm_head, out_dtype=jnp.float32)
 
 
 def token_positions(cache: KVCache, num_tokens: int) -> jax.Array:

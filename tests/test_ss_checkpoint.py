@@ -152,3 +152,38 @@ def test_format_1_checkpoints_still_load(tmp_path):
     np.testing.assert_array_equal(np.asarray(got.stream_embed), np.asarray(ssp.stream_embed))
     with pytest.raises(CheckpointMismatchError, match="fingerprint"):
         restore_ss_checkpoint(d, CFG, init_random(CFG, seed=5))
+
+
+def test_stream_vocab_roundtrips_and_older_checkpoints_mean_the_whole_vocabulary(tmp_path):
+    """SSConfig.stream_vocab is saved with the adapter; metadata written before the field existed
+    loads as 0 (the whole vocabulary) and still matches an explicit SSConfig without it."""
+    import json
+
+    sscfg = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=2, stream_vocab=30)
+    d = save_ss_checkpoint(tmp_path / "ck", CFG, PARAMS, sscfg, _ssp(sscfg))
+    assert restore_ss_checkpoint(d, CFG, PARAMS)[0] == sscfg
+    with pytest.raises(CheckpointMismatchError, match="stream_vocab"):
+        restore_ss_checkpoint(d, CFG, PARAMS, SSConfig(num_streams=2, num_msa_layers=1, lora_rank=2))
+    meta = json.loads((d / "metadata.json").read_text())
+    del meta["ss_config"]["stream_vocab"]
+    (d / "metadata.json").write_text(json.dumps(meta))
+    old = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=2)
+    assert restore_ss_checkpoint(d, CFG, PARAMS)[0] == old
+    assert restore_ss_checkpoint(d, CFG, PARAMS, old)[0] == old
+
+
+def test_stream_ids_are_saved_with_the_adapter(tmp_path):
+    """A frequency-ranked stream vocabulary (SSParams.stream_ids, int32) round-trips bit-exactly
+    and is what `ss_draft` restricts the streams' head to."""
+    from mirror_jax.ss.rollout import ss_draft
+
+    sscfg = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=2, stream_vocab=5)
+    ids = np.array([0, 3, 7, 11, 30, 31], np.int32)
+    ssp = _ssp(sscfg).replace(stream_ids=ids)
+    d = save_ss_checkpoint(tmp_path / "ck", CFG, PARAMS, sscfg, ssp)
+    got_cfg, got, meta = restore_ss_checkpoint(d, CFG, PARAMS)
+    assert got_cfg == sscfg and meta["leaves"]["stream_ids"] == [[6], "int32"]
+    np.testing.assert_array_equal(np.asarray(got.stream_ids), ids)
+    drf = ss_draft(CFG, got_cfg, PARAMS, got)
+    np.testing.assert_array_equal(np.asarray(drf.stream_ids), ids)
+    np.testing.assert_array_equal(np.asarray(drf.stream_lm_head), np.asarray(PARAMS.lm_head)[ids])

@@ -143,3 +143,60 @@ def test_committed_tokens_before_the_root_join_the_first_forward(batch):
     _, _, nf, _ = ss_rollout(CFG, zero, ss_draft(CFG, sscfg, zero, init_ss_params(CFG, sscfg, zero)), zc,
                              jnp.zeros((1, 2), jnp.int32), 4)
     assert int(nf) == 2  # [committed, root] -> 1 token, then 3 per forward
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_reduced_stream_vocabulary_keeps_the_tokens(batch):
+    """SSConfig.stream_vocab: the streams choose among the first N ids only. Greedy and sampled
+    rollouts still equal the plain chain (lookaheads are only guesses); the stream head is the
+    draft's own head on those rows (NEG_INF elsewhere); a draft whose head is already reduced keeps
+    the ids both allow."""
+    from mirror_jax.draft_vocab import restrict_head
+    from mirror_jax.ss.model import stream_head
+
+    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4, stream_vocab=20)
+    ssp = init_ss_params(CFG, sscfg, PARAMS, seed=7, embed_scale=0.3)
+    drf = ss_draft(CFG, sscfg, PARAMS, ssp)
+    want = np.unique(np.concatenate([np.arange(20), np.asarray(CFG.eos_token_ids, int)]))
+    np.testing.assert_array_equal(np.asarray(drf.stream_ids), want)
+    h = jax.random.normal(jax.random.key(1), (5, CFG.hidden_size))
+    full, sub = M.head(CFG, PARAMS, h), M.head(CFG, drf.stream_params(PARAMS), h)
+    np.testing.assert_allclose(np.asarray(sub[:, want]), np.asarray(full[:, want]), rtol=1e-6)
+    assert np.all(np.delete(np.asarray(sub), want, axis=1) <= M.NEG_INF)
+    cache, roots = _prefilled(batch, seed=3)
+    for gamma in (3, 6):
+        ref = _greedy_reference(cache, roots, gamma)
+        toks, _, nf, _ = ss(PARAMS, sscfg, ssp, cache, roots, gamma)
+        np.testing.assert_array_equal(np.asarray(toks), ref)
+        assert 1 <= int(nf) <= gamma
+    samp = SamplingParams(temperature=0.9, seed=4).arrays(row=np.arange(batch))
+    ar, q_ar, _ = chain(PARAMS, cache, roots, 5, samp, sample=True)
+    toks, q_ss, _, _ = ss(PARAMS, sscfg, ssp, cache, roots, 5, samp, sample=True)
+    np.testing.assert_array_equal(np.asarray(toks), np.asarray(ar))
+    np.testing.assert_allclose(np.asarray(q_ss), np.asarray(q_ar), atol=1e-5)
+    # Already-reduced draft head (ids 10..60): the streams keep 10..19 (+ EOS if inside).
+    small = restrict_head(PARAMS, CFG, range(10, 61))
+    sp = stream_head(CFG, sscfg, small)
+    np.testing.assert_array_equal(np.asarray(sp.head_ids), np.intersect1d(np.arange(10, 61), want))
+    np.testing.assert_allclose(np.asarray(M.head(CFG, sp, h)[:, sp.head_ids]),
+                               np.asarray(full[:, np.asarray(sp.head_ids)]), rtol=1e-6)
+    assert stream_head(CFG, SSConfig(stream_vocab=0), PARAMS) is PARAMS
+    with pytest.raises(ValueError, match="stream_vocab"):
+        SSConfig(stream_vocab=-1)
+
+
+def test_a_windows_last_forward_feeds_only_what_it_can_use():
+    """With r tokens left a forward feeds min(s, r - 1) lookaheads; r = 1 is a plain forward. Perfect
+    streams (zero LM head: every token 0), s = 2, gamma 5: [root] -> [x0, l1, l2] -> [x0]; the third
+    forward writes only slot L+4, so slots L+5 and L+6 (which a full s+1-row forward would have
+    written with its lookaheads) keep the cache's zeros, and the window still takes 3 forwards."""
+    params = PARAMS.replace(lm_head=jnp.zeros_like(PARAMS.lm_head))
+    sscfg = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=2)
+    ssp = init_ss_params(CFG, sscfg, params)
+    lo = 3
+    cache = init_cache(CFG, 1, CAP).replace(lengths=jnp.asarray([lo], jnp.int32))
+    toks, _, nf, c = ss(params, sscfg, ssp, cache, jnp.asarray([0], jnp.int32), 5)
+    assert np.all(np.asarray(toks) == 0) and int(nf) == 3
+    k0 = np.asarray(c.k[0][0])  # [Hkv, S, D]
+    assert np.all(np.abs(k0[:, lo : lo + 5]).sum(axis=(0, 2)) > 0)  # root, y1..y4 written
+    assert np.all(k0[:, lo + 5 : lo + 7] == 0)  # no lookahead rows in the last forward

@@ -138,3 +138,72 @@ def test_max_rows_keeps_the_weighted_rows():
     _, short = ss_loss_jit(CFG, sscfg, PARAMS, ssp, feats, toks, labels="self", max_rows=n_weighted // 2)
     np.testing.assert_allclose(np.asarray(cut["nll_stream"]), np.asarray(full["nll_stream"]), rtol=1e-5)
     assert not np.allclose(np.asarray(short["label_frac"]), np.asarray(full["label_frac"]))
+
+
+def test_reduced_stream_vocabulary_loss():
+    """stream_vocab: the streams' NLL is over the kept rows only (a softmax over them), targets
+    outside weigh nothing in the loss and count as misses in the hard match."""
+    from mirror_jax import model as M
+    from mirror_jax.ss.model import stream_head, stream_pass
+
+    sscfg = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=4, stream_vocab=25)
+    ssp = init_ss_params(CFG, sscfg, PARAMS, seed=2, embed_scale=0.3)
+    toks = jnp.asarray(np.random.default_rng(5).integers(0, CFG.vocab_size, (2, 12)), jnp.int32)
+    feats = precompute_main(CFG, sscfg, PARAMS, toks)
+    _, m = ss_loss_jit(CFG, sscfg, PARAMS, ssp, feats, toks, chunk=5)
+    pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
+    hs = stream_pass(CFG, sscfg, PARAMS, ssp, feats.h0, feats.ks, feats.vs, pos)  # [2, 12, s, H]
+    ids = np.asarray(stream_head(CFG, sscfg, PARAMS).head_ids)
+    logits = np.asarray(M.head(CFG, PARAMS, hs))[..., ids]  # [2, 12, s, N]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    t = np.asarray(toks)
+    for j in (1, 2):
+        tgt = t[:, 1 + j :]  # stream j at t -> tokens[t+1+j]
+        lp = logp[:, : 12 - 1 - j, j - 1]
+        inside = np.isin(tgt, ids)
+        assert 0 < inside.mean() < 1  # both kinds occur
+        slot = np.searchsorted(ids, np.where(inside, tgt, ids[0]))
+        nll = -np.take_along_axis(lp, slot[..., None], -1)[..., 0]
+        np.testing.assert_allclose(float(m["nll_stream"][j - 1]), nll[inside].mean(), rtol=1e-4)
+        hit = (ids[lp.argmax(-1)] == tgt) & inside
+        np.testing.assert_allclose(float(m["acc_stream"][j - 1]), hit.mean(), rtol=1e-6)
+
+
+def test_stream_ids_are_not_trained_and_set_the_streams_vocabulary():
+    """make_train_step(..., stream_ids=ids): the streams' softmax runs over `ids`, the step
+    differentiates only the float parameters, and ss_loss falls back to ssp.stream_ids."""
+    sscfg = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=4)
+    ssp = init_ss_params(CFG, sscfg, PARAMS, seed=0)
+    toks = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 10)), jnp.int32)
+    feats = precompute_main(CFG, sscfg, PARAMS, toks)
+    ids = jnp.asarray(np.unique(np.asarray(toks)), jnp.int32)  # every target is inside
+    opt = make_optimizer(1e-2, total_steps=3)
+    step = make_train_step(CFG, sscfg, opt, chunk=8)
+    state, m = step(PARAMS, init_train_state(ssp, opt), feats, toks, stream_ids=ids)
+    assert state.ssp.stream_ids is None and np.isfinite(float(m["loss"]))
+    _, m_ids = ss_loss_jit(CFG, sscfg, PARAMS, ssp, feats, toks, stream_ids=ids)
+    _, m_own = ss_loss_jit(CFG, sscfg, PARAMS, ssp.replace(stream_ids=ids), feats, toks)
+    _, m_all = ss_loss_jit(CFG, sscfg, PARAMS, ssp, feats, toks)
+    np.testing.assert_allclose(np.asarray(m_ids["nll_stream"]), np.asarray(m_own["nll_stream"]), rtol=1e-6)
+    # A softmax over fewer rows gives each (inside) target more probability.
+    assert np.all(np.asarray(m_ids["nll_stream"]) < np.asarray(m_all["nll_stream"]))
+
+
+def test_gpu_training_timing_script_tiny(tmp_path):
+    """experiments/gpu/train_ss_gpu.py --tiny (the script prepared for a GPU session) runs on CPU
+    and records a step time and a throughput for every (batch, stream vocabulary) setting."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "experiments" / "gpu" / "train_ss_gpu.py"), "--tiny",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    p = json.loads((tmp_path / "train_ss_gpu_tiny.json").read_text())
+    assert {row["stream_vocab"] for row in p["rows"]} == {64, 512}
+    for row in p["rows"]:
+        assert row["step_ms"] > 0 and row["train_tokens_per_s"] > 0 and row["feature_ms"] > 0
+    assert p["short_run"]["finite"] and p["weights"].startswith("RANDOM")

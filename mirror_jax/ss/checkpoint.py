@@ -3,9 +3,10 @@
 Layout of ``checkpoints/<name>/``::
 
     params/          orbax StandardCheckpointer directory: flat dict {"stream_embed": ...,
-                     "lora.0.a_q": ..., ...} of float arrays
+                     "lora.0.a_q": ..., ...} of float arrays (+ "stream_ids", int32, when the
+                     streams choose among a frequency-ranked vocabulary)
     metadata.json    {"format": 2, "base_fingerprint": ..., "base_config": {...},
-                      "ss_config": {"num_streams", "num_msa_layers", "lora_rank"},
+                      "ss_config": {"num_streams", "num_msa_layers", "lora_rank", "stream_vocab"},
                       "leaves": {name: [shape, dtype]}, "files": {relpath: sha256},
                       + caller extras (steps, data description, final losses, ...)}
 
@@ -29,6 +30,8 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
+
+import numpy as np
 
 from mirror_jax.checkpointing import (
     CheckpointCorruptedError,
@@ -88,7 +91,7 @@ def _diffs(meta: dict, cfg: ModelConfig, sscfg: SSConfig | None, fingerprint: st
         out.append(f"format version {meta.get('format')} is not one of {_FORMATS}")
     out += base_diffs(meta, cfg, fingerprint)
     if sscfg is not None:
-        got = meta.get("ss_config", {})
+        got = {**dataclasses.asdict(SSConfig()), **meta.get("ss_config", {})}  # fields added later: defaults
         for k, v in dataclasses.asdict(sscfg).items():
             if got.get(k) != v:
                 out.append(f"SS config {k}: checkpoint has {got.get(k)!r}, requested {v!r}")
@@ -116,6 +119,8 @@ def restore_ss_checkpoint(
         )
     sscfg = sscfg or SSConfig(**meta["ss_config"])
     template = init_ss_params(cfg, sscfg, params)
+    if "stream_ids" in meta["leaves"]:  # the streams' token ids, saved with the adapter
+        template = template.replace(stream_ids=np.zeros(meta["leaves"]["stream_ids"][0], np.int32))
     flat_t = flatten_tree(template)
     if leaf_specs(flat_t) != meta["leaves"]:
         raise CheckpointMismatchError(f"SS checkpoint {d}: parameter names/shapes differ from SSConfig {sscfg}")

@@ -43,11 +43,18 @@ from mirror_jax.params import LayerParams, ModelParams
 @dataclasses.dataclass(frozen=True)
 class SSConfig:
     """Static SS settings. ``lora_rank == 0`` means the stream path of the top ``num_msa_layers``
-    layers is a full trainable copy of those layers instead of base + LoRA."""
+    layers is a full trainable copy of those layers instead of base + LoRA.
+
+    ``stream_vocab`` (0: the whole vocabulary): the streams choose their lookaheads among the first
+    `stream_vocab` token ids only (plus EOS; `mirror_jax.draft_vocab.reduced_vocab`'s BPE-merge
+    ranking), through those rows of the draft's own LM head (`stream_head`). A lookahead is only a
+    guess that the main stream checks, so this changes no emitted token; it cuts the streams' head
+    pass (the largest weight a 0.5B draft streams) and the training step's head cost several-fold."""
 
     num_streams: int = 2
     num_msa_layers: int = 2
     lora_rank: int = 16
+    stream_vocab: int = 0
 
     def __post_init__(self):
         if self.num_streams < 1:
@@ -56,6 +63,8 @@ class SSConfig:
             raise ValueError(f"num_msa_layers must be >= 1, got {self.num_msa_layers}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.stream_vocab < 0:
+            raise ValueError(f"stream_vocab must be >= 0 (0: the whole vocabulary), got {self.stream_vocab}")
 
     def first_msa_layer(self, cfg: ModelConfig) -> int:
         """L0 = N - N_s, the layer at whose input the streams are inserted."""
@@ -92,6 +101,10 @@ class SSParams:
     stream_embed: jax.Array  # [s, H]
     lora: tuple[LoRAParams, ...] | None = None  # one per MSA layer (bottom to top)
     full: tuple[LayerParams, ...] | None = None  # full stream-path copies of the MSA layers
+    # [N] int32 sorted token ids the streams choose among (a frequency ranking over the training
+    # text, saved with the adapter); None: the first `SSConfig.stream_vocab` ids, or every id when 0.
+    # Not trained: `mirror_jax.ss.train` keeps it out of the differentiated parameters.
+    stream_ids: jax.Array | None = None
 
 
 def init_ss_params(
@@ -161,6 +174,32 @@ def stream_layers(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: S
             )
         )
     return tuple(out)
+
+
+def stream_head(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ids=None) -> ModelParams:
+    """The draft parameters whose LM head chooses the streams' lookaheads: `params` itself, or its
+    head restricted to the token ids `ids` ([N] sorted, `SSParams.stream_ids`) or, without them and
+    with ``sscfg.stream_vocab`` set, to the first `stream_vocab` ids (+ EOS). A draft whose head is
+    already reduced (`mirror_jax.draft_vocab`) keeps the ids both allow (then the ids must be
+    concrete: call it outside `jax.jit`). `mirror_jax.model.head` on the result scatters into a
+    NEG_INF vocabulary row, so `pick` and the sampled coupling work unchanged;
+    `mirror_jax.model.head_rows` gives the N logits only."""
+    if ids is None:
+        if sscfg.stream_vocab == 0 or sscfg.stream_vocab >= cfg.vocab_size:
+            return params
+        from mirror_jax.draft_vocab import reduced_vocab
+
+        ids = reduced_vocab(cfg, sscfg.stream_vocab)
+    if params.head_ids is None:  # traceable: the rows are the ids
+        ids = jnp.asarray(ids, jnp.int32)
+        return params.replace(lm_head=jnp.take(params.lm_head, ids, axis=0), head_ids=ids)
+    want = np.asarray(ids)
+    have = np.asarray(params.head_ids)
+    ids = np.intersect1d(have, want)
+    if ids.size == have.size:
+        return params
+    rows = jnp.asarray(np.searchsorted(have, ids), jnp.int32)
+    return params.replace(lm_head=jnp.take(params.lm_head, rows, axis=0), head_ids=jnp.asarray(ids, jnp.int32))
 
 
 def msa_stream_layer(cfg: ModelConfig, lp: LayerParams, xs, k_main, v_main, positions, main_mask):

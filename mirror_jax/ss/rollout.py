@@ -30,6 +30,11 @@ SS loop (s streams, one row)::
     emit g_0 .. g_a                                     (a accepted lookaheads + 1 main token)
     x0 <- g_a at p+a+1;  l_j <- stream j's token at position p+a  (predicting p+a+1+j)
 
+A forward feeds only the lookaheads the window can still use: with r tokens left it feeds
+min(s, r - 1) of them (the most over a batch's unfinished rows), and a forward with r = 1 is a
+plain forward (no stream rows, no stream head): gamma 4 with s = 2 and one accepted lookahead is
+[root] -> [x0, l_1, l_2] -> [x0] instead of a third full SS forward.
+
 Every emitted token is the main stream's choice given an all-correct prefix, hence identical to AR
 decoding; the K/V of positions > p+a are stale and get overwritten by the next forward (it writes
 p+a+1 .. p+a+1+s) before anything reads them. Rows advance at different speeds; a row that has
@@ -50,7 +55,7 @@ from mirror_jax.config import ModelConfig
 from mirror_jax.kv_cache import KVCache, check_headroom
 from mirror_jax.params import LayerParams, ModelParams
 from mirror_jax.sampling import Draw, SamplingArrays, SamplingParams, accepted_length, own_logprob, pick
-from mirror_jax.ss.model import SSConfig, SSParams, ss_hidden, stream_layers
+from mirror_jax.ss.model import SSConfig, SSParams, main_pass, ss_hidden, stream_head, stream_layers
 
 
 @struct.dataclass
@@ -61,14 +66,26 @@ class SSDraft:
     sscfg: SSConfig = struct.field(pytree_node=False)
     ssp: SSParams
     layers: tuple[LayerParams, ...]
+    stream_lm_head: jax.Array | None = None  # [N, H] the streams' head rows (SSConfig.stream_vocab)
+    stream_ids: jax.Array | None = None  # [N] int32 their token ids (sorted)
+
+    def stream_params(self, params: ModelParams) -> ModelParams:
+        """`params` with the LM head the streams choose their lookaheads with."""
+        if self.stream_ids is None:
+            return params
+        return params.replace(lm_head=self.stream_lm_head, head_ids=self.stream_ids)
 
 
 _merge = jax.jit(stream_layers, static_argnums=(0, 1))
 
 
 def ss_draft(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSParams) -> SSDraft:
-    """Merge the adapter's LoRA into the stream path once (on the parameters' device)."""
-    return SSDraft(sscfg=sscfg, ssp=ssp, layers=_merge(cfg, sscfg, params, ssp))
+    """Merge the adapter's LoRA into the stream path once and cut the streams' head rows
+    (`stream_head`), on the parameters' device."""
+    sp = stream_head(cfg, sscfg, params, ssp.stream_ids)
+    reduced = sp.head_ids is not params.head_ids
+    return SSDraft(sscfg=sscfg, ssp=ssp, layers=_merge(cfg, sscfg, params, ssp),
+                   stream_lm_head=sp.lm_head if reduced else None, stream_ids=sp.head_ids if reduced else None)
 
 
 def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache, roots, num_tokens: int,
@@ -86,19 +103,26 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
     out_w = num_tokens + k_in  # room for the last forward's overshoot
     choose = partial(pick, samp=samp, stream=Draw.DRAFT, sample=sample)
 
-    def step(st, toks, skip: int = 0):
-        """One SS forward of toks [B, k]: in the loop x0 and the s lookaheads (skip = 0); first, the
-        committed tokens without K/V and the root (skip = k - 1: their predictions are not emitted)."""
+    def step(st, toks, skip: int = 0, streams: bool = True):
+        """One SS forward of toks [B, k]: in the loop x0 and up to s lookaheads (skip = 0); first, the
+        committed tokens without K/V and the root (skip = k - 1: their predictions are not emitted).
+        streams=False: a plain forward (no lookaheads are needed after it)."""
         k = toks.shape[1]
         active = st["n"] < num_tokens  # [B]
         p = st["p"]  # [B] position of x0
         pos_in = jnp.where(active, p, cap)  # finished rows: every write lands out of range
-        hf, hs, c = ss_hidden(cfg, ss.sscfg, params, ss.ssp, toks, st["cache"].replace(lengths=pos_in), ss.layers)
+        cache_in = st["cache"].replace(lengths=pos_in)
+        if streams:
+            hf, hs, c = ss_hidden(cfg, ss.sscfg, params, ss.ssp, toks, cache_in, ss.layers)
+        else:
+            _, hf, _, c = main_pass(cfg, ss.sscfg, params, toks, cache_in)
         # The LM head is the largest weight of a small draft. On the CPU a product of <= 8 rows costs
         # ~1.2-1.4x one row and 9-16 rows ~2x (`model.dense`), so the stream rows join the main rows
         # in one pass while that stays <= 8 rows (the first forward); otherwise only the s stream
         # rows at `last` get a second, small pass.
-        merged = bsz * k * (1 + s) <= 8
+        # With a reduced stream head (`SSConfig.stream_vocab`) the streams always get their own
+        # pass over its few rows.
+        merged = streams and bsz * k * (1 + s) <= 8 and ss.stream_ids is None
         if merged:
             both = M.head(cfg, params, jnp.concatenate([hf, hs.reshape(bsz, k * s, -1)], axis=1))
             logits, s_all = both[:, :k], both[:, k:].reshape(bsz, k, s, -1)  # [B, k, V], [B, k, s, V]
@@ -115,8 +139,11 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         q = None if lp is None else st["q"].at[rows[:, None], idx].set(lp, mode="drop")
         conf = st["conf"].at[rows[:, None], idx].set(own_logprob(logits, g), mode="drop")
         # New lookaheads from the streams at the last accepted position p+a.
-        s_logits = s_all[rows, last] if merged else M.head(cfg, params, hs[rows, last])  # [B, s, V]
-        look, _ = choose(s_logits, positions=(p + last + 1)[:, None] + jnp.arange(1, s + 1))  # [B, s]
+        if streams:
+            s_logits = s_all[rows, last] if merged else M.head(cfg, ss.stream_params(params), hs[rows, last])
+            look, _ = choose(s_logits, positions=(p + last + 1)[:, None] + jnp.arange(1, s + 1))  # [B, s]
+        else:
+            look = st["look"]
         return dict(
             p=jnp.where(active, p + last + 1, p),
             x0=jnp.where(active, g[rows, last], st["x0"]),
@@ -130,7 +157,14 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         )
 
     def body(st):
-        return step(st, jnp.concatenate([st["x0"][:, None], st["look"]], axis=1))  # [B, s+1]
+        # Feed only the lookaheads a row can still use: m = min(s, tokens it still needs - 1), the
+        # most over the unfinished rows. A window's last forward then has fewer rows, and with m = 0
+        # (every row needs one more token) it is a plain forward: no stream rows, no stream head.
+        toks = jnp.concatenate([st["x0"][:, None], st["look"]], axis=1)  # [B, s+1]
+        need = jnp.where(st["n"] < num_tokens, num_tokens - st["n"] - 1, 0)  # [B]
+        m = jnp.clip(jnp.max(need), 0, s)
+        return lax.switch(m, [partial(lambda st, j: step(st, toks[:, : j + 1], streams=j > 0), j=j)
+                              for j in range(s + 1)], st)
 
     first = (roots[:, None] if roots.ndim == 1 else roots).astype(jnp.int32)  # [B, F]
     st = dict(

@@ -44,7 +44,7 @@ from mirror_jax import model as M
 from mirror_jax.config import ModelConfig
 from mirror_jax.kv_cache import init_cache
 from mirror_jax.params import ModelParams
-from mirror_jax.ss.model import SSConfig, SSParams, main_pass, stream_pass
+from mirror_jax.ss.model import SSConfig, SSParams, main_pass, stream_head, stream_pass
 
 STREAM_ALPHA = 0.1
 
@@ -71,21 +71,35 @@ def _chunked_head(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int,
     """Per row of h [N, H]: (-log softmax(head(h))[target], argmax id) -> ([N] float32, [N] int32),
     the head evaluated on `chunk` rows at a time (rematerialised in the backward pass if `remat`),
     so memory holds chunk x V logits at a time. The argmax breaks ties as `jnp.argmax` (lowest id),
-    as the greedy draft does."""
+    as the greedy draft does. With a reduced head (``params.head_ids``) the softmax runs over its
+    rows only; a target outside them gets nll 0 (mask it with `in_head`) and never matches."""
     n, hd = h.shape
     chunk = max(1, min(chunk, n))
     pad = (-n) % chunk
+    ids = params.head_ids
+    local = targets if ids is None else jnp.clip(jnp.searchsorted(ids, targets), 0, ids.shape[0] - 1)
     hp = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, hd)
-    tp = jnp.pad(targets, (0, pad)).reshape(-1, chunk)
+    tp = jnp.pad(local, (0, pad)).reshape(-1, chunk)
 
     def one(args):
         hh, tt = args
-        logits = M.head(cfg, params, hh)  # [chunk, V] float32
+        logits = M.head_rows(cfg, params, hh)  # [chunk, V or N] float32
         gold = jnp.take_along_axis(logits, tt[:, None], axis=-1)[:, 0]
         return jax.nn.logsumexp(logits, axis=-1) - gold, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     nll, arg = lax.map(jax.checkpoint(one) if remat else one, (hp, tp))
-    return nll.reshape(-1)[:n], arg.reshape(-1)[:n]
+    nll, arg = nll.reshape(-1)[:n], arg.reshape(-1)[:n]
+    if ids is None:
+        return nll, arg
+    return jnp.where(in_head(params, targets), nll, 0.0), ids[arg]
+
+
+def in_head(params: ModelParams, targets):
+    """Whether each target id is one of the head's rows (always true for a full head)."""
+    ids = params.head_ids
+    if ids is None:
+        return jnp.ones(jnp.shape(targets), bool)
+    return ids[jnp.clip(jnp.searchsorted(ids, targets), 0, ids.shape[0] - 1)] == targets
 
 
 def chunked_nll(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int = 256):
@@ -182,6 +196,7 @@ def ss_loss(
     start: int = 0,
     labels: str = "text",
     max_rows: int | None = None,
+    stream_ids=None,
 ):
     """SS loss of tokens [B, T] given their frozen main features. Returns (loss, metrics) with
     metrics = {"loss", "nll_main" (constant), "nll_stream" [s], "p_stream" [s], "label_frac" [s],
@@ -194,7 +209,9 @@ def ss_loss(
     `labels` (static): "text" (stream j at t -> tokens[t+1+j]) or "self" (`self_labels`: the
     draft's own greedy continuation, exact where it follows the text). `max_rows` (static):
     evaluate the LM head on at most this many stream rows, those with the largest weights (with
-    "self" labels most rows weigh 0); rows beyond it are dropped from the loss."""
+    "self" labels most rows weigh 0); rows beyond it are dropped from the loss. `stream_ids` ([N]
+    sorted int32, or None): the token ids the streams choose among (`SSParams.stream_ids`; passed
+    apart from `ssp` because it is not trained); the streams' softmax runs over those rows."""
     b, t = tokens.shape
     s = sscfg.num_streams
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -207,6 +224,8 @@ def ss_loss(
         raise ValueError(f"labels must be 'text' or 'self', got {labels!r}")
     tgt, w = tgt[:, start:], w[:, start:]  # [B, T', s] with T' = T - start
     tq = t - start
+    ids = ssp.stream_ids if stream_ids is None else stream_ids
+    sp = stream_head(cfg, sscfg, params, ids)  # the head the lookaheads are chosen with
     hs_flat, tgt_flat, w_flat = hs.reshape(b * tq * s, -1), tgt.reshape(-1), w.reshape(-1)
     if max_rows is not None and max_rows < w_flat.shape[0]:
         # The weighted rows first; among equal weights a content hash (not the row order) decides,
@@ -215,19 +234,20 @@ def ss_loss(
         jitter = ((tgt_flat.astype(jnp.uint32) * jnp.uint32(2654435761) + idx * jnp.uint32(40503)) % 1024) / 2048.0
         _, rows = lax.top_k(w_flat + jitter, max_rows)
         w = jnp.zeros_like(w_flat).at[rows].set(w_flat[rows]).reshape(b, tq, s)
-        nll_r, hit_r = chunked_nll_hit(cfg, params, hs_flat[rows], tgt_flat[rows], chunk)
+        nll_r, hit_r = chunked_nll_hit(cfg, sp, hs_flat[rows], tgt_flat[rows], chunk)
         nll = jnp.zeros_like(w_flat).at[rows].set(nll_r).reshape(b, tq, s)
         hit = jnp.zeros_like(w_flat).at[rows].set(hit_r.astype(jnp.float32)).reshape(b, tq, s)
     else:
-        nll, hit = chunked_nll_hit(cfg, params, hs_flat, tgt_flat, chunk)
+        nll, hit = chunked_nll_hit(cfg, sp, hs_flat, tgt_flat, chunk)
         nll, hit = nll.reshape(b, tq, s), hit.astype(jnp.float32).reshape(b, tq, s)
     denom = jnp.maximum(jnp.sum(w, axis=(0, 1)), 1.0)
-    nll_j = jnp.sum(nll * w, axis=(0, 1)) / denom  # [s]
+    w_in = w * in_head(sp, tgt)  # a target outside a reduced stream head: no loss, counted as a miss
+    nll_j = jnp.sum(nll * w_in, axis=(0, 1)) / jnp.maximum(jnp.sum(w_in, axis=(0, 1)), 1.0)  # [s]
     mmask = jnp.ones((b, t)) if loss_mask is None else loss_mask.astype(jnp.float32)
     mmask = jnp.pad(mmask[:, 1:], ((0, 0), (0, 1)))  # weight of the target y_{t+1}
     nll_main = jax.lax.stop_gradient(jnp.sum(feats.nll_main * mmask) / jnp.maximum(jnp.sum(mmask), 1.0))
     loss = nll_main + alpha * jnp.sum(nll_j)
-    p_j = jnp.sum(jnp.exp(-nll) * w, axis=(0, 1)) / denom
+    p_j = jnp.sum(jnp.exp(-nll) * w_in, axis=(0, 1)) / denom
     label_frac = jnp.mean(w, axis=(0, 1))  # [s] share of stream positions that carry a label
     acc_j = jnp.sum(hit * w, axis=(0, 1)) / denom  # [s] hard match: P(stream j's argmax is its label)
     # Tokens per SS forward this implies (unbounded window; stream j's match taken as independent of
@@ -266,14 +286,14 @@ def make_train_step(
     cfg: ModelConfig, sscfg: SSConfig, opt: optax.GradientTransformation, *, chunk: int = 256, start: int = 0,
     labels: str = "text", max_rows: int | None = None,
 ):
-    """Jitted ``step(params, state, feats, tokens, loss_mask=None) -> (state, metrics)``; only
-    `state.ssp` is differentiated."""
+    """Jitted ``step(params, state, feats, tokens, loss_mask=None, stream_ids=None) -> (state,
+    metrics)``; only `state.ssp` is differentiated (it carries no `stream_ids`: pass them here)."""
 
     @jax.jit
-    def step(params, state: TrainState, feats: MainFeatures, tokens, loss_mask=None):
+    def step(params, state: TrainState, feats: MainFeatures, tokens, loss_mask=None, stream_ids=None):
         def f(ssp):
             return ss_loss(cfg, sscfg, params, ssp, feats, tokens, loss_mask, chunk=chunk, start=start,
-                           labels=labels, max_rows=max_rows)
+                           labels=labels, max_rows=max_rows, stream_ids=stream_ids)
 
         (_, metrics), grads = jax.value_and_grad(f, has_aux=True)(state.ssp)
         updates, opt_state = opt.update(grads, state.opt_state, state.ssp)
@@ -286,11 +306,11 @@ def make_train_step(
 
 def make_eval_loss(cfg: ModelConfig, sscfg: SSConfig, *, chunk: int = 256, start: int = 0, labels: str = "text",
                    max_rows: int | None = None):
-    """Jitted ``eval(params, ssp, feats, tokens, loss_mask=None) -> metrics`` (no update)."""
+    """Jitted ``eval(params, ssp, feats, tokens, loss_mask=None, stream_ids=None) -> metrics``."""
 
     @jax.jit
-    def ev(params, ssp, feats, tokens, loss_mask=None):
+    def ev(params, ssp, feats, tokens, loss_mask=None, stream_ids=None):
         return ss_loss(cfg, sscfg, params, ssp, feats, tokens, loss_mask, chunk=chunk, start=start, labels=labels,
-                       max_rows=max_rows)[1]
+                       max_rows=max_rows, stream_ids=stream_ids)[1]
 
     return ev
