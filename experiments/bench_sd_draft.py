@@ -16,7 +16,9 @@ equals ar's. Every setting is compiled on a warm-up prompt first, and a timed ru
     python experiments/bench_sd_draft.py --source specbench --per-category 1 --name sd_draft_specbench
     python experiments/bench_sd_draft.py --tiny                  # random tiny pair, smoke test
 
-``--settings`` lists ``gamma:draft_stop:draft_vocab`` (vocab 0: the whole vocabulary); without it
+``--settings`` lists ``gamma:draft_stop:draft_vocab[:ss]`` (vocab 0: the whole vocabulary; ss: a
+speculative-streaming adapter, a directory or a name under ``checkpoints/``, or ``init`` for untrained
+streams, e.g. ``4:0:0,4:0:0:ss_default_draft``); without it
 every gamma x stop of ``--gammas`` / ``--stops`` runs with the whole vocabulary. Also reported: one
 draft forward's median time per vocabulary size, and the share of ar's output tokens inside each
 reduced vocabulary. Writes ``experiments/results/<name>.{json,md,png}`` (default name sd_draft).
@@ -65,6 +67,19 @@ def load(args):
     else:
         prompts, _ = make_prompts(tok, "heldout", args.num_prompts + 1, args.prompt_len, seed=args.seed)
     return target, draft, prompts, tuple(target.cfg.eos_token_ids), f"{target.name} / {draft.name}"
+
+
+def load_adapter(draft, name: str):
+    """(SSConfig, SSParams) of an SS adapter: a directory, a name under checkpoints/, or 'init'."""
+    from mirror_jax.ss.checkpoint import restore_ss_checkpoint
+    from mirror_jax.ss.model import SSConfig, init_ss_params
+
+    cfg, params = (draft[0], draft[1]) if isinstance(draft, tuple) else (draft.cfg, draft.params)
+    if name == "init":
+        sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+        return sscfg, init_ss_params(cfg, sscfg, params)
+    path = Path(name) if Path(name).is_dir() else ROOT / "checkpoints" / name
+    return restore_ss_checkpoint(path, cfg, params)[:2]
 
 
 def run(target, prompt, n_new, eos, **kw):
@@ -134,14 +149,17 @@ def main(argv=None) -> int:
     command = "python experiments/bench_sd_draft.py " + " ".join(argv if argv is not None else sys.argv[1:])
     target, draft, prompts, eos, name = load(args)
     warm, prompts = prompts[0], prompts[1:]
-    triples = ([(x.split(":") + ["0", "0"])[:3] for x in args.settings.split(",")] if args.settings
-               else [(g, p, "0") for g, p in itertools.product(args.gammas.split(","), args.stops.split(","))])
-    settings = [("ar", None, None, None)] + [("sd", int(g), float(p), int(v)) for g, p, v in triples]
+    parts = ([(x.split(":") + ["0", "0", ""][x.count(":"):])[:4] for x in args.settings.split(",")] if args.settings
+             else [(g, p, "0", "") for g, p in itertools.product(args.gammas.split(","), args.stops.split(","))])
+    settings = [("ar", None, None, None, "")] + [("sd", int(g), float(p), int(v), a) for g, p, v, a in parts]
+    adapters = {a: load_adapter(draft, a) for *_, a in settings if a}
 
-    def kw(method, gamma, stop, vocab):
+    def kw(method, gamma, stop, vocab, ss):
         if method == "ar":
             return {"method": "ar"}
-        return dict(method="sd", draft=draft, gamma=gamma, draft_stop=stop, draft_vocab=vocab or None)
+        # vocab 0 asks for the whole head (None would take the device default: 32768 ids on CPU)
+        return dict(method="sd", draft=draft, gamma=gamma, draft_stop=stop, draft_vocab=vocab,
+                    ss_adapter=adapters.get(ss))
 
     for st in tqdm(settings, desc="compile"):
         run(target, warm, args.max_new_tokens, eos, **kw(*st))
@@ -157,7 +175,7 @@ def main(argv=None) -> int:
     for st in settings:
         runs = per[st]
         tps = np.array([len(r.tokens[0]) / s for r, s in runs])
-        row = {"method": st[0], "gamma": st[1], "draft_stop": st[2], "draft_vocab": st[3],
+        row = {"method": st[0], "gamma": st[1], "draft_stop": st[2], "draft_vocab": st[3], "ss": st[4] or None,
                "identical_to_ar": all(r.tokens[0] == t for (r, _), t in zip(runs, ref, strict=True)),
                "tokens_per_s": float(np.median(tps)), "speedup_vs_ar": float(np.median(tps / ar_tps)),
                "speedup_total": total_tps(runs) / total_tps(per[settings[0]]),
@@ -179,9 +197,9 @@ def main(argv=None) -> int:
     payload = {"command": command, "models": name, "source": what, "prompts": len(prompts),
                "max_new_tokens": args.max_new_tokens, "machine": info, "rows": rows,
                "draft_forward_ms": fwd_ms, "ar_output_coverage": covered}
-    cols = ["method", "gamma", "draft_stop", "draft_vocab", "tokens_per_s", "speedup_vs_ar", "speedup_total",
+    cols = ["method", "gamma", "draft_stop", "draft_vocab", "ss", "tokens_per_s", "speedup_vs_ar", "speedup_total",
             "tokens_per_round", "drafted_per_round", "draft_forwards_per_round", "round_ms_median", "identical_to_ar"]
-    fmt = {c: "{:.2f}" for c in cols[4:11]}
+    fmt = {c: "{:.2f}" for c in cols[5:12]}
     md = "\n".join([
         f"# Vanilla SD draft settings (sd, {name})", "", machine_md(info), "",
         f"{len(prompts)} {what}, {args.max_new_tokens} new tokens, "
@@ -209,9 +227,9 @@ def plot(rows, path: Path, name: str) -> None:
 
     sd = [r for r in rows if r["method"] == "sd"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    for g, v in sorted({(r["gamma"], r["draft_vocab"]) for r in sd}):
-        rs = [r for r in sd if (r["gamma"], r["draft_vocab"]) == (g, v)]
-        lab = f"gamma {g}" + (f", vocab {v}" if v else "")
+    for g, v, a in sorted({(r["gamma"], r["draft_vocab"], r["ss"] or "") for r in sd}):
+        rs = [r for r in sd if (r["gamma"], r["draft_vocab"], r["ss"] or "") == (g, v, a)]
+        lab = f"gamma {g}" + (f", vocab {v}" if v else "") + (f", ss {Path(a).name}" if a else "")
         ax[0].plot([r["draft_stop"] for r in rs], [r["speedup_vs_ar"] for r in rs], "o-", label=lab)
         ax[1].plot([r["draft_stop"] for r in rs], [r["drafted_per_round"] for r in rs], "o-", label=f"drafted, {lab}")
         ax[1].plot([r["draft_stop"] for r in rs], [r["tokens_per_round"] for r in rs], "s--",

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "experiments"))
 
 from mirror_jax import model as M  # noqa: E402
-from mirror_jax.bench.report import median_ms  # noqa: E402
+from mirror_jax.bench.report import machine_info, machine_md, median_ms  # noqa: E402
 from mirror_jax.kv_cache import commit, init_cache  # noqa: E402
 from mirror_jax.rounds.draft import draft_chain  # noqa: E402
 from mirror_jax.sampling import SamplingParams  # noqa: E402
@@ -90,7 +90,10 @@ def forward_costs(cfg, params, methods, prompt, capacity: int, k_in: int, repeat
            f"plain, {k_in} tokens": med(lambda: fwd(params, jnp.broadcast_to(root[:, None], (1, k_in)), cache))}
     for m, (fn, ss) in methods.items():
         if ss is not None:
-            out[m] = med(lambda fn=fn, ss=ss: fn(cfg, params, ss, cache, root, 1)[0])
+            one = med(lambda fn=fn, ss=ss: fn(cfg, params, ss, cache, root, 1)[0])
+            two = med(lambda fn=fn, ss=ss: fn(cfg, params, ss, cache, root, 2)[0])  # exactly two forwards
+            out[f"{m}: first forward (1 token)"] = one
+            out[f"{m}: loop forward ({k_in} tokens, by difference)"] = two - one
     return out
 
 
@@ -136,8 +139,10 @@ def main(argv=None):
     else:
         for ck in args.ckpt:
             sscfg, ssp, meta = restore_ss_checkpoint(ck, cfg, params)
+            vocab = "" if ssp.stream_ids is None and not sscfg.stream_vocab else (
+                f", stream vocab {ssp.stream_ids.shape[0] if ssp.stream_ids is not None else sscfg.stream_vocab}")
             label = (f"ss {Path(ck).name} (s={sscfg.num_streams}, N_s={sscfg.num_msa_layers}, r={sscfg.lora_rank}, "
-                     f"{meta['steps']} steps)")
+                     f"{meta['steps']} steps{vocab})")
             methods[label] = (ss_rollout, ss_draft(cfg, sscfg, params, ssp))
     untrained = ss_draft(cfg, sscfg, params, init_ss_params(cfg, sscfg, params))
     methods["ss (untrained streams)"] = (ss_rollout, untrained)
@@ -161,6 +166,7 @@ def main(argv=None):
                 mismatches += int(toks != ref)
                 per[m]["fwd"] += fwd
                 per[m]["sec"] += secs
+        ar_ms = 1e3 * float(np.median(per["ar"]["sec"]))
         for m, d in per.items():
             f = np.asarray(d["fwd"], float)
             rows.append(
@@ -171,9 +177,12 @@ def main(argv=None):
                     "forwards_per_window": float(f.mean()),
                     "tokens_per_forward": float(gamma / f.mean()),
                     "ms_per_window": 1e3 * float(np.median(d["sec"])),
+                    "window_vs_ar": 1e3 * float(np.median(d["sec"])) / ar_ms,
                 }
             )
     result = {
+        "command": "python experiments/bench_ss.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info(),
         "model": name,
         "ss_config": sscfg.__dict__,
         "adapter_steps": meta.get("steps"),
@@ -197,18 +206,23 @@ def main(argv=None):
         f"stdlib prompts x {args.windows} consecutive windows, batch 1, greedy. SS output == AR output in "
         f"every window: **{mismatches == 0}**. Wall times: {result['device']}, median per window.",
         "",
-        "| method | gamma | draft forwards / window | tokens / forward | ms / window |",
-        "|---|---|---|---|---|",
+        machine_md(result["machine"]),
+        "",
+        "| method | gamma | draft forwards / window | tokens / forward | ms / window | vs ar window |",
+        "|---|---|---|---|---|---|",
     ]
     md += [
         f"| {r['method']} | {r['gamma']} | {r['forwards_per_window']:.2f} | {r['tokens_per_forward']:.2f} | "
-        f"{r['ms_per_window']:.1f} |"
+        f"{r['ms_per_window']:.1f} | {r['window_vs_ar']:.2f}x |"
         for r in rows
     ]
     md += ["", "One draft forward (median ms, same run): a window of 1 token is one plain forward; an SS window of 1 "
-           "token is one SS forward (s+1 tokens through every layer, the streams through the MSA layers, one LM "
-           "head pass).", "", "| forward | ms | vs 1-token forward |", "|---|---|---|"]
+           "token is the first SS forward (the root: 1 main row, its s stream rows through the MSA layers, the "
+           "main and stream heads); a window of 2 tokens is exactly two SS forwards, so the difference is one "
+           "forward of the loop (x0 and s lookaheads: s+1 main rows, (s+1)s stream rows).", "",
+           "| forward | ms | vs 1-token forward |", "|---|---|---|"]
     md += [f"| {k} | {v:.1f} | {v / fwd_cost['plain, 1 token']:.2f}x |" for k, v in fwd_cost.items()]
+    md += ["", f"Command: `{result['command']}`"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
 
     import matplotlib
