@@ -45,11 +45,13 @@ class SSConfig:
     """Static SS settings. ``lora_rank == 0`` means the stream path of the top ``num_msa_layers``
     layers is a full trainable copy of those layers instead of base + LoRA.
 
-    ``stream_vocab`` (0: the whole vocabulary): the streams choose their lookaheads among the first
-    `stream_vocab` token ids only (plus EOS; `mirror_jax.draft_vocab.reduced_vocab`'s BPE-merge
-    ranking), through those rows of the draft's own LM head (`stream_head`). A lookahead is only a
-    guess that the main stream checks, so this changes no emitted token; it cuts the streams' head
-    pass (the largest weight a 0.5B draft streams) and the training step's head cost several-fold."""
+    ``stream_vocab`` (0: the whole vocabulary): how many token ids the streams choose their
+    lookaheads among, through those rows of the draft's own LM head (`stream_head`): the adapter's
+    own `SSParams.stream_ids` (e.g. the most frequent tokens of its training text, saved with it) or,
+    without them, the first `stream_vocab` ids plus EOS (`mirror_jax.draft_vocab.reduced_vocab`'s
+    BPE-merge ranking). A lookahead is only a guess that the main stream checks, so this changes no
+    emitted token; it cuts the streams' head pass (the largest weight a 0.5B draft streams) and the
+    training step's head cost several-fold."""
 
     num_streams: int = 2
     num_msa_layers: int = 2

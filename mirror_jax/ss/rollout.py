@@ -37,7 +37,7 @@ plain forward (no stream rows, no stream head): gamma 4 with s = 2 and one accep
 
 Every emitted token is the main stream's choice given an all-correct prefix, hence identical to AR
 decoding; the K/V of positions > p+a are stale and get overwritten by the next forward (it writes
-p+a+1 .. p+a+1+s) before anything reads them. Rows advance at different speeds; a row that has
+p+a+1 onwards, one slot per token it feeds) before anything reads them. Rows advance at different speeds; a row that has
 gamma tokens stops: its inputs are placed at positions >= capacity, so its writes are dropped.
 """
 
