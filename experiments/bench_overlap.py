@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     draft = self_draft(cfg, params, args.draft_layers)
     prompts = random_prompts(args.prompts, seed=3, vocab=args.vocab, lo=16, hi=48)
     kw = dict(method="mirror", draft=draft, gamma=args.gamma, kappa=args.kappa, exit_layer=args.exit_layer,
-              branch_budget=args.budget, exit_head=None)
+              branch_budget=args.budget, exit_head=None, draft_quant="none")  # one Eigen thread per device
     ref = generate(target, prompts, args.max_new_tokens).tokens
     runs = {}
     for pl in ("cpu:0", "cpu:0,cpu:1"):

@@ -16,12 +16,13 @@ equals ar's. Every setting is compiled on a warm-up prompt first, and a timed ru
     python experiments/bench_sd_draft.py --source specbench --per-category 1 --name sd_draft_specbench
     python experiments/bench_sd_draft.py --tiny                  # random tiny pair, smoke test
 
-``--settings`` lists ``gamma:draft_stop:draft_vocab[:ss]`` (vocab 0: the whole vocabulary; ss: a
+``--settings`` lists ``gamma:draft_stop:draft_vocab[:ss][:quant]`` (vocab 0: the whole vocabulary; ss: a
 speculative-streaming adapter, a directory or a name under ``checkpoints/``, or ``init`` for untrained
-streams, e.g. ``4:0:0,4:0:0:ss_default_draft``); without it
+streams; quant: ``int8`` or ``none``, the draft's matrices (`mirror_jax.quant`), absent: the device
+default; e.g. ``4:0:0,4:0:0:ss_default_draft,7:0.6:32768:none,7:0.6:32768:int8``); without it
 every gamma x stop of ``--gammas`` / ``--stops`` runs with the whole vocabulary. Also reported: one
-draft forward's median time per vocabulary size, and the share of ar's output tokens inside each
-reduced vocabulary. Writes ``experiments/results/<name>.{json,md,png}`` (default name sd_draft).
+draft forward's median time per vocabulary size and quantization, and the share of ar's output
+tokens inside each reduced vocabulary. Writes ``experiments/results/<name>.{json,md,png}`` (default name sd_draft).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from mirror_jax.bench.report import machine_info, machine_md, markdown_table, wr
 from mirror_jax.bench.runner import timed_without_compiles  # noqa: E402
 from mirror_jax.draft_vocab import coverage, reduced_vocab, restrict_head  # noqa: E402
 from mirror_jax.engine.api import generate  # noqa: E402
+from mirror_jax.quant import QUANT_MODES  # noqa: E402
 
 
 def load(args):
@@ -97,14 +99,15 @@ def special_ids(draft) -> list[int]:
     return list(getattr(tok, "all_special_ids", None) or [])
 
 
-def forward_ms(draft, vocabs) -> dict[int, float]:
-    """Median ms of one jitted 1-token draft forward after 64 tokens, per vocabulary size."""
+def forward_ms(draft, combos) -> dict[str, float]:
+    """Median ms of one jitted 1-token draft forward after 64 tokens, per "vocab/quant" pair."""
     import jax
     import jax.numpy as jnp
 
     from mirror_jax import model as M
     from mirror_jax.bench.report import median_ms
     from mirror_jax.kv_cache import commit, init_cache
+    from mirror_jax.quant import quantize_params
 
     cfg = draft_cfg(draft)
     params = draft[1] if isinstance(draft, tuple) else draft.params
@@ -113,10 +116,21 @@ def forward_ms(draft, vocabs) -> dict[int, float]:
     _, cache = jax.jit(M.forward, static_argnums=0)(cfg, params, jnp.zeros((1, 64), jnp.int32), cache)
     cache = commit(cache, 64)
     out = {}
-    for v in vocabs:
+    for v, q in combos:
         p = restrict_head(params, cfg, reduced_vocab(cfg, v, keep=special_ids(draft))) if v else params
-        out[v] = median_ms(lambda p=p: fwd(p, jnp.ones((1, 1), jnp.int32), cache), repeats=9)
+        p = quantize_params(p, q)
+        out[f"{v}/{q}"] = median_ms(lambda p=p: fwd(p, jnp.ones((1, 1), jnp.int32), cache), repeats=9)
     return out
+
+
+def parse_setting(text: str) -> tuple:
+    """'gamma:stop:vocab[:ss][:quant]' -> ("sd", gamma, stop, vocab, ss or "", quant or None)."""
+    g, p, v, *rest = (text.split(":") + ["0", "0"][text.count(":"):])
+    quant = [x for x in rest if x in QUANT_MODES]
+    ss = [x for x in rest if x not in QUANT_MODES]
+    if len(quant) > 1 or len(ss) > 1:
+        raise SystemExit(f"--settings: {text!r} is not gamma:stop:vocab[:ss][:quant]")
+    return "sd", int(g), float(p), int(v), ss[0] if ss else "", quant[0] if quant else None
 
 
 def per_round(runs, key: str) -> float:
@@ -149,17 +163,17 @@ def main(argv=None) -> int:
     command = "python experiments/bench_sd_draft.py " + " ".join(argv if argv is not None else sys.argv[1:])
     target, draft, prompts, eos, name = load(args)
     warm, prompts = prompts[0], prompts[1:]
-    parts = ([(x.split(":") + ["0", "0", ""][x.count(":"):])[:4] for x in args.settings.split(",")] if args.settings
-             else [(g, p, "0", "") for g, p in itertools.product(args.gammas.split(","), args.stops.split(","))])
-    settings = [("ar", None, None, None, "")] + [("sd", int(g), float(p), int(v), a) for g, p, v, a in parts]
-    adapters = {a: load_adapter(draft, a) for *_, a in settings if a}
+    texts = (args.settings.split(",") if args.settings
+             else [f"{g}:{p}:0" for g, p in itertools.product(args.gammas.split(","), args.stops.split(","))])
+    settings = [("ar", None, None, None, "", None)] + [parse_setting(x) for x in texts]
+    adapters = {st[4]: load_adapter(draft, st[4]) for st in settings if st[4]}
 
-    def kw(method, gamma, stop, vocab, ss):
+    def kw(method, gamma, stop, vocab, ss, quant):
         if method == "ar":
             return {"method": "ar"}
         # vocab 0 asks for the whole head (None would take the device default: 32768 ids on CPU)
         return dict(method="sd", draft=draft, gamma=gamma, draft_stop=stop, draft_vocab=vocab,
-                    ss_adapter=adapters.get(ss))
+                    ss_adapter=adapters.get(ss), draft_quant=quant)
 
     for st in tqdm(settings, desc="compile"):
         run(target, warm, args.max_new_tokens, eos, **kw(*st))
@@ -176,6 +190,7 @@ def main(argv=None) -> int:
         runs = per[st]
         tps = np.array([len(r.tokens[0]) / s for r, s in runs])
         row = {"method": st[0], "gamma": st[1], "draft_stop": st[2], "draft_vocab": st[3], "ss": st[4] or None,
+               "draft_quant": runs[0][0].stats.get("draft_quant"),
                "identical_to_ar": all(r.tokens[0] == t for (r, _), t in zip(runs, ref, strict=True)),
                "tokens_per_s": float(np.median(tps)), "speedup_vs_ar": float(np.median(tps / ar_tps)),
                "speedup_total": total_tps(runs) / total_tps(per[settings[0]]),
@@ -188,7 +203,7 @@ def main(argv=None) -> int:
                        round_ms_median=float(np.median([r.stats["round_wall_ms_median"] for r, _ in runs])))
         rows.append(row)
     vocabs = sorted({st[3] for st in settings[1:]})
-    fwd_ms = forward_ms(draft, vocabs)
+    fwd_ms = forward_ms(draft, sorted({(r["draft_vocab"], r["draft_quant"]) for r in rows if r["method"] == "sd"}))
     covered = {v: coverage(reduced_vocab(draft_cfg(draft), v, keep=special_ids(draft)), [t for r in ref for t in r])
                for v in vocabs if v}
     info = machine_info()
@@ -197,9 +212,10 @@ def main(argv=None) -> int:
     payload = {"command": command, "models": name, "source": what, "prompts": len(prompts),
                "max_new_tokens": args.max_new_tokens, "machine": info, "rows": rows,
                "draft_forward_ms": fwd_ms, "ar_output_coverage": covered}
-    cols = ["method", "gamma", "draft_stop", "draft_vocab", "ss", "tokens_per_s", "speedup_vs_ar", "speedup_total",
-            "tokens_per_round", "drafted_per_round", "draft_forwards_per_round", "round_ms_median", "identical_to_ar"]
-    fmt = {c: "{:.2f}" for c in cols[5:12]}
+    cols = ["method", "gamma", "draft_stop", "draft_vocab", "ss", "draft_quant", "tokens_per_s", "speedup_vs_ar",
+            "speedup_total", "tokens_per_round", "drafted_per_round", "draft_forwards_per_round", "round_ms_median",
+            "identical_to_ar"]
+    fmt = {c: "{:.2f}" for c in cols[6:13]}
     md = "\n".join([
         f"# Vanilla SD draft settings (sd, {name})", "", machine_md(info), "",
         f"{len(prompts)} {what}, {args.max_new_tokens} new tokens, "
@@ -207,7 +223,7 @@ def main(argv=None) -> int:
         "same prompt, same run); speedup_total: all tokens / all seconds, over ar's. draft_stop 0 = full windows.",
         "",
         markdown_table(rows, cols, fmt),
-        "One draft forward (1 token, 64-token context, median of 9) by vocabulary size (0: whole): "
+        "One draft forward (1 token, 64-token context, median of 9) by vocabulary size (0: whole) / quantization: "
         + ", ".join(f"{v}: {ms:.1f} ms" for v, ms in fwd_ms.items()) + ".",
         "Share of ar's output tokens inside each reduced vocabulary: "
         + (", ".join(f"{v}: {c:.3f}" for v, c in covered.items()) or "none run") + ".", "",
@@ -227,9 +243,11 @@ def plot(rows, path: Path, name: str) -> None:
 
     sd = [r for r in rows if r["method"] == "sd"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    for g, v, a in sorted({(r["gamma"], r["draft_vocab"], r["ss"] or "") for r in sd}):
-        rs = [r for r in sd if (r["gamma"], r["draft_vocab"], r["ss"] or "") == (g, v, a)]
-        lab = f"gamma {g}" + (f", vocab {v}" if v else "") + (f", ss {Path(a).name}" if a else "")
+    key = lambda r: (r["gamma"], r["draft_vocab"], r["ss"] or "", r["draft_quant"] or "")
+    for g, v, a, q in sorted({key(r) for r in sd}):
+        rs = [r for r in sd if key(r) == (g, v, a, q)]
+        lab = (f"gamma {g}" + (f", vocab {v}" if v else "") + (f", ss {Path(a).name}" if a else "")
+               + (f", {q}" if q else ""))
         ax[0].plot([r["draft_stop"] for r in rs], [r["speedup_vs_ar"] for r in rs], "o-", label=lab)
         ax[1].plot([r["draft_stop"] for r in rs], [r["drafted_per_round"] for r in rs], "o-", label=f"drafted, {lab}")
         ax[1].plot([r["draft_stop"] for r in rs], [r["tokens_per_round"] for r in rs], "s--",

@@ -57,6 +57,7 @@ class BenchConfig:
     gamma: int | None = None
     draft_stop: float | None = None
     draft_vocab: int | None = None
+    draft_quant: str | None = None
     exit_vocab: int | None = None
     kappa: int | None = None
     branch_budget: int | None = None
@@ -123,7 +124,8 @@ def _gen_kwargs(method: str, cfg: BenchConfig, models: BenchModels, profile: boo
               eos_ids=models.eos_ids)
     if engine == "ar":
         return kw
-    kw.update(draft=models.draft, gamma=cfg.gamma, profile=profile, draft_vocab=cfg.draft_vocab)
+    kw.update(draft=models.draft, gamma=cfg.gamma, profile=profile, draft_vocab=cfg.draft_vocab,
+              draft_quant=cfg.draft_quant)
     if engine == "mirror":
         kw.update(kappa=cfg.kappa, branch_budget=cfg.branch_budget, exit_layer=cfg.exit_layer,
                   exit_vocab=cfg.exit_vocab)

@@ -31,6 +31,7 @@ from mirror_jax.engine.speculative import DraftModel, SpecDecoder, SpecSettings,
 from mirror_jax.engine.stats import summarize, summarize_rows
 from mirror_jax.exit.checkpoint import ExitHeads
 from mirror_jax.exit.head import ExitHead, check_exit_head, restrict_exit
+from mirror_jax.quant import QuantError, check_mode, params_quantized, quantize_params
 from mirror_jax.rounds.verify import VERIFIERS
 from mirror_jax.sampling import SamplingParams
 from mirror_jax.ss.rollout import ss_draft
@@ -64,14 +65,17 @@ DEVICE_DEFAULTS = {
     # longest row stops, so early stops save little there. experiments/results/bench_loop.md (at
     # 9901f50) swept gamma 2/3/4/7: best at batch 4 gamma 2 (14.1 tok/s vs 13.6/11.4/10.5), at
     # batch 8 gamma 2 and 3 (19.0, 18.9 vs 15.1/14.2).
+    # The draft's matrices in int8 (W8A8, `mirror_jax.quant`; lossless: the draft only proposes): on
+    # this CPU a draft forward took 20 ms instead of 36 with the same tokens per round
+    # (experiments/results/probe_int8.md, sd_int8_draft.md).
     "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_vocab": 32768, "exit_vocab": 0,
-            "sd_gamma": 7, "draft_stop": 0.6, "batch_rows": 12},
-    # Accelerators: not measured yet, so the whole heads and the paper's full windows of 7 (a batch's
-    # rows are nowhere near compute-bound there: no batch rule).
+            "sd_gamma": 7, "draft_stop": 0.6, "batch_rows": 12, "draft_quant": "int8"},
+    # Accelerators: not measured yet, so the whole heads, a float draft and the paper's full windows
+    # of 7 (a batch's rows are nowhere near compute-bound there: no batch rule).
     "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0, "sd_gamma": 7,
-            "draft_stop": 0.0, "batch_rows": None},
+            "draft_stop": 0.0, "batch_rows": None, "draft_quant": "none"},
     "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0, "sd_gamma": 7,
-            "draft_stop": 0.0, "batch_rows": None},
+            "draft_stop": 0.0, "batch_rows": None, "draft_quant": "none"},
 }
 
 
@@ -237,6 +241,7 @@ def generate(
     draft_stop: float | None = None,
     draft_vocab: int | Sequence[int] | None = None,
     exit_vocab: int | Sequence[int] | None = None,
+    draft_quant: str | None = None,
 ) -> GenerationResult:
     """Decode `prompts` (lists of token ids) with `method`; see the module docstring.
 
@@ -273,7 +278,12 @@ def generate(
     `exit_vocab` (mirror with branch rollouts): the early exit's LM head covers only these token
     ids, or the first N plus EOS/special tokens (`mirror_jax.exit.head.restrict_exit`); its
     candidates only choose which branches are rolled out, so the output never changes. 0: the whole
-    vocabulary; None: the device default (the whole vocabulary on every device kind for now)."""
+    vocabulary; None: the device default (the whole vocabulary on every device kind for now).
+
+    `draft_quant`: "int8" runs the draft's matrices in int8 (per-row weight scales, activations
+    quantized per token; `mirror_jax.quant`), "none" in the draft's own dtype. The draft only
+    proposes, so this never changes the output, only acceptance and the draft's speed. None: the
+    device default ("int8" for a draft on one CPU device, "none" elsewhere)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     if loop not in LOOPS:
@@ -299,6 +309,7 @@ def generate(
                          default=_device_defaults(pl)["draft_vocab"])
     if ids is not None:
         p_d = _restricted(p_d, cfg_d, ids)
+    quant = _quant_setting(draft_quant, pl)
     exit_layer, head = resolve_exit(exit_head, target, cfg_t, exit_layer) if method == "mirror" else (exit_layer, None)
     s = resolve_settings(
         method, cfg_t, pl, gamma=gamma, kappa=kappa, exit_layer=exit_layer, branch_budget=branch_budget,
@@ -317,9 +328,12 @@ def generate(
     if ssp is not None and len(pl.draft_group) > 1:
         raise ConfigError("a speculative-streaming draft runs on one device: give the draft a single device")
     tgt = TargetModel(*pl.place_target(cfg_t, p_t), exit_head=None if head is None else pl.to_target(head))
-    cfg_d, p_d = pl.place_draft(cfg_d, p_d)
-    # An SS adapter's LoRA is merged once per call, on the draft's device.
-    drf = DraftModel(cfg_d, p_d, None if ssp is None else ss_draft(cfg_d, sscfg, p_d, pl.params_to_draft(ssp)))
+    cfg_d, p_run = pl.place_draft(cfg_d, p_d if quant == "none" else _quantized(p_d, quant))
+    ss = None
+    if ssp is not None:  # the LoRA is merged once per call, on the draft's device, into the float weights
+        p_merge = p_run if quant == "none" else pl.place_draft(cfg_d, p_d)[1]
+        ss = ss_draft(cfg_d, sscfg, p_merge, pl.params_to_draft(ssp)).quantized(quant)
+    drf = DraftModel(cfg_d, p_run, ss)
     if loop == "device":
         return _generate_device(tgt, drf, s, pl, prompts, max_new_tokens, sampling, eos, capacity)
     t0 = time.perf_counter()
@@ -332,7 +346,7 @@ def generate(
     total = time.perf_counter() - t0
     stats = {"method": method, "loop": "host", "total_s": total, "settings": dataclasses.asdict(s),
              "placement": pl.describe(), "draft_kind": "ar" if ssp is None else "ss", "exit_head": _exit_kind(tgt, s),
-             "draft_vocab": _vocab_size(drf), "exit_vocab": _exit_vocab_size(tgt, s)}
+             "draft_vocab": _vocab_size(drf), "exit_vocab": _exit_vocab_size(tgt, s), "draft_quant": _quant_kind(drf)}
     stats.update(summarize(rounds, s.gamma))
     res = GenerationResult(tokens=tokens, stats=stats)
     res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)
@@ -363,7 +377,7 @@ def _generate_device(tgt: TargetModel, drf: DraftModel, s: SpecSettings, pl: Pla
     stats = {"method": s.method, "loop": "device", "batch": len(prompts), "total_s": total,
              "settings": dataclasses.asdict(s), "placement": pl.describe(),
              "draft_kind": "ar" if drf.ss is None else "ss", "exit_head": _exit_kind(tgt, s),
-             "draft_vocab": _vocab_size(drf), "exit_vocab": _exit_vocab_size(tgt, s)}
+             "draft_vocab": _vocab_size(drf), "exit_vocab": _exit_vocab_size(tgt, s), "draft_quant": _quant_kind(drf)}
     stats.update(summarize_rows(counts, s.method, s.rollouts))
     res = GenerationResult(tokens=tokens, stats=stats)
     res.stats["tokens_per_s"] = res.num_generated / max(total, 1e-9)
@@ -404,6 +418,26 @@ def _memo(key, sources, make):
     return _RESTRICTED[key][1]
 
 
+def _quant_setting(setting, pl: Placement) -> str:
+    """The checked `draft_quant` mode ("none" or "int8"). None: the device default for a draft on one
+    device; a draft sharded over a group stays in its own dtype."""
+    if setting is None:
+        setting = _device_defaults(pl)["draft_quant"] if len(pl.draft_group) == 1 else "none"
+    try:
+        mode = check_mode(setting)
+    except QuantError as e:
+        raise ConfigError(f"{e} (None takes the device default)") from e
+    if mode != "none" and len(pl.draft_group) > 1:
+        raise ConfigError(f"draft_quant={mode!r} needs the draft on one device, not a group (give draft_quant='none')")
+    return mode
+
+
+def _quantized(p_d, mode: str):
+    """`quantize_params`, remembered (`_memo`): ~3.6 s for the default draft on this CPU."""
+    return _memo(("quant", mode, id(p_d.lm_head), id(p_d.layers[0].w_qkv)), (p_d.lm_head, p_d.layers[0].w_qkv),
+                 lambda: quantize_params(p_d, mode))
+
+
 def _restricted(p_d, cfg_d, ids):
     """`restrict_head`, remembered (`_memo`)."""
     return _memo(("draft", id(p_d.lm_head), id(p_d.embed), ids.tobytes()), (p_d.lm_head, p_d.embed),
@@ -425,6 +459,11 @@ def _device_defaults(pl: Placement, device=None) -> dict:
 def _vocab_size(drf: DraftModel) -> int:
     """Tokens the draft's LM head covers."""
     return drf.cfg.vocab_size if drf.params.head_ids is None else int(drf.params.head_ids.shape[0])
+
+
+def _quant_kind(drf: DraftModel) -> str:
+    """How the draft's matrices run: "int8" or "none"."""
+    return "int8" if params_quantized(drf.params) else "none"
 
 
 def _exit_kind(tgt: TargetModel, s: SpecSettings) -> str | None:

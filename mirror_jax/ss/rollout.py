@@ -54,6 +54,7 @@ from mirror_jax import model as M
 from mirror_jax.config import ModelConfig
 from mirror_jax.kv_cache import KVCache, check_headroom
 from mirror_jax.params import LayerParams, ModelParams
+from mirror_jax.quant import quantize_params
 from mirror_jax.sampling import Draw, SamplingArrays, SamplingParams, accepted_length, own_logprob, pick
 from mirror_jax.ss.model import SSConfig, SSParams, main_pass, ss_hidden, stream_head, stream_layers
 
@@ -74,6 +75,14 @@ class SSDraft:
         if self.stream_ids is None:
             return params
         return params.replace(lm_head=self.stream_lm_head, head_ids=self.stream_ids)
+
+    def quantized(self, mode: str) -> SSDraft:
+        """The stream path's merged layers and head rows in `mode` (`mirror_jax.quant`; "none": self)."""
+        if mode == "none":
+            return self
+        q = quantize_params(ModelParams(embed=None, layers=self.layers, final_norm=None,
+                                        lm_head=self.stream_lm_head), mode, head=self.stream_lm_head is not None)
+        return self.replace(layers=q.layers, stream_lm_head=q.lm_head)
 
 
 _merge = jax.jit(stream_layers, static_argnums=(0, 1))
