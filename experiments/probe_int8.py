@@ -11,7 +11,8 @@ The draft only proposes tokens, so its weights may be approximated without chang
   ``int8 w8a8 M=1 unpadded`` (the one-row product left alone) and ``int8 weight-only`` (``x @
   q.astype(f32).T * scale``, the form accelerators fuse);
 * **forward** - `mirror_jax.model.forward` of the whole draft over T new tokens after a committed
-  context, float32 vs int8 weights, and the ratio.
+  context, float32 vs int8 weights, and the ratio (T = 1-8: decode steps and windows; 64, 256: a
+  prompt's prefill, where the products are compute-bound).
 
 Writes ``experiments/results/probe_int8.{json,md}``::
 
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="qwen2.5-0.5b")
     ap.add_argument("--head-rows", type=int, default=32768, help="LM-head rows (the CPU default draft_vocab)")
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 5, 8])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 5, 8])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 3, 5, 8, 64, 256], help="T (64, 256: prefill)")
     ap.add_argument("--weights", type=int, default=8)
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--capacity", type=int, default=512)

@@ -77,7 +77,7 @@ def _chunked_head(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int,
     chunk = max(1, min(chunk, n))
     pad = (-n) % chunk
     ids = params.head_ids
-    local = targets if ids is None else jnp.clip(jnp.searchsorted(ids, targets), 0, ids.shape[0] - 1)
+    local, inside = head_slots(params, targets)
     hp = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, hd)
     tp = jnp.pad(local, (0, pad)).reshape(-1, chunk)
 
@@ -91,15 +91,22 @@ def _chunked_head(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int,
     nll, arg = nll.reshape(-1)[:n], arg.reshape(-1)[:n]
     if ids is None:
         return nll, arg
-    return jnp.where(in_head(params, targets), nll, 0.0), ids[arg]
+    return jnp.where(inside, nll, 0.0), ids[arg]
+
+
+def head_slots(params: ModelParams, targets):
+    """(row of the head holding each target id, whether it is there): a full head's row is the id
+    itself; a reduced head (sorted ``head_ids``) gives the nearest row, valid where `inside`."""
+    ids = params.head_ids
+    if ids is None:
+        return targets, jnp.ones(jnp.shape(targets), bool)
+    slot = jnp.clip(jnp.searchsorted(ids, targets), 0, ids.shape[0] - 1)
+    return slot, ids[slot] == targets
 
 
 def in_head(params: ModelParams, targets):
     """Whether each target id is one of the head's rows (always true for a full head)."""
-    ids = params.head_ids
-    if ids is None:
-        return jnp.ones(jnp.shape(targets), bool)
-    return ids[jnp.clip(jnp.searchsorted(ids, targets), 0, ids.shape[0] - 1)] == targets
+    return head_slots(params, targets)[1]
 
 
 def chunked_nll(cfg: ModelConfig, params: ModelParams, h, targets, chunk: int = 256):
