@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results"))
     args = ap.parse_args(argv)
     command = "python experiments/bench_sd_draft.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    info = machine_info()  # before the runs: its load average is the one at the start
     target, draft, prompts, eos, name = load(args)
     warm, prompts = prompts[0], prompts[1:]
     texts = (args.settings.split(",") if args.settings
@@ -206,7 +207,6 @@ def main(argv=None) -> int:
     fwd_ms = forward_ms(draft, sorted({(r["draft_vocab"], r["draft_quant"]) for r in rows if r["method"] == "sd"}))
     covered = {v: coverage(reduced_vocab(draft_cfg(draft), v, keep=special_ids(draft)), [t for r in ref for t in r])
                for v in vocabs if v}
-    info = machine_info()
     what = (f"SpecBench questions ({args.per_category} per category, first turn)" if args.source == "specbench"
             else f"held-out stdlib code prompts ({args.prompt_len} tokens)")
     payload = {"command": command, "models": name, "source": what, "prompts": len(prompts),

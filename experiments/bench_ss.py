@@ -138,6 +138,7 @@ def main(argv=None):
     ap.add_argument("--gammas", default="4,7")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "ss_bench"))
     args = ap.parse_args(argv)
+    info = machine_info()  # before the runs: its load average is the one at the start
     gammas = [int(g) for g in args.gammas.split(",")]
 
     cfg, params, prompts, name = load(args)
@@ -191,7 +192,7 @@ def main(argv=None):
             )
     result = {
         "command": "python experiments/bench_ss.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine_info(),
+        "machine": info,
         "model": name,
         "ss_config": sscfg.__dict__,
         "adapter_steps": meta.get("steps"),

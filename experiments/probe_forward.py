@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="probe_forward")
     args = ap.parse_args(argv)
 
+    info = machine_info()  # before the runs: its load average is the one at the start
     cfg = SHAPES[args.model]
     dt = getattr(jnp, args.dtype)
     params = init_random(cfg, 0, dt, device=jax.devices()[0])
@@ -92,7 +93,6 @@ def main(argv=None) -> int:
     for r in rows:
         r["forward_vs_T1"] = r["forward"] / base["forward"]
     nbytes = param_bytes(params, exclude_embed=True)
-    info = machine_info()
     cols = ["T", "forward", "forward_vs_T1", "layers", "matmuls", "attention+", "head"]
     md = (f"# Forward cost by part ({args.model} shapes, {args.dtype}, random weights)\n\n" + machine_md(info)
           + f"\nms per jitted call, median of {args.repeats}; context {args.context} tokens in a {args.capacity}-slot "

@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.rows, args.tokens, args.weights, args.repeats = [1, 2], [1, 2], 2, 3
 
+    info = machine_info()  # before the runs: its load average is the one at the start
     cfg = SHAPES[args.model]
     products = []
     for name, shape in product_shapes(cfg, args.head_rows, args.quick).items():
@@ -131,7 +132,6 @@ def main(argv=None) -> int:
         r["int8 vs T=1"] = r["int8 ms"] / forwards[0]["int8 ms"]
 
     gb = {k: param_bytes(p, exclude_embed=True) / 1e9 for k, p in (("float32", params), ("int8", qparams))}
-    info = machine_info()
     cmd = f"python experiments/probe_int8.py {' '.join(argv if argv is not None else sys.argv[1:])}".strip()
     pcols = ["product", "out x in", "M", *FORMS, "f32 / w8a8"]
     fcols = ["T", "f32 ms", "int8 ms", "f32 / int8", "f32 vs T=1", "int8 vs T=1"]
