@@ -62,14 +62,6 @@ class Int8Weight:
     def dtype(self):
         return self.q.dtype
 
-    @property
-    def size(self) -> int:
-        return self.q.size
-
-    def take_rows(self, ids) -> Int8Weight:
-        """The rows `ids` (a reduced LM head)."""
-        return Int8Weight(q=jnp.take(self.q, ids, axis=0), scale=jnp.take(self.scale, ids, axis=0))
-
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         return (self.q.astype(jnp.float32) * self.scale[:, None]).astype(dtype)
 
