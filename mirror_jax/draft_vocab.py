@@ -32,6 +32,7 @@ import numpy as np
 
 from mirror_jax.config import ModelConfig
 from mirror_jax.params import ModelParams
+from mirror_jax.quant import take_rows
 
 
 class DraftVocabError(ValueError):
@@ -63,7 +64,7 @@ def restrict_head(params: ModelParams, cfg: ModelConfig, ids) -> ModelParams:
     if ids.size == cfg.vocab_size:
         return params
     ids_dev = jnp.asarray(ids, jnp.int32)
-    return params.replace(lm_head=jnp.take(params.lm_head, ids_dev, axis=0), head_ids=ids_dev)
+    return params.replace(lm_head=take_rows(params.lm_head, ids_dev), head_ids=ids_dev)
 
 
 def vocab_ids(ids, vocab_size: int) -> np.ndarray:

@@ -78,6 +78,14 @@ def quantize_int8(w: jax.Array) -> Int8Weight:
 _quantize_int8_jit = jax.jit(quantize_int8)
 
 
+def take_rows(w, ids):
+    """Rows `ids` of a weight ``[out, in]``, float or `Int8Weight` (its rows keep their own scales, so
+    cutting a quantized head equals quantizing the cut one)."""
+    if isinstance(w, Int8Weight):
+        return Int8Weight(q=jnp.take(w.q, ids, axis=0), scale=jnp.take(w.scale, ids, axis=0))
+    return jnp.take(w, ids, axis=0)
+
+
 def is_quantized(w) -> bool:
     return isinstance(w, Int8Weight)
 

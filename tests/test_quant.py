@@ -157,3 +157,19 @@ def test_bench_sd_draft_compares_float_and_int8_drafts(tmp_path):
     assert [row["draft_quant"] for row in sd] == ["none", "int8", "int8"]  # the last: the CPU default
     assert all(row["identical_to_ar"] for row in p["rows"])
     assert set(p["draft_forward_ms"]) == {"0/none", "0/int8", "40/int8"}
+
+
+def test_quantized_draft_takes_a_reduced_head(models):
+    """A draft quantized by the user (`quantize_params`) then given to generate with a reduced head
+    (the CPU default draft_vocab): cutting the int8 head equals quantizing the cut head."""
+    from mirror_jax.draft_vocab import restrict_head
+
+    target, (dcfg, dp) = models
+    ids = list(range(0, 64, 2))
+    a, b = restrict_head(quantize_params(dp), dcfg, ids), quantize_params(restrict_head(dp, dcfg, ids))
+    np.testing.assert_array_equal(np.asarray(a.lm_head.q), np.asarray(b.lm_head.q))
+    np.testing.assert_array_equal(np.asarray(a.lm_head.scale), np.asarray(b.lm_head.scale))
+    ps = prompts(2, seed=30)
+    res = generate(target, ps, 12, method="sd", draft=(dcfg, quantize_params(dp)), draft_vocab=32, gamma=3)
+    assert res.tokens == generate(target, ps, 12).tokens
+    assert res.stats["draft_vocab"] == 32 and res.stats["draft_quant"] == "int8"
