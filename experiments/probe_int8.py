@@ -40,7 +40,7 @@ from mirror_jax.config import SHAPES  # noqa: E402
 from mirror_jax.draft_vocab import reduced_vocab, restrict_head  # noqa: E402
 from mirror_jax.kv_cache import init_cache, set_lengths  # noqa: E402
 from mirror_jax.params import init_random, param_bytes  # noqa: E402
-from mirror_jax.quant import Int8Weight, quantize_int8, quantize_params  # noqa: E402
+from mirror_jax.quant import Int8Weight, quantize_int8, quantize_params, quantize_rows  # noqa: E402
 
 FORMS = ("f32", "int8 w8a8", "int8 w8a8 M=1 unpadded", "int8 weight-only")
 
@@ -55,9 +55,7 @@ def product_shapes(cfg, head_rows: int, quick: bool) -> dict[str, tuple[int, int
 
 def _unpadded(x2, w: Int8Weight):
     """The W8A8 product without the one-row padding (XLA:CPU's slow one-row int8 kernel)."""
-    amax = jnp.max(jnp.abs(x2), axis=1, keepdims=True)
-    sx = jnp.where(amax > 0, amax / 127.0, 1.0)
-    xq = jnp.clip(jnp.round(x2 / sx), -127, 127).astype(jnp.int8)
+    xq, sx = quantize_rows(x2)
     acc = lax.dot_general(xq, w.q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
     return acc.astype(jnp.float32) * sx * w.scale
 

@@ -66,13 +66,19 @@ class Int8Weight:
         return (self.q.astype(jnp.float32) * self.scale[:, None]).astype(dtype)
 
 
-def quantize_int8(w: jax.Array) -> Int8Weight:
-    """Symmetric per-row int8 quantization of a weight ``[out, in]`` (an all-zero row gets scale 1)."""
-    wf = jnp.asarray(w, jnp.float32)
-    amax = jnp.max(jnp.abs(wf), axis=1)  # [out]
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Symmetric per-row int8 quantization of x [M, K] (weight rows or activation rows):
+    (q int8 [M, K], scale float32 [M, 1]) with ``x ~ q * scale``; an all-zero row gets scale 1."""
+    xf = jnp.asarray(x, jnp.float32)
+    amax = jnp.max(jnp.abs(xf), axis=1, keepdims=True)  # [M, 1]
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    q = jnp.clip(jnp.round(wf / scale[:, None]), -127, 127).astype(jnp.int8)
-    return Int8Weight(q=q, scale=scale.astype(jnp.float32))
+    return jnp.clip(jnp.round(xf / scale), -127, 127).astype(jnp.int8), scale
+
+
+def quantize_int8(w: jax.Array) -> Int8Weight:
+    """Symmetric per-row int8 quantization of a weight ``[out, in]`` (`quantize_rows`)."""
+    q, scale = quantize_rows(w)
+    return Int8Weight(q=q, scale=scale[:, 0])
 
 
 _quantize_int8_jit = jax.jit(quantize_int8)
@@ -107,29 +113,34 @@ def _w8a8(x2, q, scale, *, out_dtype):
     """int8 x int8 -> int32 with per-row activation scales; one row padded to two (XLA:CPU's fast
     int8 kernel needs M >= 2)."""
     m = x2.shape[0]
-    xf = x2.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(xf), axis=1, keepdims=True)  # [M, 1]
-    sx = jnp.where(amax > 0, amax / 127.0, 1.0)
-    xq = jnp.clip(jnp.round(xf / sx), -127, 127).astype(jnp.int8)
+    xq, sx = quantize_rows(x2)  # [M, in] int8, [M, 1]
     if m == 1:
         xq = jnp.concatenate([xq, xq])
     acc = lax.dot_general(xq, q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)[:m]  # [M, out]
     return (acc.astype(jnp.float32) * sx * scale).astype(out_dtype)
 
 
-def quantize_params(params, mode: str = "int8", *, layers: bool = True, head: bool = True):
+def quantize_params(params, mode: str = "int8"):
     """A draft's `ModelParams` with its matrices (qkv, o, gate_up, down; the LM head) in `mode`.
 
     The embedding stays float (a step reads one row of it); a tied LM head becomes its own int8
     copy (a quarter of the float bytes; with a reduced head only its rows). ``mode="none"``
     returns `params` unchanged. Biases and norms stay float."""
-    check_mode(mode)
-    if mode == "none":
+    if check_mode(mode) == "none":
         return params
-    qz = lambda w: w if is_quantized(w) else _quantize_int8_jit(w)
-    new_layers = tuple(lp.replace(w_qkv=qz(lp.w_qkv), w_o=qz(lp.w_o), w_gate_up=qz(lp.w_gate_up),
-                                  w_down=qz(lp.w_down)) for lp in params.layers) if layers else params.layers
-    return params.replace(layers=new_layers, lm_head=qz(params.lm_head) if head else params.lm_head)
+    return params.replace(layers=quantize_layers(params.layers, mode), lm_head=quantize_weight(params.lm_head, mode))
+
+
+def quantize_layers(layers, mode: str = "int8") -> tuple:
+    """`LayerParams` with their four matrices in `mode` (an SS draft's merged stream layers too)."""
+    q = lambda w: quantize_weight(w, mode)
+    return tuple(lp.replace(w_qkv=q(lp.w_qkv), w_o=q(lp.w_o), w_gate_up=q(lp.w_gate_up), w_down=q(lp.w_down))
+                 for lp in layers)
+
+
+def quantize_weight(w, mode: str = "int8"):
+    """One weight ``[out, in]`` in `mode` (already quantized, or "none": unchanged)."""
+    return w if check_mode(mode) == "none" or is_quantized(w) else _quantize_int8_jit(w)
 
 
 def check_mode(mode) -> str:

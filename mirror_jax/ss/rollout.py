@@ -54,7 +54,7 @@ from mirror_jax import model as M
 from mirror_jax.config import ModelConfig
 from mirror_jax.kv_cache import KVCache, check_headroom
 from mirror_jax.params import LayerParams, ModelParams
-from mirror_jax.quant import quantize_params
+from mirror_jax.quant import quantize_layers, quantize_weight
 from mirror_jax.sampling import Draw, SamplingArrays, SamplingParams, accepted_length, own_logprob, pick
 from mirror_jax.ss.model import SSConfig, SSParams, main_pass, ss_hidden, stream_head, stream_layers
 
@@ -80,9 +80,8 @@ class SSDraft:
         """The stream path's merged layers and head rows in `mode` (`mirror_jax.quant`; "none": self)."""
         if mode == "none":
             return self
-        q = quantize_params(ModelParams(embed=None, layers=self.layers, final_norm=None,
-                                        lm_head=self.stream_lm_head), mode, head=self.stream_lm_head is not None)
-        return self.replace(layers=q.layers, stream_lm_head=q.lm_head)
+        head = None if self.stream_lm_head is None else quantize_weight(self.stream_lm_head, mode)
+        return self.replace(layers=quantize_layers(self.layers, mode), stream_lm_head=head)
 
 
 _merge = jax.jit(stream_layers, static_argnums=(0, 1))
