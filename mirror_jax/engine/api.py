@@ -418,6 +418,13 @@ def _memo(key, sources, make):
     return _RESTRICTED[key][1]
 
 
+def forget_derived_params() -> None:
+    """Drop the reduced LM heads, reduced exits and int8 drafts `generate` remembers (`_memo`): they
+    hold on to arrays of the models they came from (a tied embedding, the target's LM head), so
+    call this after dropping your own references when the memory is needed back."""
+    _RESTRICTED.clear()
+
+
 def _quant_setting(setting, pl: Placement) -> str:
     """The checked `draft_quant` mode ("none" or "int8"). None: the device default for a draft on one
     device; a draft sharded over a group stays in its own dtype."""
