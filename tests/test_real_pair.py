@@ -1,8 +1,9 @@
 """Real default pair (Qwen2.5-Coder 1.5B target / 0.5B draft, GGUF Q4_K_M dequantised to float32).
 
-Slow: loads both models once (~2 minutes, ~9 GB) and transformers' target once (~9 GB peak, after
-ours are freed). Run serially: ``MIRROR_JAX_RUN_SLOW=1 pytest tests/test_real_pair.py``.
-Skipped when the part packages are not installed.
+Slow: transformers' reference tokens come first, from a child process (`tests.hf_reference`, ~9 GB
+peak, all returned when it exits), then both models load once (~2 minutes, ~9 GB). Run serially:
+``MIRROR_JAX_RUN_SLOW=1 pytest tests/test_real_pair.py``. Skipped when the part packages are not
+installed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ N_AR_HF = 32
 N_SPEC = 64
 
 
+def _chat_ids(tok, chat_template) -> list[list[int]]:
+    from mirror_jax.tokenizer import apply_chat_template
+
+    return [apply_chat_template(tok, [{"role": "user", "content": p}], chat_template) for p in PROMPTS]
+
+
 @pytest.fixture(scope="module")
 def real():
     dp = importlib.import_module("mirror_jax.loading.default_pair")
@@ -35,12 +42,18 @@ def real():
         dp.find_parts(DRAFT_SPEC)
     except MissingModelPackagesError as e:
         pytest.skip(str(e))
-    from mirror_jax.loading import default_pair
-    from mirror_jax.tokenizer import apply_chat_template
+    from mirror_jax.loading import assemble_default_files, default_pair, load_gguf_tokenizer
+    from tests.hf_reference import hf_greedy
+
+    # transformers' greedy tokens before our models load: the two copies of the 1.5B never share
+    # this process's memory (a CI run was OOM-killed at 24 GB when they did).
+    target_path, _ = assemble_default_files()
+    ids = _chat_ids(*load_gguf_tokenizer(target_path))
+    hf_tokens = hf_greedy(target_path, ids, N_AR_HF)
 
     target, draft, tok = default_pair(jnp.float32)
-    ids = [apply_chat_template(tok, [{"role": "user", "content": p}], target.chat_template) for p in PROMPTS]
-    state = {"target": target, "draft": draft, "tok": tok, "ids": ids}
+    assert _chat_ids(tok, target.chat_template) == ids
+    state = {"target": target, "draft": draft, "tok": tok, "ids": ids, "hf": hf_tokens}
     yield state
     state.clear()
     gc.collect()
@@ -144,33 +157,15 @@ def test_committed_exit_heads_beat_the_untrained_exit(real):
 
 
 def test_ar_matches_transformers_generate(real):
-    """32 greedy tokens per prompt from mirror_jax equal transformers' `generate` on the same GGUF."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from mirror_jax.engine.api import forget_derived_params, generate
+    """32 greedy tokens per prompt from mirror_jax equal transformers' `generate` on the same GGUF
+    (computed in a child process by the fixture, up to the first end-of-sequence token)."""
+    from mirror_jax.engine.api import generate
 
     ids = real["ids"]
     ours = real.get("ar") or generate(real["target"], ids, N_SPEC).tokens
     eos = set(real["target"].cfg.eos_token_ids)
-    path = real["target"].source
-    real.clear()  # free our models before transformers loads its own copy
-    forget_derived_params()  # and the reduced heads / int8 drafts generate kept of them
-    gc.collect()
-    from pathlib import Path
-
-    p = Path(path)
-    ref = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
-    torch.set_num_threads(2)
-    for prompt_ids, mine in zip(ids, ours, strict=True):
-        with torch.no_grad():
-            out = ref.generate(
-                torch.tensor([prompt_ids]), max_new_tokens=N_AR_HF, do_sample=False, num_beams=1,
-                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-            )
-        theirs = out[0, len(prompt_ids):].tolist()
+    for mine, theirs in zip(ours, real["hf"], strict=True):
+        assert len(theirs) > 0
         mine = mine[:N_AR_HF]
         cut = next((i + 1 for i, t in enumerate(theirs) if t in eos), len(theirs))
         assert mine[:cut] == theirs[:cut]
-    del ref
-    gc.collect()

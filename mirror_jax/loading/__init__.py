@@ -4,6 +4,7 @@ Public API::
 
     load_hf_dir(path, dtype=jnp.float32) -> LoadedModel
     load_gguf(path, dtype=jnp.float32, *, sha256=None, progress=True) -> LoadedModel
+    load_gguf_tokenizer(path) -> (tokenizer, chat_template)  # no weights read
     default_pair(dtype=jnp.float32, cache_dir=None) -> (target, draft, tokenizer)
     assemble_default_files(cache_dir=None) -> (target_path, draft_path)
     check_same_tokenizer(tok_a, tok_b)  # raises TokenizerMismatchError
@@ -25,7 +26,7 @@ from mirror_jax.loading.default_pair import (
     default_cache_dir,
     default_pair,
 )
-from mirror_jax.loading.gguf_loader import load_gguf
+from mirror_jax.loading.gguf_loader import load_gguf, load_gguf_tokenizer
 from mirror_jax.loading.hf import load_hf_dir
 from mirror_jax.loading.keymap import LoadedModel, WeightLoadError
 
@@ -44,5 +45,6 @@ __all__ = [
     "default_cache_dir",
     "default_pair",
     "load_gguf",
+    "load_gguf_tokenizer",
     "load_hf_dir",
 ]

@@ -149,6 +149,21 @@ def gguf_tokenizer(reader) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=backend, **tok_config)
 
 
+def _tokenizer_and_template(reader, load_tokenizer: bool = True) -> tuple[Any, str | None]:
+    tokenizer = gguf_tokenizer(reader) if load_tokenizer else None
+    chat_template = _field(reader, "tokenizer.chat_template")
+    if tokenizer is not None and chat_template is not None:
+        tokenizer.chat_template = chat_template
+    return tokenizer, chat_template
+
+
+def load_gguf_tokenizer(path: str | os.PathLike) -> tuple[Any, str | None]:
+    """``(tokenizer, chat_template)`` of a GGUF file without reading its weights (the tokenizer is
+    None when the file has no ``tokenizer.ggml.*`` metadata). The same tokenizer `load_gguf` attaches.
+    Raises `WeightLoadError` for a missing or unreadable file."""
+    return _tokenizer_and_template(_open(Path(path).expanduser()))
+
+
 def load_gguf(
     path: str | os.PathLike,
     dtype=jnp.float32,
@@ -221,10 +236,7 @@ def load_gguf(
         if bar is not None:
             bar.close()
 
-    tokenizer = gguf_tokenizer(reader) if load_tokenizer else None
-    chat_template = _field(reader, "tokenizer.chat_template")
-    if tokenizer is not None and chat_template is not None:
-        tokenizer.chat_template = chat_template
+    tokenizer, chat_template = _tokenizer_and_template(reader, load_tokenizer)
     if sha256 is None:
         side = path.with_name(path.name + ".sha256")
         if side.is_file():
