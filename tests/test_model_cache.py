@@ -139,6 +139,34 @@ def test_second_generate_of_same_bucket_compiles_nothing():
     assert (prefill._cache_size(), decode_step._cache_size()) == sizes
 
 
+def test_prompt_buckets_hold_the_prompt_and_waste_at_most_a_third():
+    """Buckets: 16..128 by powers of two, then two per octave (2^k, 1.5 * 2^k); every prompt fits
+    its bucket, and above 128 tokens padding is under a third of the prefill (powers of two alone
+    waste up to half)."""
+    from mirror_jax.engine.prefill import cache_capacity, prompt_bucket
+
+    buckets = sorted({prompt_bucket(n) for n in range(1, 4097)})
+    assert buckets == [16, 32, 64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+    for n in range(1, 4097):
+        b = prompt_bucket(n)
+        assert b >= n and (n <= 128 or (b - n) / b < 1 / 3), (n, b)
+        assert cache_capacity(n, 1) >= b  # prefill writes the whole bucket into the cache
+    assert prompt_bucket(689) == 768  # a median SpecBench summarization prompt (1024 before)
+
+
+def test_a_long_prompt_prefills_in_its_bucket_like_a_full_forward():
+    """A 150-token prompt (bucket 192) gives the logits of an unpadded forward."""
+    cfg = cfg_for("qwen2")
+    p = init_random(cfg, seed=4, scale=0.3)
+    prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 150).tolist()
+    res = generate_ar(cfg, p, [prompt], 4)
+    toks = list(prompt)
+    for _ in range(4):
+        logits, _ = M.forward(cfg, p, jnp.asarray([toks], jnp.int32), init_cache(cfg, 1, 256))
+        toks.append(int(jnp.argmax(logits[0, -1])))
+    assert res.tokens[0] == toks[len(prompt):]
+
+
 def test_bad_sampling_settings():
     for kw in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
