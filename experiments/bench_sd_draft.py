@@ -16,7 +16,8 @@ equals ar's. Every setting is compiled on a warm-up prompt first, and a timed ru
     python experiments/bench_sd_draft.py --source specbench --per-category 1 --name sd_draft_specbench
     python experiments/bench_sd_draft.py --tiny                  # random tiny pair, smoke test
 
-``--settings`` lists ``gamma:draft_stop:draft_vocab[:ss][:quant]`` (vocab 0: the whole vocabulary; ss: a
+``--settings`` lists ``gamma:draft_stop:draft_vocab[:ss][:quant]`` (draft_stop ``w0.3``: the window rule,
+`generate`'s ``draft_stop_rule="window"``; vocab 0: the whole vocabulary; ss: a
 speculative-streaming adapter, a directory or a name under ``checkpoints/``, or ``init`` for untrained
 streams; quant: ``int8`` or ``none``, the draft's matrices (`mirror_jax.quant`), absent: the device
 default; e.g. ``4:0:0,4:0:0:ss_default_draft,7:0.6:32768:none,7:0.6:32768:int8``); without it
@@ -51,7 +52,8 @@ def load(args):
         from mirror_jax.testing import noisy_pair, random_prompts
 
         target, draft = noisy_pair(noise=0.02)
-        return target, draft, random_prompts(args.num_prompts + 1, seed=3, lo=8, hi=16), (), "tiny-random"
+        prompts = random_prompts(args.num_prompts + 1, seed=3, lo=8, hi=16)
+        return target, draft, prompts, ["random"] * len(prompts), (), "tiny-random"
     import jax.numpy as jnp
     from train_ss_draft import make_prompts
 
@@ -66,9 +68,11 @@ def load(args):
         prompts = [apply_chat_template(tok, [{"role": "user", "content": q["turns"][0]}], target.chat_template)
                    for q in qs]
         prompts = [prompts[0]] + prompts  # the first doubles as the warm-up
+        labels = [qs[0]["task"]] + [q["task"] for q in qs]
     else:
         prompts, _ = make_prompts(tok, "heldout", args.num_prompts + 1, args.prompt_len, seed=args.seed)
-    return target, draft, prompts, tuple(target.cfg.eos_token_ids), f"{target.name} / {draft.name}"
+        labels = ["stdlib"] * len(prompts)
+    return target, draft, prompts, labels, tuple(target.cfg.eos_token_ids), f"{target.name} / {draft.name}"
 
 
 def load_adapter(draft, name: str):
@@ -124,13 +128,20 @@ def forward_ms(draft, combos) -> dict[str, float]:
 
 
 def parse_setting(text: str) -> tuple:
-    """'gamma:stop:vocab[:ss][:quant]' -> ("sd", gamma, stop, vocab, ss or "", quant or None)."""
+    """'gamma:stop:vocab[:ss][:quant]' -> ("sd", gamma, stop, vocab, ss or "", quant or None); stop as
+    written: a probability ('0.6': the token rule) or 'w' and one ('w0.3': the window rule)."""
     g, p, v, *rest = (text.split(":") + ["0", "0"][text.count(":"):])
     quant = [x for x in rest if x in QUANT_MODES]
     ss = [x for x in rest if x not in QUANT_MODES]
     if len(quant) > 1 or len(ss) > 1:
         raise SystemExit(f"--settings: {text!r} is not gamma:stop:vocab[:ss][:quant]")
-    return "sd", int(g), float(p), int(v), ss[0] if ss else "", quant[0] if quant else None
+    float(p.removeprefix("w"))  # a number, or the --settings text is wrong
+    return "sd", int(g), p, int(v), ss[0] if ss else "", quant[0] if quant else None
+
+
+def stop_of(text: str) -> tuple[float, str]:
+    """A setting's stop text -> (draft_stop, draft_stop_rule)."""
+    return float(text.removeprefix("w")), "window" if text.startswith("w") else "token"
 
 
 def per_round(runs, key: str) -> float:
@@ -141,6 +152,41 @@ def per_round(runs, key: str) -> float:
 def total_tps(runs) -> float:
     """All tokens over all seconds (weights long, slow prompts more than the median does)."""
     return sum(len(r.tokens[0]) for r, _ in runs) / sum(secs for _, secs in runs)
+
+
+def decode_tps(runs) -> float:
+    """Tokens after the first over the decode loop's seconds (prefill and the first window left out)."""
+    return sum(len(r.tokens[0]) - 1 for r, _ in runs) / sum(r.stats["decode_s"] for r, _ in runs)
+
+
+def setting_name(row) -> str:
+    if row["method"] == "ar":
+        return "ar"
+    stop = ("w" if row["stop_rule"] == "window" else "") + str(row["draft_stop"])
+    return ":".join(str(x if x is not None else "") for x in (row["gamma"], stop, row["draft_vocab"], row["ss"],
+                                                              row["draft_quant"])).rstrip(":")
+
+
+def breakdown(settings, rows, per, prompts, labels) -> tuple[list[dict], list[dict]]:
+    """Per prompt: its task, length, and each setting's seconds (total and decode loop) and tokens;
+    per task: the median per-prompt speed-up of each setting over ar."""
+    names = [setting_name(r) for r in rows]
+    per_prompt = []
+    for i, (prompt, label) in enumerate(zip(prompts, labels, strict=True)):
+        entry = {"task": label, "prompt_tokens": len(prompt)}
+        for st, nm in zip(settings, names, strict=True):
+            res, secs = per[st][i]
+            entry[nm] = {"tokens": len(res.tokens[0]), "s": secs, "decode_s": res.stats["decode_s"]}
+        per_prompt.append(entry)
+    by_task = []
+    for task in dict.fromkeys(labels):
+        mine = [e for e in per_prompt if e["task"] == task]
+        row = {"task": task, "prompts": len(mine), "prompt_tokens": int(np.median([e["prompt_tokens"] for e in mine]))}
+        for nm in names[1:]:
+            row[nm] = float(np.median([(e[nm]["tokens"] / e[nm]["s"]) / (e["ar"]["tokens"] / e["ar"]["s"])
+                                       for e in mine]))
+        by_task.append(row)
+    return per_prompt, by_task
 
 
 def main(argv=None) -> int:
@@ -162,8 +208,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     command = "python experiments/bench_sd_draft.py " + " ".join(argv if argv is not None else sys.argv[1:])
     info = machine_info()  # before the runs: its load average is the one at the start
-    target, draft, prompts, eos, name = load(args)
-    warm, prompts = prompts[0], prompts[1:]
+    target, draft, prompts, labels, eos, name = load(args)
+    warm, prompts, labels = prompts[0], prompts[1:], labels[1:]
     texts = (args.settings.split(",") if args.settings
              else [f"{g}:{p}:0" for g, p in itertools.product(args.gammas.split(","), args.stops.split(","))])
     settings = [("ar", None, None, None, "", None)] + [parse_setting(x) for x in texts]
@@ -173,7 +219,8 @@ def main(argv=None) -> int:
         if method == "ar":
             return {"method": "ar"}
         # vocab 0 asks for the whole head (None would take the device default: 32768 ids on CPU)
-        return dict(method="sd", draft=draft, gamma=gamma, draft_stop=stop, draft_vocab=vocab,
+        stop, rule = stop_of(stop)
+        return dict(method="sd", draft=draft, gamma=gamma, draft_stop=stop, draft_stop_rule=rule, draft_vocab=vocab,
                     ss_adapter=adapters.get(ss), draft_quant=quant)
 
     for st in tqdm(settings, desc="compile"):
@@ -190,11 +237,15 @@ def main(argv=None) -> int:
     for st in settings:
         runs = per[st]
         tps = np.array([len(r.tokens[0]) / s for r, s in runs])
-        row = {"method": st[0], "gamma": st[1], "draft_stop": st[2], "draft_vocab": st[3], "ss": st[4] or None,
+        stop, rule = stop_of(st[2]) if st[0] == "sd" else (None, None)
+        row = {"method": st[0], "gamma": st[1], "draft_stop": stop, "stop_rule": rule, "draft_vocab": st[3],
+               "ss": st[4] or None,
                "draft_quant": runs[0][0].stats.get("draft_quant"),
                "identical_to_ar": all(r.tokens[0] == t for (r, _), t in zip(runs, ref, strict=True)),
                "tokens_per_s": float(np.median(tps)), "speedup_vs_ar": float(np.median(tps / ar_tps)),
                "speedup_total": total_tps(runs) / total_tps(per[settings[0]]),
+               "decode_speedup_total": decode_tps(runs) / decode_tps(per[settings[0]]),
+               "start_share": sum(s - r.stats["decode_s"] for r, s in runs) / sum(s for _, s in runs),
                "new_tokens": int(sum(len(r.tokens[0]) for r, _ in runs))}
         if st[0] == "sd":
             rounds = sum(r.stats["rounds"] for r, _ in runs)
@@ -209,20 +260,30 @@ def main(argv=None) -> int:
                for v in vocabs if v}
     what = (f"SpecBench questions ({args.per_category} per category, first turn)" if args.source == "specbench"
             else f"held-out stdlib code prompts ({args.prompt_len} tokens)")
+    per_prompt, by_task = breakdown(settings, rows, per, prompts, labels)
     payload = {"command": command, "models": name, "source": what, "prompts": len(prompts),
                "max_new_tokens": args.max_new_tokens, "machine": info, "rows": rows,
-               "draft_forward_ms": fwd_ms, "ar_output_coverage": covered}
-    cols = ["method", "gamma", "draft_stop", "draft_vocab", "ss", "draft_quant", "tokens_per_s", "speedup_vs_ar",
-            "speedup_total", "tokens_per_round", "drafted_per_round", "draft_forwards_per_round", "round_ms_median",
-            "identical_to_ar"]
-    fmt = {c: "{:.2f}" for c in cols[6:13]}
+               "draft_forward_ms": fwd_ms, "ar_output_coverage": covered, "by_task": by_task,
+               "per_prompt": per_prompt}
+    cols = ["method", "gamma", "draft_stop", "stop_rule", "draft_vocab", "ss", "draft_quant", "tokens_per_s",
+            "speedup_vs_ar",
+            "speedup_total", "decode_speedup_total", "start_share", "tokens_per_round", "drafted_per_round",
+            "draft_forwards_per_round", "round_ms_median", "identical_to_ar"]
+    fmt = {c: "{:.2f}" for c in cols[7:16]}
+    task_cols = ["task", "prompts", "prompt_tokens"] + [setting_name(r) for r in rows[1:]]
     md = "\n".join([
         f"# Vanilla SD draft settings (sd, {name})", "", machine_md(info), "",
         f"{len(prompts)} {what}, {args.max_new_tokens} new tokens, "
         "greedy, batch 1, one device. speedup_vs_ar: median over prompts of (tokens/s) / (ar's tokens/s on the "
-        "same prompt, same run); speedup_total: all tokens / all seconds, over ar's. draft_stop 0 = full windows.",
+        "same prompt, same run); speedup_total: all tokens / all seconds, over ar's; decode_speedup_total: the "
+        "same for the decode loop alone (prefill and the first window left out); start_share: the share of the "
+        "seconds spent before the decode loop (prefill of the target, and of the draft for sd). draft_stop 0 = "
+        "full windows.",
         "",
         markdown_table(rows, cols, fmt),
+        "Per task: median per-prompt speed-up over ar of each setting (gamma:draft_stop:draft_vocab[:ss][:quant]).",
+        "",
+        markdown_table(by_task, task_cols, {c: "{:.2f}" for c in task_cols[3:]}),
         "One draft forward (1 token, 64-token context, median of 9) by vocabulary size (0: whole) / quantization: "
         + ", ".join(f"{v}: {ms:.1f} ms" for v, ms in fwd_ms.items()) + ".",
         "Share of ar's output tokens inside each reduced vocabulary: "
@@ -243,11 +304,11 @@ def plot(rows, path: Path, name: str) -> None:
 
     sd = [r for r in rows if r["method"] == "sd"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    key = lambda r: (r["gamma"], r["draft_vocab"], r["ss"] or "", r["draft_quant"] or "")
-    for g, v, a, q in sorted({key(r) for r in sd}):
-        rs = [r for r in sd if key(r) == (g, v, a, q)]
+    key = lambda r: (r["gamma"], r["draft_vocab"], r["ss"] or "", r["draft_quant"] or "", r["stop_rule"])
+    for g, v, a, q, rule in sorted({key(r) for r in sd}):
+        rs = [r for r in sd if key(r) == (g, v, a, q, rule)]
         lab = (f"gamma {g}" + (f", vocab {v}" if v else "") + (f", ss {Path(a).name}" if a else "")
-               + (f", {q}" if q else ""))
+               + (f", {q}" if q else "") + (", window rule" if rule == "window" else ""))
         ax[0].plot([r["draft_stop"] for r in rs], [r["speedup_vs_ar"] for r in rs], "o-", label=lab)
         ax[1].plot([r["draft_stop"] for r in rs], [r["drafted_per_round"] for r in rs], "o-", label=f"drafted, {lab}")
         ax[1].plot([r["draft_stop"] for r in rs], [r["tokens_per_round"] for r in rs], "s--",

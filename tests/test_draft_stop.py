@@ -113,6 +113,52 @@ def test_draft_chain_until_is_the_plain_chain_cut_short():
     assert int(draft_chain_until(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma, samp, -1e9)[4][0]) == gamma
 
 
+def test_window_rule_stops_where_the_window_estimate_falls_below_the_threshold():
+    """The window rule ends a window after the first token at which the sum of the window's draft
+    log-probs drops below the threshold: the plain chain cut there, length and forwards k+1, where
+    the token rule at the same threshold would have gone on (each token alone is surer)."""
+    (cfg, _), (_, dp) = pair(noise=0.005)
+    gamma, base = 6, 7
+    samp = SamplingParams().arrays()
+    cache = init_cache(cfg, 1, 32)
+    _, cache = M.forward(cfg, dp, jnp.asarray([prompts(1, seed=4, lo=base, hi=base + 1)[0]]), cache)
+    cache = commit(cache, base)
+    first = jnp.asarray([[5]], jnp.int32)
+    toks, _, conf, _ = draft_chain(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma, samp)
+    conf = np.asarray(conf[0], np.float64)
+    run = np.cumsum(conf)  # the window rule's statistic after each token (strictly decreasing)
+    for k in (1, 3):
+        thr = float((run[k] + run[k - 1]) / 2)  # crossed at token k, not before
+        chain = lambda thr=thr, **kw: draft_chain_until(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma, samp, thr,
+                                                       **kw)
+        t2, _, c2, _, length, forwards = chain(cumulative=True)
+        assert int(length[0]) == k + 1 and int(forwards) == k + 1, (k, conf)
+        np.testing.assert_array_equal(np.asarray(t2[0, : k + 1]), np.asarray(toks[0, : k + 1]))
+        np.testing.assert_allclose(np.asarray(c2[0, : k + 1]), conf[: k + 1], rtol=1e-5, atol=1e-6)
+        if conf[: k + 1].min() >= thr:  # no single token is below the threshold: the token rule drafts on
+            assert int(chain()[4][0]) > k + 1
+
+
+def test_sd_with_the_window_rule_gives_ar_tokens(models):
+    """Greedy sd with windows ended by the window rule: AR's tokens in the host and the device loop
+    (the same rounds), shorter windows than the token rule at the same threshold; the setting is
+    recorded, a bad rule refused."""
+    target, draft = models
+    ps = prompts(6, seed=8)
+    ref = generate(target, ps, N_NEW).tokens
+    kw = dict(method="sd", draft=draft, gamma=5, draft_stop=0.5)
+    token = generate(target, ps, N_NEW, **kw)
+    host = generate(target, ps, N_NEW, draft_stop_rule="window", **kw)
+    dev = generate(target, ps, N_NEW, draft_stop_rule="window", loop="device", **kw)
+    assert host.tokens == dev.tokens == token.tokens == ref
+    assert host.stats["settings"]["stop_rule"] == "window" and token.stats["settings"]["stop_rule"] == "token"
+    assert host.stats["drafted_per_round"] < token.stats["drafted_per_round"]
+    for key in ("rounds", "accepted_hist", "drafted_per_round"):
+        assert dev.stats[key] == host.stats[key], key
+    with pytest.raises(ConfigError, match="draft_stop_rule must be one of"):
+        generate(target, ps, 4, draft_stop_rule="product", **kw)
+
+
 @pytest.fixture(scope="module")
 def models():
     return pair(noise=0.02)

@@ -42,6 +42,9 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
                    help="vanilla SD's rounds (sd; mirror without rollouts): the draft ends a window after a token "
                         "it gives less than this probability (gamma becomes a maximum; 0: full windows; default: "
                         "per device kind when --gamma is not given either, CPU 0.6 with windows of up to 7)")
+    p.add_argument("--draft-stop-rule", choices=("token", "window"), default=None,
+                   help="how --draft-stop ends a window: 'token' after a token below it, 'window' once the "
+                        "product of the window's probabilities is below it (default: per device kind, token)")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="the draft's LM head covers only the first N token ids plus EOS/special tokens "
                         "(a cheaper draft forward; lossless; 0: the whole vocabulary; default: per device kind)")
@@ -93,7 +96,8 @@ def config_from_args(args, argv=None):
     return BenchConfig(
         questions=args.questions, categories=args.categories, limit_per_category=args.limit_per_category,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
-        methods=list(args.methods), gamma=args.gamma, draft_stop=args.draft_stop, draft_vocab=args.draft_vocab,
+        methods=list(args.methods), gamma=args.gamma, draft_stop=args.draft_stop, draft_stop_rule=args.draft_stop_rule,
+        draft_vocab=args.draft_vocab,
         draft_quant=args.draft_quant, exit_vocab=args.exit_vocab, kappa=args.kappa, branch_budget=args.branch_budget,
         exit_layer=args.exit_layer, placement=args.placement, profile_per_task=args.profile_per_task,
         profile_max_new_tokens=args.profile_max_new_tokens, profile_max_questions=args.profile_max_questions,

@@ -56,6 +56,7 @@ class BenchConfig:
     methods: list[str] = dataclasses.field(default_factory=lambda: list(LADDER))
     gamma: int | None = None
     draft_stop: float | None = None
+    draft_stop_rule: str | None = None
     draft_vocab: int | None = None
     draft_quant: str | None = None
     exit_vocab: int | None = None
@@ -133,6 +134,7 @@ def _gen_kwargs(method: str, cfg: BenchConfig, models: BenchModels, profile: boo
         kw["ss_adapter"] = models.ss_adapter
     elif engine == "sd":
         kw["draft_stop"] = cfg.draft_stop
+        kw["draft_stop_rule"] = cfg.draft_stop_rule
     return kw
 
 

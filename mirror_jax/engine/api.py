@@ -38,6 +38,7 @@ from mirror_jax.ss.rollout import ss_draft
 
 METHODS = ("ar", "sd", "mirror")
 LOOPS = ("host", "device")
+STOP_RULES = ("token", "window")  # `SpecSettings.stop_rule`: how draft_stop ends a window
 
 
 class ConfigError(ValueError):
@@ -69,13 +70,13 @@ DEVICE_DEFAULTS = {
     # this CPU a draft forward took 20 ms instead of 36 with the same tokens per round
     # (experiments/results/probe_int8.md, sd_int8_draft.md).
     "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_vocab": 32768, "exit_vocab": 0,
-            "sd_gamma": 7, "draft_stop": 0.6, "batch_rows": 12, "draft_quant": "int8"},
+            "sd_gamma": 7, "draft_stop": 0.6, "draft_stop_rule": "token", "batch_rows": 12, "draft_quant": "int8"},
     # Accelerators: not measured yet, so the whole heads, a float draft and the paper's full windows
     # of 7 (a batch's rows are nowhere near compute-bound there: no batch rule).
     "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0, "sd_gamma": 7,
-            "draft_stop": 0.0, "batch_rows": None, "draft_quant": "none"},
+            "draft_stop": 0.0, "draft_stop_rule": "token", "batch_rows": None, "draft_quant": "none"},
     "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0, "sd_gamma": 7,
-            "draft_stop": 0.0, "batch_rows": None, "draft_quant": "none"},
+            "draft_stop": 0.0, "draft_stop_rule": "token", "batch_rows": None, "draft_quant": "none"},
 }
 
 
@@ -155,7 +156,7 @@ def resolve_exit(exit_head, target, target_cfg, exit_layer):
 def resolve_settings(
     method, target_cfg, placement: Placement, *, gamma, kappa, exit_layer, branch_budget, verifier,
     sampling: SamplingParams, profile: bool, allow_full_exit: bool, draft_stop=None, ss: bool = False,
-    batch: int = 1,
+    batch: int = 1, draft_stop_rule: str | None = None,
 ) -> SpecSettings:
     """Fill in device defaults and validate every setting before any work starts.
 
@@ -210,7 +211,10 @@ def resolve_settings(
             f"or 'mirror' with branch_budget=0); got method {method!r}"
             + (" with a speculative-streaming draft" if ss else f" with branch_budget={budget}")
             + ": leave draft_stop at None or 0")
-    return SpecSettings(method, gamma, kappa, exit_layer, budget, verifier, profile, float(draft_stop))
+    rule = d["draft_stop_rule"] if draft_stop_rule is None else draft_stop_rule
+    if rule not in STOP_RULES:
+        raise ConfigError(f"draft_stop_rule must be one of {STOP_RULES}, got {draft_stop_rule!r}")
+    return SpecSettings(method, gamma, kappa, exit_layer, budget, verifier, profile, float(draft_stop), rule)
 
 
 def generate(
@@ -242,6 +246,7 @@ def generate(
     draft_vocab: int | Sequence[int] | None = None,
     exit_vocab: int | Sequence[int] | None = None,
     draft_quant: str | None = None,
+    draft_stop_rule: str | None = None,
 ) -> GenerationResult:
     """Decode `prompts` (lists of token ids) with `method`; see the module docstring.
 
@@ -269,6 +274,9 @@ def generate(
     to 7 ending below 0.6, measured fastest there, see the README; accelerators: full windows of 7),
     and full windows with an explicit gamma. A batch in the device loop on CPU takes full windows of
     max(2, min(7, 12 // B - 1)) when gamma is not given (B = 2: 5, B >= 4: 2; `DEVICE_DEFAULTS`).
+    `draft_stop_rule`: "token" tests each drafted token's probability against `draft_stop`;
+    "window" tests the product of the window's probabilities so far (the draft's own estimate that
+    the whole window is right). None: the device default.
 
     `draft_vocab`: the draft's LM head covers only these token ids (a sequence), or the first N ids
     plus the EOS and special tokens (an int N); a cheaper draft forward that never proposes the other
@@ -315,6 +323,7 @@ def generate(
         method, cfg_t, pl, gamma=gamma, kappa=kappa, exit_layer=exit_layer, branch_budget=branch_budget,
         verifier=verifier, sampling=sampling, profile=profile, allow_full_exit=allow_full_exit,
         draft_stop=draft_stop, ss=ss_adapter is not None, batch=len(prompts) if loop == "device" else 1,
+        draft_stop_rule=draft_stop_rule,
     )
     if method == "sd" and exit_vocab not in (None, 0):
         raise ConfigError("exit_vocab applies to method 'mirror' (vanilla SD has no early exit)")

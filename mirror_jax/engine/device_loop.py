@@ -155,7 +155,7 @@ def start(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, tokens, 
     cache_d = init_cache(spec.draft, b, spec.capacity, params_d.embed.dtype)
     _, cache_d = prefill(spec.draft, params_d, tokens, n_valid, cache_d)
     prop, cache_d = propose(spec.draft, params_d, cache_d, first[:, None], spec.gamma, samp,
-                            sample=s.draft_samples, ss=ss, stop_logp=s.stop_logp)
+                            sample=s.draft_samples, ss=ss, stop_logp=s.stop_logp, stop_cumulative=s.stop_cumulative)
     zeros = jnp.zeros((b,), jnp.int32)
     stats = RowStats(rounds=zeros, accepted_hist=jnp.zeros((b, spec.gamma + 1), jnp.int32),
                      draft_forwards=zeros, reuse=zeros, omega_hits=zeros, drafted=zeros)
@@ -220,7 +220,7 @@ def sd_round(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, st: D
     active = ~st.done
     st, n = _commit_round(spec, st, cache_t, a, y, forwards=st.pending)
     draft = functools.partial(propose, spec.draft, params_d, gamma=gamma, samp=samp, sample=s.draft_samples, ss=ss,
-                              stop_logp=s.stop_logp)
+                              stop_logp=s.stop_logp, stop_cumulative=s.stop_cumulative)
 
     def feed_one(cache_d):  # every active row has d_1 .. d_A's K/V: commit them, feed [c]
         return draft(cache=commit(cache_d, n), first=c[:, None])

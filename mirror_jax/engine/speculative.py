@@ -54,11 +54,16 @@ class SpecSettings:
     verifier: str  # "greedy" | "sample_match" | "rejection"
     profile: bool = False
     draft_stop: float = 0.0  # sd: the draft ends its window after a token it gives less than this probability
+    stop_rule: str = "token"  # "window": ... once the product of its window's probabilities is below draft_stop
 
     @property
     def stop_logp(self) -> float | None:
         """`draft_stop` as the log-prob threshold of `rounds.draft.draft_chain_until` (None: full windows)."""
         return math.log(self.draft_stop) if self.draft_stop > 0 else None
+
+    @property
+    def stop_cumulative(self) -> bool:
+        return self.stop_rule == "window"
 
     @property
     def rollouts(self) -> bool:
@@ -130,7 +135,8 @@ class SpecDecoder:
         samp = sampling.arrays(row=row)  # the seed key, the row and the scalars, placed once per device
         self.samp_t, self.samp_d = pl.to_target(samp), pl.to_draft(samp)
         self._dkw = dict(sample=s.draft_samples, ss=draft.ss)
-        self._pkw = dict(self._dkw, gamma=s.gamma, stop_logp=s.stop_logp)  # draft_propose's (sd's windows)
+        self._pkw = dict(self._dkw, gamma=s.gamma, stop_logp=s.stop_logp,
+                         stop_cumulative=s.stop_cumulative)  # draft_propose's (sd's windows)
 
     def start(self, prompt: list[int]) -> tuple[int, SpecState]:
         """Prefill both caches, choose the first token, draft the first window."""

@@ -96,11 +96,14 @@ def draft_chain(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingAr
 
 
 def draft_chain_until(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays, stop_logp: float, *,
-                      sample: bool = False):
+                      sample: bool = False, cumulative: bool = False):
     """`draft_chain` that stops early: a row's window ends after the first token whose raw draft
     log-prob (its ``conf``) is below `stop_logp`, or after `gamma` tokens (adaptive draft length,
-    as in SpecDec++ and transformers' assistant confidence threshold). The loop runs while any row
-    is still drafting, so a batch-1 chain saves the forwards it does not need.
+    as in SpecDec++ and transformers' assistant confidence threshold). With `cumulative` the test is
+    on the sum of the window's log-probs so far: the window ends once the draft's own estimate that
+    every token of it is right falls below exp(stop_logp) (a run of fairly sure tokens ends too,
+    a single unsure token after very sure ones need not). The loop runs while any row is still
+    drafting, so a batch-1 chain saves the forwards it does not need.
 
     Lossless with every verifier: where a window ends depends only on the draft's own outputs, and
     verification never accepts a token past it (`rounds.verify.verify_window`'s ``length``).
@@ -119,21 +122,22 @@ def draft_chain_until(cfg, params, cache: KVCache, first, gamma: int, samp: Samp
     length = jnp.ones_like(tok)
 
     def body(carry):
-        i, cache, tok, toks, lps, conf, length, going = carry
+        i, cache, tok, toks, lps, conf, length, going, score = carry
         tok, cf, cache, toks, lps, conf = _chain_step(cfg, params, cache, tok, i, toks, lps, conf, choose)
-        return i + 1, cache, tok, toks, lps, conf, length + going, going & (cf >= stop_logp)
+        score = score + cf if cumulative else cf  # [B]: the log-prob the stop rule tests
+        return i + 1, cache, tok, toks, lps, conf, length + going, going & (score >= stop_logp), score
 
-    carry = (jnp.int32(1), cache, tok, toks, lps, conf, length, going)
-    i, cache, _, toks, lps, conf, length, _ = jax.lax.while_loop(
-        lambda c: (c[0] < gamma) & jnp.any(c[-1]), body, carry)
+    carry = (jnp.int32(1), cache, tok, toks, lps, conf, length, going, cf)
+    i, cache, _, toks, lps, conf, length, _, _ = jax.lax.while_loop(
+        lambda c: (c[0] < gamma) & jnp.any(c[7]), body, carry)
     return toks, lps, conf, cache.replace(lengths=base), length, i
 
 
 def propose(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays, *, sample: bool = False,
-            ss: SSDraft | None = None, stop_logp: float | None = None):
+            ss: SSDraft | None = None, stop_logp: float | None = None, stop_cumulative: bool = False):
     """A chain of up to `gamma` draft tokens per row after `first` [B, n0]: `draft_chain`
-    (`draft_chain_until` with `stop_logp`), or speculative streaming when `ss` is given (several
-    tokens per forward, the same tokens; no early stop).
+    (`draft_chain_until` with `stop_logp` and `stop_cumulative`), or speculative streaming when `ss`
+    is given (several tokens per forward, the same tokens; no early stop).
 
     Returns (`Proposal` with window [B, gamma] and length [B] (gamma: a full window), cache with
     lengths unchanged)."""
@@ -150,7 +154,7 @@ def propose(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays
         toks, q, conf, cache = draft_chain(cfg, params, cache, first, gamma, samp, sample=sample)
         return Proposal(window=toks, q=q, conf=conf, forwards=jnp.int32(gamma), length=full), cache
     toks, q, conf, cache, length, forwards = draft_chain_until(cfg, params, cache, first, gamma, samp, stop_logp,
-                                                               sample=sample)
+                                                               sample=sample, cumulative=stop_cumulative)
     return Proposal(window=toks, q=q, conf=conf, forwards=forwards, length=length), cache
 
 
@@ -201,12 +205,15 @@ def broadcast_rows(cache: KVCache, rows: int, lengths: jax.Array) -> KVCache:
     return KVCache(k=tuple(map(bc, cache.k)), v=tuple(map(bc, cache.v)), lengths=lengths.astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "gamma", "sample", "stop_logp"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "gamma", "sample", "stop_logp", "stop_cumulative"),
+                   donate_argnames=("cache",))
 def draft_propose(cfg, params, cache: KVCache, advance, first, samp: SamplingArrays, *, gamma: int,
-                  sample: bool = False, ss: SSDraft | None = None, stop_logp: float | None = None):
+                  sample: bool = False, ss: SSDraft | None = None, stop_logp: float | None = None,
+                  stop_cumulative: bool = False):
     """Commit `advance` tokens to the draft cache, then draft a window of gamma tokens after
     `first` [1, n0] (fewer with `stop_logp`: `draft_chain_until`). Returns (`Proposal`, cache)."""
-    return propose(cfg, params, commit(cache, advance), first, gamma, samp, sample=sample, ss=ss, stop_logp=stop_logp)
+    return propose(cfg, params, commit(cache, advance), first, gamma, samp, sample=sample, ss=ss, stop_logp=stop_logp,
+                   stop_cumulative=stop_cumulative)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "budget", "sample", "always_feed_x"))
