@@ -135,7 +135,7 @@ def parse_setting(text: str) -> tuple:
     ss = [x for x in rest if x not in QUANT_MODES]
     if len(quant) > 1 or len(ss) > 1:
         raise SystemExit(f"--settings: {text!r} is not gamma:stop:vocab[:ss][:quant]")
-    float(p.removeprefix("w"))  # a number, or the --settings text is wrong
+    stop_of(p)  # raises unless the stop is a number (after an optional 'w')
     return "sd", int(g), p, int(v), ss[0] if ss else "", quant[0] if quant else None
 
 

@@ -81,25 +81,37 @@ def test_verification_that_ignores_the_length_is_detected(dists):
     assert min(pv[1:]) < 1e-6, pv
 
 
+CHAIN_GAMMA, CHAIN_BASE = 6, 7
+
+
+def _chain_case():
+    """A tiny draft with CHAIN_BASE prompt tokens committed: (its cache, the plain chain of
+    CHAIN_GAMMA tokens after token 5 as `draft_chain` returns it, `until(stop_logp, **kw)` running
+    `draft_chain_until` from the same state)."""
+    (cfg, _), (_, dp) = pair(noise=0.005)
+    samp = SamplingParams().arrays()
+    cache = init_cache(cfg, 1, 32)
+    _, cache = M.forward(cfg, dp, jnp.asarray([prompts(1, seed=4, lo=CHAIN_BASE, hi=CHAIN_BASE + 1)[0]]), cache)
+    cache = commit(cache, CHAIN_BASE)
+    first = jnp.asarray([[5]], jnp.int32)
+    fresh = lambda: jax.tree.map(jnp.copy, cache)
+    plain = draft_chain(cfg, dp, fresh(), first, CHAIN_GAMMA, samp)
+    until = lambda stop_logp, **kw: draft_chain_until(cfg, dp, fresh(), first, CHAIN_GAMMA, samp, stop_logp, **kw)
+    return cache, plain, until
+
+
 def test_draft_chain_until_is_the_plain_chain_cut_short():
     """Stopping after token k: the first k+1 tokens and their confidences equal the plain chain's,
     k+1 forwards ran, the K/V of the fed tokens (first, d_1 .. d_k) equal the plain chain's and the
     slot after them is untouched."""
-    (cfg, _), (_, dp) = pair(noise=0.005)
-    gamma, base = 6, 7
-    samp = SamplingParams().arrays()
-    cache = init_cache(cfg, 1, 32)
-    _, cache = M.forward(cfg, dp, jnp.asarray([prompts(1, seed=4, lo=base, hi=base + 1)[0]]), cache)
-    cache = commit(cache, base)
-    first = jnp.asarray([[5]], jnp.int32)
-    toks, _, conf, full = draft_chain(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma, samp)
+    gamma, base = CHAIN_GAMMA, CHAIN_BASE
+    cache, (toks, _, conf, full), until = _chain_case()
     conf = np.asarray(conf[0])
     stops = [k for k in range(1, gamma - 1) if conf[k] < conf[:k].min()]
     assert stops, conf  # some token is less sure than every one before it
     for k in stops[:2]:
         thr = float((conf[k] + conf[:k].min()) / 2)
-        t2, _, c2, cut, length, forwards = draft_chain_until(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma,
-                                                             samp, thr)
+        t2, _, c2, cut, length, forwards = until(thr)
         assert int(length[0]) == k + 1 and int(forwards) == k + 1
         np.testing.assert_array_equal(np.asarray(t2[0, : k + 1]), np.asarray(toks[0, : k + 1]))
         np.testing.assert_allclose(np.asarray(c2[0, : k + 1]), conf[: k + 1], rtol=1e-5, atol=1e-6)
@@ -109,34 +121,25 @@ def test_draft_chain_until_is_the_plain_chain_cut_short():
                                        np.asarray(kf[:, :, base : base + k + 1]), rtol=1e-5, atol=1e-6)
             np.testing.assert_array_equal(np.asarray(kc[:, :, base + k + 1]), np.asarray(kz[:, :, base + k + 1]))
     # A threshold nothing reaches stops after the first token; none at all drafts the whole window.
-    assert int(draft_chain_until(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma, samp, 0.0)[4][0]) == 1
-    assert int(draft_chain_until(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma, samp, -1e9)[4][0]) == gamma
+    assert int(until(0.0)[4][0]) == 1
+    assert int(until(-1e9)[4][0]) == gamma
 
 
 def test_window_rule_stops_where_the_window_estimate_falls_below_the_threshold():
     """The window rule ends a window after the first token at which the sum of the window's draft
     log-probs drops below the threshold: the plain chain cut there, length and forwards k+1, where
     the token rule at the same threshold would have gone on (each token alone is surer)."""
-    (cfg, _), (_, dp) = pair(noise=0.005)
-    gamma, base = 6, 7
-    samp = SamplingParams().arrays()
-    cache = init_cache(cfg, 1, 32)
-    _, cache = M.forward(cfg, dp, jnp.asarray([prompts(1, seed=4, lo=base, hi=base + 1)[0]]), cache)
-    cache = commit(cache, base)
-    first = jnp.asarray([[5]], jnp.int32)
-    toks, _, conf, _ = draft_chain(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma, samp)
+    _, (toks, _, conf, _), until = _chain_case()
     conf = np.asarray(conf[0], np.float64)
     run = np.cumsum(conf)  # the window rule's statistic after each token (strictly decreasing)
     for k in (1, 3):
         thr = float((run[k] + run[k - 1]) / 2)  # crossed at token k, not before
-        chain = lambda thr=thr, **kw: draft_chain_until(cfg, dp, jax.tree.map(jnp.copy, cache), first, gamma, samp, thr,
-                                                       **kw)
-        t2, _, c2, _, length, forwards = chain(cumulative=True)
+        t2, _, c2, _, length, forwards = until(thr, cumulative=True)
         assert int(length[0]) == k + 1 and int(forwards) == k + 1, (k, conf)
         np.testing.assert_array_equal(np.asarray(t2[0, : k + 1]), np.asarray(toks[0, : k + 1]))
         np.testing.assert_allclose(np.asarray(c2[0, : k + 1]), conf[: k + 1], rtol=1e-5, atol=1e-6)
         if conf[: k + 1].min() >= thr:  # no single token is below the threshold: the token rule drafts on
-            assert int(chain()[4][0]) > k + 1
+            assert int(until(thr)[4][0]) > k + 1
 
 
 def test_sd_with_the_window_rule_gives_ar_tokens(models):

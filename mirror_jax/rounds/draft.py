@@ -122,14 +122,14 @@ def draft_chain_until(cfg, params, cache: KVCache, first, gamma: int, samp: Samp
     length = jnp.ones_like(tok)
 
     def body(carry):
-        i, cache, tok, toks, lps, conf, length, going, score = carry
+        i, cache, tok, toks, lps, conf, length, score, going = carry
         tok, cf, cache, toks, lps, conf = _chain_step(cfg, params, cache, tok, i, toks, lps, conf, choose)
         score = score + cf if cumulative else cf  # [B]: the log-prob the stop rule tests
-        return i + 1, cache, tok, toks, lps, conf, length + going, going & (score >= stop_logp), score
+        return i + 1, cache, tok, toks, lps, conf, length + going, score, going & (score >= stop_logp)
 
-    carry = (jnp.int32(1), cache, tok, toks, lps, conf, length, going, cf)
+    carry = (jnp.int32(1), cache, tok, toks, lps, conf, length, cf, going)
     i, cache, _, toks, lps, conf, length, _, _ = jax.lax.while_loop(
-        lambda c: (c[0] < gamma) & jnp.any(c[7]), body, carry)
+        lambda c: (c[0] < gamma) & jnp.any(c[-1]), body, carry)
     return toks, lps, conf, cache.replace(lengths=base), length, i
 
 
