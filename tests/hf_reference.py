@@ -7,7 +7,9 @@ mirror_jax's copy of the pair.
     python -m tests.hf_reference IN.json OUT.json
 
 IN: ``{"gguf": path, "prompts": [[token ids], ...], "max_new_tokens": n}``;
-OUT: ``{"tokens": [[new token ids], ...]}`` (the prompt stripped)."""
+OUT: ``{"tokens": [[new token ids], ...]}`` (the prompt stripped). With ``"max_new_tokens": 0`` the
+child runs one forward per prompt instead and OUT is ``{"last_logits": [[V floats], ...]}``, the
+logits at each prompt's last position."""
 
 from __future__ import annotations
 
@@ -21,6 +23,17 @@ def hf_greedy(
     gguf: str | Path, prompts: list[list[int]], max_new_tokens: int, *, timeout: float = 1800
 ) -> list[list[int]]:
     """Run this module in a child process and return its tokens (raises with the child's stderr)."""
+    if max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1 (hf_last_logits runs one forward)")
+    return _run_child(gguf, prompts, max_new_tokens, timeout)["tokens"]
+
+
+def hf_last_logits(gguf: str | Path, prompts: list[list[int]], *, timeout: float = 1800) -> list[list[float]]:
+    """transformers' logits at each prompt's last position, from a child process."""
+    return _run_child(gguf, prompts, 0, timeout)["last_logits"]
+
+
+def _run_child(gguf, prompts, max_new_tokens: int, timeout: float) -> dict:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -33,7 +46,7 @@ def hf_greedy(
         )
         if proc.returncode != 0:
             raise RuntimeError(f"the transformers reference process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        return json.loads(dst.read_text())["tokens"]
+        return json.loads(dst.read_text())
 
 
 def main(src: str, dst: str) -> None:
@@ -44,6 +57,11 @@ def main(src: str, dst: str) -> None:
     path = Path(job["gguf"])
     torch.set_num_threads(2)
     ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    if job["max_new_tokens"] == 0:
+        with torch.no_grad():
+            last = [ref(input_ids=torch.tensor([ids])).logits[0, -1].float().tolist() for ids in job["prompts"]]
+        Path(dst).write_text(json.dumps({"last_logits": last}))
+        return
     out_tokens = []
     for ids in job["prompts"]:
         with torch.no_grad():

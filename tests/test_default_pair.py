@@ -6,7 +6,6 @@ Needs the part packages installed (see docs/models.md); skipped otherwise.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import importlib
 import time
@@ -63,15 +62,27 @@ def test_assembled_files(files):
 def test_default_pair_matches_transformers(files):
     import jax
     import jax.numpy as jnp
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from mirror_jax.kv_cache import init_cache
+    from mirror_jax.loading import load_gguf_tokenizer
     from mirror_jax.model import forward
+    from tests.hf_reference import hf_last_logits
+
+    # transformers' reference runs first, in a child process (tests/hf_reference.py), so its copy of
+    # the 1.5B never shares this process with ours.
+    tok_only, template = load_gguf_tokenizer(files[0])
+    ids = apply_chat_template(tok_only, MESSAGES, template)
+    cache_dir, name = str(files[0].parent), files[0].name
+    ref_tok = AutoTokenizer.from_pretrained(cache_dir, gguf_file=name)
+    assert ref_tok(tok_only.decode(ids), add_special_tokens=False)["input_ids"] == ids
+    t0 = time.perf_counter()
+    ref_logits = np.asarray(hf_last_logits(files[0], [ids])[0], np.float32)
+    print(f"\ntransformers target (child process): {time.perf_counter() - t0:.1f}s")
 
     t0 = time.perf_counter()
     target, draft, tok = default_pair(jnp.float32)
-    print(f"\ndefault_pair (both GGUFs, float32): {time.perf_counter() - t0:.1f}s")
+    print(f"default_pair (both GGUFs, float32): {time.perf_counter() - t0:.1f}s")
     check_same_tokenizer(target.tokenizer, draft.tokenizer)
     assert tok is target.tokenizer and len(tok) == 151936
     assert tok.bos_token_id == 151643 and tok.eos_token_id == 151645
@@ -84,7 +95,7 @@ def test_default_pair_matches_transformers(files):
         assert m.params.embed.dtype == jnp.float32
         assert m.chat_template and "<|im_start|>" in m.chat_template
 
-    ids = apply_chat_template(tok, MESSAGES, target.chat_template)
+    assert apply_chat_template(tok, MESSAGES, target.chat_template) == ids  # the loaded pair's ids
     assert ids[-3:] == tok.encode("<|im_start|>assistant\n", add_special_tokens=False)[-3:]
     fwd = jax.jit(forward, static_argnums=0)
     tokens = jnp.asarray([ids], jnp.int32)
@@ -92,19 +103,6 @@ def test_default_pair_matches_transformers(files):
     for role, m in (("target", target), ("draft", draft)):
         logits, _ = fwd(m.cfg, m.params, tokens, init_cache(m.cfg, 1, len(ids)))
         ours[role] = np.asarray(logits[0, -1])
-    del target, draft, logits, fwd
-    gc.collect()
-
-    cache_dir, name = str(files[0].parent), files[0].name
-    ref_tok = AutoTokenizer.from_pretrained(cache_dir, gguf_file=name)
-    assert ref_tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids
-    t0 = time.perf_counter()
-    ref = AutoModelForCausalLM.from_pretrained(cache_dir, gguf_file=name, dtype=torch.float32).eval()
-    print(f"transformers target load: {time.perf_counter() - t0:.1f}s")
-    with torch.no_grad():
-        ref_logits = ref(input_ids=torch.tensor([ids])).logits[0, -1].float().numpy()
-    del ref
-    gc.collect()
     assert int(np.argmax(ours["target"])) == int(np.argmax(ref_logits))
     top_ref = np.argsort(ref_logits)[-5:]
     np.testing.assert_allclose(ours["target"][top_ref], ref_logits[top_ref], atol=5e-2, rtol=0)
