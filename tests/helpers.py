@@ -182,3 +182,21 @@ def check_round_records(res, ref) -> int:
             hits += want
     assert next(rounds, None) is None
     return hits
+
+
+def default_pair_files_or_skip():
+    """(target GGUF, draft GGUF) of the default pair, assembled from the installed part packages;
+    skips the calling test when those packages are not installed (the real-model tests' setup)."""
+    import importlib
+
+    import pytest
+
+    from mirror_jax.loading import DRAFT_SPEC, TARGET_SPEC, MissingModelPackagesError, assemble_default_files
+
+    dp = importlib.import_module("mirror_jax.loading.default_pair")  # the module, not the function it exports
+    try:
+        dp.find_parts(TARGET_SPEC)
+        dp.find_parts(DRAFT_SPEC)
+    except MissingModelPackagesError as e:
+        pytest.skip(str(e))
+    return assemble_default_files()

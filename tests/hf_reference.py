@@ -6,9 +6,9 @@ mirror_jax's copy of the pair.
 
     python -m tests.hf_reference IN.json OUT.json
 
-IN: ``{"gguf": path, "prompts": [[token ids], ...], "max_new_tokens": n}``;
-OUT: ``{"tokens": [[new token ids], ...]}`` (the prompt stripped). With ``"max_new_tokens": 0`` the
-child runs one forward per prompt instead and OUT is ``{"last_logits": [[V floats], ...]}``, the
+IN: ``{"mode": "generate", "gguf": path, "prompts": [[token ids], ...], "max_new_tokens": n}``;
+OUT: ``{"tokens": [[new token ids], ...]}`` (the prompt stripped). With ``"mode": "last_logits"``
+the child runs one forward per prompt instead and OUT is ``{"last_logits": [[V floats], ...]}``, the
 logits at each prompt's last position."""
 
 from __future__ import annotations
@@ -24,21 +24,21 @@ def hf_greedy(
 ) -> list[list[int]]:
     """Run this module in a child process and return its tokens (raises with the child's stderr)."""
     if max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1 (hf_last_logits runs one forward)")
-    return _run_child(gguf, prompts, max_new_tokens, timeout)["tokens"]
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens} (hf_last_logits runs one forward)")
+    return _run_child({"mode": "generate", "max_new_tokens": max_new_tokens}, gguf, prompts, timeout)["tokens"]
 
 
 def hf_last_logits(gguf: str | Path, prompts: list[list[int]], *, timeout: float = 1800) -> list[list[float]]:
     """transformers' logits at each prompt's last position, from a child process."""
-    return _run_child(gguf, prompts, 0, timeout)["last_logits"]
+    return _run_child({"mode": "last_logits"}, gguf, prompts, timeout)["last_logits"]
 
 
-def _run_child(gguf, prompts, max_new_tokens: int, timeout: float) -> dict:
+def _run_child(job: dict, gguf, prompts, timeout: float) -> dict:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.json", Path(tmp) / "out.json"
-        src.write_text(json.dumps({"gguf": str(gguf), "prompts": prompts, "max_new_tokens": max_new_tokens}))
+        src.write_text(json.dumps({**job, "gguf": str(gguf), "prompts": prompts}))
         root = Path(__file__).resolve().parent.parent
         proc = subprocess.run(
             [sys.executable, "-m", "tests.hf_reference", str(src), str(dst)],
@@ -57,7 +57,9 @@ def main(src: str, dst: str) -> None:
     path = Path(job["gguf"])
     torch.set_num_threads(2)
     ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-    if job["max_new_tokens"] == 0:
+    if job["mode"] not in ("generate", "last_logits"):
+        raise SystemExit(f"unknown mode {job['mode']!r}: 'generate' or 'last_logits'")
+    if job["mode"] == "last_logits":
         with torch.no_grad():
             last = [ref(input_ids=torch.tensor([ids])).logits[0, -1].float().tolist() for ids in job["prompts"]]
         Path(dst).write_text(json.dumps({"last_logits": last}))

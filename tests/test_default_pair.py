@@ -7,7 +7,6 @@ Needs the part packages installed (see docs/models.md); skipped otherwise.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import time
 
 import numpy as np
@@ -16,16 +15,14 @@ import pytest
 from mirror_jax.loading import (
     DRAFT_SPEC,
     TARGET_SPEC,
-    MissingModelPackagesError,
-    assemble_default_files,
     check_same_tokenizer,
     default_pair,
 )
 from mirror_jax.tokenizer import apply_chat_template
+from tests.helpers import default_pair_files_or_skip
 
 pytestmark = pytest.mark.slow
 
-dp = importlib.import_module("mirror_jax.loading.default_pair")
 
 MESSAGES = [{"role": "user", "content": "Write a Python function that returns the n-th Fibonacci number."}]
 
@@ -40,13 +37,8 @@ def _sha256(path) -> str:
 
 @pytest.fixture(scope="module")
 def files():
-    try:
-        dp.find_parts(TARGET_SPEC)
-        dp.find_parts(DRAFT_SPEC)
-    except MissingModelPackagesError as e:
-        pytest.skip(str(e))
     t0 = time.perf_counter()
-    paths = assemble_default_files()
+    paths = default_pair_files_or_skip()
     print(f"\nassemble_default_files: {time.perf_counter() - t0:.1f}s")
     return paths
 

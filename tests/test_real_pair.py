@@ -9,13 +9,11 @@ installed.
 from __future__ import annotations
 
 import gc
-import importlib
 
 import jax.numpy as jnp
 import pytest
 
-from mirror_jax.loading import DRAFT_SPEC, TARGET_SPEC, MissingModelPackagesError
-from tests.helpers import check_round_records
+from tests.helpers import check_round_records, default_pair_files_or_skip
 
 pytestmark = pytest.mark.slow
 
@@ -36,18 +34,12 @@ def _chat_ids(tok, chat_template) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def real():
-    dp = importlib.import_module("mirror_jax.loading.default_pair")
-    try:
-        dp.find_parts(TARGET_SPEC)
-        dp.find_parts(DRAFT_SPEC)
-    except MissingModelPackagesError as e:
-        pytest.skip(str(e))
-    from mirror_jax.loading import assemble_default_files, default_pair, load_gguf_tokenizer
+    from mirror_jax.loading import default_pair, load_gguf_tokenizer
     from tests.hf_reference import hf_greedy
 
     # transformers' greedy tokens before our models load: the two copies of the 1.5B never share
     # this process's memory (a CI run was OOM-killed at 24 GB when they did).
-    target_path, _ = assemble_default_files()
+    target_path, _ = default_pair_files_or_skip()
     ids = _chat_ids(*load_gguf_tokenizer(target_path))
     hf_tokens = hf_greedy(target_path, ids, N_AR_HF)
 
