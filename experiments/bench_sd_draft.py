@@ -16,11 +16,12 @@ equals ar's. Every setting is compiled on a warm-up prompt first, and a timed ru
     python experiments/bench_sd_draft.py --source specbench --per-category 1 --name sd_draft_specbench
     python experiments/bench_sd_draft.py --tiny                  # random tiny pair, smoke test
 
-``--settings`` lists ``gamma:draft_stop:draft_vocab[:ss][:quant]`` (draft_stop ``w0.3``: the window rule,
+``--settings`` lists ``gamma:draft_stop:draft_vocab[:ss][:quant][:cN]`` (draft_stop ``w0.3``: the window rule,
 `generate`'s ``draft_stop_rule="window"``; vocab 0: the whole vocabulary; ss: a
 speculative-streaming adapter, a directory or a name under ``checkpoints/``, or ``init`` for untrained
 streams; quant: ``int8`` or ``none``, the draft's matrices (`mirror_jax.quant`), absent: the device
-default; e.g. ``4:0:0,4:0:0:ss_default_draft,7:0.6:32768:none,7:0.6:32768:int8``); without it
+default; ``cN``: `generate`'s ``draft_context=N``, the draft prefills at most N prompt tokens, absent: the
+whole prompt; e.g. ``4:0:0,4:0:0:ss_default_draft,7:0.6:32768:none,7:0.6:32768:int8:c384``); without it
 every gamma x stop of ``--gammas`` / ``--stops`` runs with the whole vocabulary. Also reported: one
 draft forward's median time per vocabulary size and quantization, and the share of ar's output
 tokens inside each reduced vocabulary. Writes ``experiments/results/<name>.{json,md,png}`` (default name sd_draft).
@@ -128,15 +129,17 @@ def forward_ms(draft, combos) -> dict[str, float]:
 
 
 def parse_setting(text: str) -> tuple:
-    """'gamma:stop:vocab[:ss][:quant]' -> ("sd", gamma, stop, vocab, ss or "", quant or None); stop as
-    written: a probability ('0.6': the token rule) or 'w' and one ('w0.3': the window rule)."""
+    """'gamma:stop:vocab[:ss][:quant][:cN]' -> ("sd", gamma, stop, vocab, ss or "", quant or None, N or 0);
+    stop as written: a probability ('0.6': the token rule) or 'w' and one ('w0.3': the window rule)."""
     g, p, v, *rest = (text.split(":") + ["0", "0"][text.count(":"):])
     quant = [x for x in rest if x in QUANT_MODES]
-    ss = [x for x in rest if x not in QUANT_MODES]
-    if len(quant) > 1 or len(ss) > 1:
-        raise SystemExit(f"--settings: {text!r} is not gamma:stop:vocab[:ss][:quant]")
+    context = [x for x in rest if x[:1] == "c" and x[1:].isdigit()]
+    ss = [x for x in rest if x not in QUANT_MODES and x not in context]
+    if len(quant) > 1 or len(ss) > 1 or len(context) > 1:
+        raise SystemExit(f"--settings: {text!r} is not gamma:stop:vocab[:ss][:quant][:cN]")
     stop_of(p)  # raises unless the stop is a number (after an optional 'w')
-    return "sd", int(g), p, int(v), ss[0] if ss else "", quant[0] if quant else None
+    n_context = int(context[0][1:]) if context else 0
+    return "sd", int(g), p, int(v), ss[0] if ss else "", quant[0] if quant else None, n_context
 
 
 def stop_of(text: str) -> tuple[float, str]:
@@ -163,8 +166,9 @@ def setting_name(row) -> str:
     if row["method"] == "ar":
         return "ar"
     stop = ("w" if row["stop_rule"] == "window" else "") + str(row["draft_stop"])
+    context = f"c{row['draft_context']}" if row.get("draft_context") else None
     return ":".join(str(x if x is not None else "") for x in (row["gamma"], stop, row["draft_vocab"], row["ss"],
-                                                              row["draft_quant"])).rstrip(":")
+                                                              row["draft_quant"], context)).rstrip(":")
 
 
 def breakdown(settings, rows, per, prompts, labels) -> tuple[list[dict], list[dict]]:
@@ -212,16 +216,16 @@ def main(argv=None) -> int:
     warm, prompts, labels = prompts[0], prompts[1:], labels[1:]
     texts = (args.settings.split(",") if args.settings
              else [f"{g}:{p}:0" for g, p in itertools.product(args.gammas.split(","), args.stops.split(","))])
-    settings = [("ar", None, None, None, "", None)] + [parse_setting(x) for x in texts]
+    settings = [("ar", None, None, None, "", None, 0)] + [parse_setting(x) for x in texts]
     adapters = {st[4]: load_adapter(draft, st[4]) for st in settings if st[4]}
 
-    def kw(method, gamma, stop, vocab, ss, quant):
+    def kw(method, gamma, stop, vocab, ss, quant, context):
         if method == "ar":
             return {"method": "ar"}
         # vocab 0 asks for the whole head (None would take the device default: 32768 ids on CPU)
         stop, rule = stop_of(stop)
         return dict(method="sd", draft=draft, gamma=gamma, draft_stop=stop, draft_stop_rule=rule, draft_vocab=vocab,
-                    ss_adapter=adapters.get(ss), draft_quant=quant)
+                    ss_adapter=adapters.get(ss), draft_quant=quant, draft_context=context)
 
     for st in tqdm(settings, desc="compile"):
         run(target, warm, args.max_new_tokens, eos, **kw(*st))
@@ -239,7 +243,7 @@ def main(argv=None) -> int:
         tps = np.array([len(r.tokens[0]) / s for r, s in runs])
         stop, rule = stop_of(st[2]) if st[0] == "sd" else (None, None)
         row = {"method": st[0], "gamma": st[1], "draft_stop": stop, "stop_rule": rule, "draft_vocab": st[3],
-               "ss": st[4] or None,
+               "ss": st[4] or None, "draft_context": st[6] if st[0] == "sd" else None,
                "draft_quant": runs[0][0].stats.get("draft_quant"),
                "identical_to_ar": all(r.tokens[0] == t for (r, _), t in zip(runs, ref, strict=True)),
                "tokens_per_s": float(np.median(tps)), "speedup_vs_ar": float(np.median(tps / ar_tps)),
@@ -265,11 +269,12 @@ def main(argv=None) -> int:
                "max_new_tokens": args.max_new_tokens, "machine": info, "rows": rows,
                "draft_forward_ms": fwd_ms, "ar_output_coverage": covered, "by_task": by_task,
                "per_prompt": per_prompt}
-    cols = ["method", "gamma", "draft_stop", "stop_rule", "draft_vocab", "ss", "draft_quant", "tokens_per_s",
+    cols = ["method", "gamma", "draft_stop", "stop_rule", "draft_vocab", "ss", "draft_quant", "draft_context",
+            "tokens_per_s",
             "speedup_vs_ar",
             "speedup_total", "decode_speedup_total", "start_share", "tokens_per_round", "drafted_per_round",
             "draft_forwards_per_round", "round_ms_median", "identical_to_ar"]
-    fmt = {c: "{:.2f}" for c in cols[7:16]}
+    fmt = {c: "{:.2f}" for c in cols[8:17]}
     task_cols = ["task", "prompts", "prompt_tokens"] + [setting_name(r) for r in rows[1:]]
     md = "\n".join([
         f"# Vanilla SD draft settings (sd, {name})", "", machine_md(info), "",
@@ -281,7 +286,8 @@ def main(argv=None) -> int:
         "full windows.",
         "",
         markdown_table(rows, cols, fmt),
-        "Per task: median per-prompt speed-up over ar of each setting (gamma:draft_stop:draft_vocab[:ss][:quant]).",
+        "Per task: median per-prompt speed-up over ar of each setting "
+        "(gamma:draft_stop:draft_vocab[:ss][:quant][:cN]).",
         "",
         markdown_table(by_task, task_cols, {c: "{:.2f}" for c in task_cols[3:]}),
         "One draft forward (1 token, 64-token context, median of 9) by vocabulary size (0: whole) / quantization: "
@@ -304,11 +310,13 @@ def plot(rows, path: Path, name: str) -> None:
 
     sd = [r for r in rows if r["method"] == "sd"]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
-    key = lambda r: (r["gamma"], r["draft_vocab"], r["ss"] or "", r["draft_quant"] or "", r["stop_rule"])
-    for g, v, a, q, rule in sorted({key(r) for r in sd}):
-        rs = [r for r in sd if key(r) == (g, v, a, q, rule)]
+    key = lambda r: (r["gamma"], r["draft_vocab"], r["ss"] or "", r["draft_quant"] or "", r["stop_rule"],
+                     r["draft_context"] or 0)
+    for g, v, a, q, rule, c in sorted({key(r) for r in sd}):
+        rs = [r for r in sd if key(r) == (g, v, a, q, rule, c)]
         lab = (f"gamma {g}" + (f", vocab {v}" if v else "") + (f", ss {Path(a).name}" if a else "")
-               + (f", {q}" if q else "") + (", window rule" if rule == "window" else ""))
+               + (f", {q}" if q else "") + (", window rule" if rule == "window" else "")
+               + (f", draft context {c}" if c else ""))
         ax[0].plot([r["draft_stop"] for r in rs], [r["speedup_vs_ar"] for r in rs], "o-", label=lab)
         ax[1].plot([r["draft_stop"] for r in rs], [r["drafted_per_round"] for r in rs], "o-", label=f"drafted, {lab}")
         ax[1].plot([r["draft_stop"] for r in rs], [r["tokens_per_round"] for r in rs], "s--",

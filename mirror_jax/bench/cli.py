@@ -51,6 +51,9 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-quant", choices=("none", "int8"), default=None,
                    help="the draft's matrices in int8 (weights per row, activations per token; lossless: the draft "
                         "only proposes) or in its own dtype; default: per device kind (CPU int8)")
+    p.add_argument("--draft-context", type=int, default=None,
+                   help="the draft prefills at most N prompt tokens (the first 32 and the last N - 32): a cheaper "
+                        "start on long prompts; lossless; 0: the whole prompt; default: per device kind")
     p.add_argument("--exit-vocab", type=int, default=None,
                    help="mirror: the early exit's LM head covers only the first N token ids plus EOS/special tokens "
                         "(a cheaper prefix; lossless; 0: the whole vocabulary; default: per device kind)")
@@ -97,7 +100,7 @@ def config_from_args(args, argv=None):
         questions=args.questions, categories=args.categories, limit_per_category=args.limit_per_category,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
         methods=list(args.methods), gamma=args.gamma, draft_stop=args.draft_stop, draft_stop_rule=args.draft_stop_rule,
-        draft_vocab=args.draft_vocab,
+        draft_vocab=args.draft_vocab, draft_context=args.draft_context,
         draft_quant=args.draft_quant, exit_vocab=args.exit_vocab, kappa=args.kappa, branch_budget=args.branch_budget,
         exit_layer=args.exit_layer, placement=args.placement, profile_per_task=args.profile_per_task,
         profile_max_new_tokens=args.profile_max_new_tokens, profile_max_questions=args.profile_max_questions,

@@ -58,6 +58,7 @@ class BenchConfig:
     draft_stop: float | None = None
     draft_stop_rule: str | None = None
     draft_vocab: int | None = None
+    draft_context: int | None = None
     draft_quant: str | None = None
     exit_vocab: int | None = None
     kappa: int | None = None
@@ -126,7 +127,7 @@ def _gen_kwargs(method: str, cfg: BenchConfig, models: BenchModels, profile: boo
     if engine == "ar":
         return kw
     kw.update(draft=models.draft, gamma=cfg.gamma, profile=profile, draft_vocab=cfg.draft_vocab,
-              draft_quant=cfg.draft_quant)
+              draft_quant=cfg.draft_quant, draft_context=cfg.draft_context)
     if engine == "mirror":
         kw.update(kappa=cfg.kappa, branch_budget=cfg.branch_budget, exit_layer=cfg.exit_layer,
                   exit_vocab=cfg.exit_vocab)

@@ -26,7 +26,7 @@ from mirror_jax.draft_vocab import DraftVocabError, reduced_vocab, restrict_head
 from mirror_jax.engine.autoregressive import GenerationResult, generate_ar
 from mirror_jax.engine.device_loop import LoopSpec, run_device_loop
 from mirror_jax.engine.placement import Placement
-from mirror_jax.engine.prefill import cache_capacity, pad_prompts, truncate_at_eos, validate_prompts
+from mirror_jax.engine.prefill import CONTEXT_SINK, cache_capacity, pad_prompts, truncate_at_eos, validate_prompts
 from mirror_jax.engine.speculative import DraftModel, SpecDecoder, SpecSettings, TargetModel
 from mirror_jax.engine.stats import summarize, summarize_rows
 from mirror_jax.exit.checkpoint import ExitHeads
@@ -70,13 +70,16 @@ DEVICE_DEFAULTS = {
     # this CPU a draft forward took 20 ms instead of 36 with the same tokens per round
     # (experiments/results/probe_int8.md, sd_int8_draft.md).
     "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_vocab": 32768, "exit_vocab": 0,
-            "sd_gamma": 7, "draft_stop": 0.6, "draft_stop_rule": "token", "batch_rows": 12, "draft_quant": "int8"},
+            "sd_gamma": 7, "draft_stop": 0.6, "draft_stop_rule": "token", "batch_rows": 12, "draft_quant": "int8",
+            "draft_context": 0},
     # Accelerators: not measured yet, so the whole heads, a float draft and the paper's full windows
     # of 7 (a batch's rows are nowhere near compute-bound there: no batch rule).
     "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0, "sd_gamma": 7,
-            "draft_stop": 0.0, "draft_stop_rule": "token", "batch_rows": None, "draft_quant": "none"},
+            "draft_stop": 0.0, "draft_stop_rule": "token", "batch_rows": None, "draft_quant": "none",
+            "draft_context": 0},
     "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0, "sd_gamma": 7,
-            "draft_stop": 0.0, "draft_stop_rule": "token", "batch_rows": None, "draft_quant": "none"},
+            "draft_stop": 0.0, "draft_stop_rule": "token", "batch_rows": None, "draft_quant": "none",
+            "draft_context": 0},
 }
 
 
@@ -156,7 +159,7 @@ def resolve_exit(exit_head, target, target_cfg, exit_layer):
 def resolve_settings(
     method, target_cfg, placement: Placement, *, gamma, kappa, exit_layer, branch_budget, verifier,
     sampling: SamplingParams, profile: bool, allow_full_exit: bool, draft_stop=None, ss: bool = False,
-    batch: int = 1, draft_stop_rule: str | None = None,
+    batch: int = 1, draft_stop_rule: str | None = None, draft_context: int | None = None,
 ) -> SpecSettings:
     """Fill in device defaults and validate every setting before any work starts.
 
@@ -214,7 +217,12 @@ def resolve_settings(
     rule = d["draft_stop_rule"] if draft_stop_rule is None else draft_stop_rule
     if rule not in STOP_RULES:
         raise ConfigError(f"draft_stop_rule must be one of {STOP_RULES}, got {draft_stop_rule!r}")
-    return SpecSettings(method, gamma, kappa, exit_layer, budget, verifier, profile, float(draft_stop), rule)
+    context = d["draft_context"] if draft_context is None else draft_context
+    if isinstance(context, bool) or not isinstance(context, int) or not (context == 0 or context > 2 * CONTEXT_SINK):
+        raise ConfigError(f"draft_context must be 0 (the draft reads the whole prompt) or an int > "
+                          f"{2 * CONTEXT_SINK} (the prompt's first {CONTEXT_SINK} and last draft_context - "
+                          f"{CONTEXT_SINK} tokens), got {draft_context!r}")
+    return SpecSettings(method, gamma, kappa, exit_layer, budget, verifier, profile, float(draft_stop), rule, context)
 
 
 def generate(
@@ -247,6 +255,7 @@ def generate(
     exit_vocab: int | Sequence[int] | None = None,
     draft_quant: str | None = None,
     draft_stop_rule: str | None = None,
+    draft_context: int | None = None,
 ) -> GenerationResult:
     """Decode `prompts` (lists of token ids) with `method`; see the module docstring.
 
@@ -291,7 +300,12 @@ def generate(
     `draft_quant`: "int8" runs the draft's matrices in int8 (per-row weight scales, activations
     quantized per token; `mirror_jax.quant`), "none" in the draft's own dtype. The draft only
     proposes, so this never changes the output, only acceptance and the draft's speed. None: the
-    device default ("int8" for a draft on one CPU device, "none" elsewhere)."""
+    device default ("int8" for a draft on one CPU device, "none" elsewhere).
+
+    `draft_context`: the draft prefills at most this many prompt tokens, the prompt's first 32 and
+    its last ``draft_context - 32`` (`mirror_jax.engine.prefill.draft_context_ids`); a long prompt's
+    draft prefill then costs a fraction, and the draft reads less of it (acceptance may fall). The
+    draft only proposes, so the output never changes. 0: the whole prompt; None: the device default."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     if loop not in LOOPS:
@@ -323,7 +337,7 @@ def generate(
         method, cfg_t, pl, gamma=gamma, kappa=kappa, exit_layer=exit_layer, branch_budget=branch_budget,
         verifier=verifier, sampling=sampling, profile=profile, allow_full_exit=allow_full_exit,
         draft_stop=draft_stop, ss=ss_adapter is not None, batch=len(prompts) if loop == "device" else 1,
-        draft_stop_rule=draft_stop_rule,
+        draft_stop_rule=draft_stop_rule, draft_context=draft_context,
     )
     if method == "sd" and exit_vocab not in (None, 0):
         raise ConfigError("exit_vocab applies to method 'mirror' (vanilla SD has no early exit)")

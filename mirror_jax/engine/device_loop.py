@@ -50,7 +50,7 @@ from jax import lax
 
 from mirror_jax import model as M
 from mirror_jax.config import ModelConfig
-from mirror_jax.engine.prefill import first_token, prefill
+from mirror_jax.engine.prefill import draft_context_rows, first_token, prefill
 from mirror_jax.kv_cache import KVCache, commit, init_cache, write_slots
 from mirror_jax.params import ModelParams
 from mirror_jax.rounds.draft import draft_rollout, propose
@@ -153,7 +153,7 @@ def start(spec: LoopSpec, params_t: ModelParams, params_d: ModelParams, tokens, 
     logits, cache_t = prefill(spec.target, params_t, tokens, n_valid, cache_t)
     first = first_token(logits, n_valid, samp, greedy=s.verifier == "greedy")  # as every method's first token
     cache_d = init_cache(spec.draft, b, spec.capacity, params_d.embed.dtype)
-    _, cache_d = prefill(spec.draft, params_d, tokens, n_valid, cache_d)
+    _, cache_d = prefill(spec.draft, params_d, *draft_context_rows(tokens, n_valid, s.draft_context), cache_d)
     prop, cache_d = propose(spec.draft, params_d, cache_d, first[:, None], spec.gamma, samp,
                             sample=s.draft_samples, ss=ss, stop_logp=s.stop_logp, stop_cumulative=s.stop_cumulative)
     zeros = jnp.zeros((b,), jnp.int32)

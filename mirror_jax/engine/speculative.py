@@ -32,7 +32,7 @@ import numpy as np
 
 from mirror_jax.config import ModelConfig
 from mirror_jax.engine.placement import Placement
-from mirror_jax.engine.prefill import pad_prompts, prefill, start_sequences, truncate_at_eos
+from mirror_jax.engine.prefill import draft_context_ids, pad_prompts, prefill, start_sequences, truncate_at_eos
 from mirror_jax.engine.stats import RoundRecord, branch_rank
 from mirror_jax.exit.head import ExitHead
 from mirror_jax.kv_cache import KVCache, check_headroom
@@ -55,6 +55,7 @@ class SpecSettings:
     profile: bool = False
     draft_stop: float = 0.0  # sd: the draft ends its window after a token it gives less than this probability
     stop_rule: str = "token"  # "window": ... once the product of its window's probabilities is below draft_stop
+    draft_context: int = 0  # the draft prefills at most this many prompt tokens (`prefill.draft_context_ids`); 0: all
 
     @property
     def stop_logp(self) -> float | None:
@@ -144,7 +145,7 @@ class SpecDecoder:
         cache_t = pl.target_cache(t.cfg, 1, self.capacity, t.params.embed.dtype)
         first, cache_t = start_sequences(t.cfg, t.params, [prompt], self.sampling, self.capacity,
                                          t.params.embed.dtype, self.samp_t, device=pl.target_sharding, cache=cache_t)
-        padded, n_valid = pad_prompts([prompt])
+        padded, n_valid = pad_prompts([draft_context_ids(prompt, self.s.draft_context)])
         cache_d = pl.draft_cache(d.cfg, 1, self.capacity, d.params.embed.dtype)
         _, cache_d = prefill(d.cfg, d.params, pl.to_draft(padded), pl.to_draft(n_valid), cache_d)
         last_d = pl.to_draft(first)
