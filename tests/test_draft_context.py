@@ -19,6 +19,7 @@ from mirror_jax.engine.prefill import CONTEXT_SINK, draft_context_ids, draft_con
 from mirror_jax.sampling import SamplingParams
 from mirror_jax.testing import noisy_pair as pair
 from mirror_jax.testing import random_prompts
+from tests.helpers import run_bench_sd_draft_tiny
 
 CONTEXT, N_NEW = 80, 16
 
@@ -100,17 +101,7 @@ def test_draft_context_settings_are_checked(models):
 def test_bench_sd_draft_runs_a_draft_context_setting(tmp_path):
     """experiments/bench_sd_draft.py --tiny with a ``cN`` setting: the row records its draft context
     and is named by it; its output is ar's."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(repo / "experiments" / "bench_sd_draft.py"), "--tiny", "--num-prompts", "2",
-                        "--max-new-tokens", "8", "--settings", "3:0:0:int8,3:0:0:int8:c80", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    p = json.loads((tmp_path / "sd_draft.json").read_text())
+    p = run_bench_sd_draft_tiny(tmp_path, "3:0:0:int8,3:0:0:int8:c80")
     assert [row["draft_context"] for row in p["rows"]] == [None, 0, 80]
     assert all(row["identical_to_ar"] for row in p["rows"])
     assert set(p["per_prompt"][0]) >= {"ar", "3:0.0:0::int8", "3:0.0:0::int8:c80"}

@@ -142,17 +142,9 @@ def test_cpu_default_is_int8_and_bad_settings_are_refused(models):
 def test_bench_sd_draft_compares_float_and_int8_drafts(tmp_path):
     """experiments/bench_sd_draft.py --tiny with a float and an int8 setting: one row each, both
     identical to ar, the quantization recorded per row and in the forward timings."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
+    from tests.helpers import run_bench_sd_draft_tiny
 
-    repo = Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, str(repo / "experiments" / "bench_sd_draft.py"), "--tiny", "--num-prompts", "2",
-                        "--max-new-tokens", "8", "--settings", "3:0:0:none,3:0:0:int8,3:0:40", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    p = json.loads((tmp_path / "sd_draft.json").read_text())
+    p = run_bench_sd_draft_tiny(tmp_path, "3:0:0:none,3:0:0:int8,3:0:40")
     sd = [row for row in p["rows"] if row["method"] == "sd"]
     assert [row["draft_quant"] for row in sd] == ["none", "int8", "int8"]  # the last: the CPU default
     assert all(row["identical_to_ar"] for row in p["rows"])
