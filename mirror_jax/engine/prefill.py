@@ -120,9 +120,10 @@ def draft_context_ids(prompt: list[int], context: int, sink: int = CONTEXT_SINK)
     `context` is 0 or the prompt fits, else its first `sink` tokens and its last ``context - sink``.
 
     The draft only proposes, so what it reads never changes the output, only acceptance and the
-    draft's prefill (compute-bound: ~30% of the target's on this CPU). The first tokens stay: a
-    model without its opening tokens (the chat template's system header, the "attention sink")
-    loses most of its acceptance, measured on SpecBench summarization. Positions in the draft's
+    draft's prefill (compute-bound: ~30% of the target's on this CPU). The first tokens (the chat
+    template's system header) stay, as in StreamingLLM's "attention sink"; on SpecBench
+    summarization keeping them did not rescue acceptance (README: the draft copies the article's
+    lead, which a short context cuts), so the default is the whole prompt. Positions in the draft's
     cache are contiguous (RoPE sees the kept tokens as adjacent); the host loop and the device loop
     track the draft's cache only relative to its own length, so nothing else changes.
 
