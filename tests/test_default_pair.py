@@ -23,7 +23,6 @@ from tests.helpers import default_pair_files_or_skip
 
 pytestmark = pytest.mark.slow
 
-
 MESSAGES = [{"role": "user", "content": "Write a Python function that returns the n-th Fibonacci number."}]
 
 

@@ -48,7 +48,9 @@ def test_rows_shorten_as_the_ids_do():
         assert np.asarray(short[b, : len(want)]).tolist() == want
         if len(p) > CONTEXT:
             assert want[:CONTEXT_SINK] == p[:CONTEXT_SINK] and want[CONTEXT_SINK:] == p[-(CONTEXT - CONTEXT_SINK):]
-    assert draft_context_rows(jnp.asarray(toks), jnp.asarray(n), 0)[0] is not None  # 0: unchanged
+    tj, nj = jnp.asarray(toks), jnp.asarray(n)
+    assert all(a is b for a, b in zip(draft_context_rows(tj, nj, 0), (tj, nj), strict=True))  # 0: unchanged
+    assert all(a is b for a, b in zip(draft_context_rows(tj, nj, toks.shape[1]), (tj, nj), strict=True))  # all fit
     assert draft_context_ids(ps[0], 0) == ps[0]
 
 

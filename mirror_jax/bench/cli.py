@@ -53,7 +53,8 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
                         "only proposes) or in its own dtype; default: per device kind (CPU int8)")
     p.add_argument("--draft-context", type=int, default=None,
                    help="the draft prefills at most N prompt tokens (the first 32 and the last N - 32): a cheaper "
-                        "start on long prompts; lossless; 0: the whole prompt; default: per device kind")
+                        "start on long prompts, but measured slower on SpecBench's long prompts (acceptance falls "
+                        "more, see the README); lossless; 0: the whole prompt; default: per device kind (0)")
     p.add_argument("--exit-vocab", type=int, default=None,
                    help="mirror: the early exit's LM head covers only the first N token ids plus EOS/special tokens "
                         "(a cheaper prefix; lossless; 0: the whole vocabulary; default: per device kind)")
