@@ -161,12 +161,15 @@ def text_rows(args, data_path: Path):
         d = np.load(data_path)
         rows, held = d["train"], d["heldout"]
     else:
-        rows = pack_sequences(draft.tokenizer, draft.chat_template, "train", args.num_tokens, args.seq_len, args.seed)
+        rows = pack_sequences(draft.tokenizer, draft.chat_template, "train", args.num_tokens, args.seq_len, args.seed,
+                              raw_frac=args.raw_frac)
         held = pack_sequences(draft.tokenizer, draft.chat_template, "heldout", args.heldout_tokens, args.seq_len,
-                              args.seed)
+                              args.seed, raw_frac=args.raw_frac)
         np.savez(data_path, train=rows, heldout=held)
+    raw = (f"; {args.raw_frac:.0%} of the rows the files' raw source, no template (mirror_jax.corpus.code_texts)"
+           if args.raw_frac else "")
     desc = (f"Python {sys.version_info.major}.{sys.version_info.minor} stdlib code and docstrings as chat exchanges "
-            f"in the draft's template (mirror_jax.corpus.pack_sequences), {rows.shape[0]} train rows x "
+            f"in the draft's template (mirror_jax.corpus.pack_sequences){raw}, {rows.shape[0]} train rows x "
             f"{args.seq_len} tokens (train split of files), {held.shape[0]} held-out rows (held-out files); "
             f"labels: {args.labels}")
     return rows, held, draft, desc
@@ -263,6 +266,11 @@ def main(argv=None):
     ap.add_argument("--num-tokens", type=int, default=65536, help="--data text: training tokens")
     ap.add_argument("--heldout-tokens", type=int, default=8192, help="--data text: held-out tokens")
     ap.add_argument("--seq-len", type=int, default=128, help="--data text: tokens per row")
+    ap.add_argument("--raw-frac", type=float, default=0.0,
+                    help="--data text: share of rows cut from the files' raw source (code-completion text, no chat "
+                         "template); the rest are chat exchanges")
+    ap.add_argument("--init-from", default=None,
+                    help="start from this saved adapter (its SS config and stream vocabulary; fine-tuning)")
     ap.add_argument("--max-rows", type=int, default=0, help="LM-head rows per step (0: all); weighted rows first")
     ap.add_argument("--tiny", action="store_true", help="random tiny models + random-token prompts (smoke test)")
     ap.add_argument("--num-prompts", type=int, default=320)
@@ -296,6 +304,11 @@ def main(argv=None):
 
     sscfg = SSConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers, lora_rank=args.lora_rank,
                      stream_vocab=args.stream_vocab)
+    if args.init_from:  # fine-tune a saved adapter: its SS config (and, below, its weights and stream vocabulary)
+        meta_path = Path(args.init_from) / "metadata.json"
+        if not meta_path.exists():
+            raise SystemExit(f"--init-from {args.init_from}: no SS adapter there (no metadata.json)")
+        sscfg = SSConfig(**json.loads(meta_path.read_text())["ss_config"])
     work = Path(args.work_dir) / args.name
     work.mkdir(parents=True, exist_ok=True)
     results = Path(args.results_dir)
@@ -304,6 +317,8 @@ def main(argv=None):
     tag = f"{args.name}_{kind}_p{args.num_prompts}_{args.prompt_len}_{args.gen_len}"
     if args.data == "text":
         tag = f"{args.name}_{kind}_text{args.num_tokens}_{args.heldout_tokens}_{args.seq_len}"
+        if args.raw_frac:
+            tag += f"_raw{args.raw_frac:g}"
     data_path = work / f"distill_{tag}.npz"
     part_path = work / f"distill_{tag}.partial.npz"
 
@@ -384,7 +399,15 @@ def main(argv=None):
               + ", ".join(f"stream {j + 1}: {w[..., j].mean():.3f}" for j in range(w.shape[-1])), flush=True)
 
     stream_ids = None  # the streams' vocabulary: the most frequent tokens of the train rows and their labels
-    if sscfg.stream_vocab:
+    init_ssp = None
+    if args.init_from:
+        from mirror_jax.ss.checkpoint import restore_ss_checkpoint
+
+        _, init_ssp, _ = restore_ss_checkpoint(args.init_from, cfg, params, sscfg)
+        stream_ids = None if init_ssp.stream_ids is None else jnp.asarray(init_ssp.stream_ids)
+        init_ssp = init_ssp.replace(stream_ids=None)
+        print(f"fine-tuning {args.init_from}", flush=True)
+    elif sscfg.stream_vocab:
         from mirror_jax.draft_vocab import coverage, rank_by_frequency, reduced_vocab
 
         ranking = None if args.stream_ranking == "id" else rank_by_frequency(
@@ -406,7 +429,8 @@ def main(argv=None):
     kw = dict(chunk=256, start=start, labels=args.labels, max_rows=args.max_rows or None)
     step_fn = make_train_step(cfg, sscfg, opt, **kw)
     eval_fn = make_eval_loss(cfg, sscfg, **kw)
-    state = init_train_state(init_ss_params(cfg, sscfg, params, seed=args.seed), opt)
+    state = init_train_state(init_ssp if init_ssp is not None else init_ss_params(cfg, sscfg, params, seed=args.seed),
+                             opt)
     state_path = work / "train_state.msgpack"
     log_path = results / f"{args.name}_train_log.jsonl"
     if state_path.exists():
@@ -476,6 +500,10 @@ def main(argv=None):
         "eval_before": {k: first_ev[k] for k in METRICS if k in first_ev},
         "eval_after": {k: last_ev[k] for k in METRICS if k in last_ev},
     }
+    if args.init_from:  # the fine-tuned adapter's origin (its own steps and data come on top of these)
+        m0 = json.loads((Path(args.init_from) / "metadata.json").read_text())
+        extra["init_from"] = {"directory": str(args.init_from), **{k: m0.get(k) for k in
+                                                                  ("steps", "data", "data_sha256", "command")}}
     out = save_ss_checkpoint(
         Path(args.ckpt_root) / args.name,
         cfg,

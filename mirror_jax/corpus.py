@@ -7,8 +7,9 @@ SpecBench prompts are evaluation data and are never used here.
 
 `chat_items` turns functions and classes into chat exchanges in the target's own template (a user
 request, the source or the docstring as the assistant's answer), so the hidden states an exit head
-is trained on come from assistant turns, as when it decodes; `pack_sequences` cuts a token stream
-into fixed-length rows.
+is trained on come from assistant turns, as when it decodes; `code_texts` gives the files' raw
+source (what a code-completion prompt looks like, no template); `pack_sequences` cuts a token stream
+into fixed-length rows, optionally mixing the two kinds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -67,19 +68,57 @@ def chat_items(split: str, seed: int = 0, max_chars: int = 3000) -> Iterator[lis
         yield items[i]
 
 
-def pack_sequences(tokenizer, chat_template: str | None, split: str, num_tokens: int, seq_len: int,
-                   seed: int = 0) -> np.ndarray:
-    """[N, seq_len] int32 rows (N = num_tokens // seq_len) cut from one stream of chat exchanges
-    rendered in `chat_template` (the tokenizer's own when None)."""
+def code_texts(split: str, seed: int = 0, max_chars: int = 12000) -> Iterator[str]:
+    """Raw source of the stdlib files of `split` (the first `max_chars` characters of each, so no one
+    long file dominates), in a seeded random order."""
+    files = stdlib_files(split)
+    for i in np.random.default_rng(seed).permutation(len(files)):
+        try:
+            text = files[i][1].read_text(encoding="utf-8")
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if text.strip():
+            yield text[:max_chars]
+
+
+def _rows_from(texts: Iterable[str], encode, n_rows: int, seq_len: int) -> list[list[int]]:
+    """Up to `n_rows` rows of `seq_len` tokens cut from the concatenated token stream of `texts`."""
     rows, stream = [], []
-    for msgs in chat_items(split, seed):
-        text = tokenizer.apply_chat_template(msgs, chat_template=chat_template, tokenize=False)
-        stream.extend(tokenizer.encode(text, add_special_tokens=False))
-        while len(stream) >= seq_len:
+    for text in texts:
+        stream.extend(encode(text))
+        while len(stream) >= seq_len and len(rows) < n_rows:
             rows.append(stream[:seq_len])
             stream = stream[seq_len:]
-        if len(rows) * seq_len >= num_tokens:
+        if len(rows) >= n_rows:
             break
+    return rows
+
+
+def pack_sequences(tokenizer, chat_template: str | None, split: str, num_tokens: int, seq_len: int,
+                   seed: int = 0, raw_frac: float = 0.0) -> np.ndarray:
+    """[N, seq_len] int32 rows (N = num_tokens // seq_len): round(N * raw_frac) of them cut from the
+    files' raw source (`code_texts`), the rest from one stream of chat exchanges rendered in
+    `chat_template` (the tokenizer's own when None), the two kinds interleaved in a seeded order.
+
+    Example: N = 4, raw_frac = 0.5 -> two chat rows and two raw-source rows, e.g. [raw, chat, chat, raw].
+    """
+    if not 0.0 <= raw_frac <= 1.0:
+        raise ValueError(f"raw_frac must be in [0, 1], got {raw_frac}")
+    n = max(1, num_tokens // seq_len)
+    n_raw = int(round(n * raw_frac))
+
+    def chat_texts():
+        for msgs in chat_items(split, seed):
+            yield tokenizer.apply_chat_template(msgs, chat_template=chat_template, tokenize=False)
+
+    def encode(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    chat = _rows_from(chat_texts(), encode, n - n_raw, seq_len) if n > n_raw else []
+    raw = _rows_from(code_texts(split, seed), encode, n_raw, seq_len) if n_raw else []
+    rows = chat + raw
     if not rows:
         raise ValueError(f"the {split} split gave fewer than {seq_len} tokens")
-    return np.asarray(rows[: max(1, num_tokens // seq_len)], np.int32)
+    if raw and chat:  # interleave, so any prefix of the rows (a time-budgeted run) sees both kinds
+        rows = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
+    return np.asarray(rows, np.int32)

@@ -19,7 +19,7 @@ import pytest
 from mirror_jax import model as M
 from mirror_jax import rounds as R
 from mirror_jax.checkpointing import CheckpointCorruptedError, CheckpointMismatchError
-from mirror_jax.corpus import pack_sequences, split_of, stdlib_files
+from mirror_jax.corpus import code_texts, pack_sequences, split_of, stdlib_files
 from mirror_jax.engine.api import ConfigError, generate
 from mirror_jax.exit import ExitHead, exit_logits, init_exit_head
 from mirror_jax.exit.checkpoint import ExitHeads, load_default_exit_heads, restore_exit_heads, save_exit_heads
@@ -212,4 +212,19 @@ def test_corpus_split_and_packing():
     again = pack_sequences(CharTok(), None, "heldout", 4096, 512)
     np.testing.assert_array_equal(rows, again)  # deterministic
     assert not np.array_equal(rows, pack_sequences(CharTok(), None, "heldout", 4096, 512, seed=1))
+
+    # raw_frac: that share of the rows is the files' raw source (no template), the rest chat rows
+    chat_only = pack_sequences(CharTok(), None, "heldout", 2048, 512)
+    raw_only = pack_sequences(CharTok(), None, "heldout", 2048, 512, raw_frac=1.0)
+    first_file = next(code_texts("heldout"))
+    np.testing.assert_array_equal(raw_only[0], CharTok().encode(first_file)[:512])
+    assert not any(b"<user>" in bytes(r.astype(np.uint8)) for r in raw_only)  # no chat template in raw rows
+    mixed = pack_sequences(CharTok(), None, "heldout", 4096, 512, raw_frac=0.5)
+    assert mixed.shape == (8, 512)
+    assert sorted(map(bytes, mixed)) == sorted(map(bytes, np.concatenate([chat_only, raw_only])))
+    kinds = ["raw" if any(np.array_equal(m, r) for r in raw_only) else "chat" for m in mixed]
+    assert kinds.count("raw") == 4 and len(set(kinds[:4])) == 2  # interleaved, not chat rows then raw rows
+    np.testing.assert_array_equal(pack_sequences(CharTok(), None, "heldout", 4096, 512, raw_frac=0.0), rows)
+    with pytest.raises(ValueError, match="raw_frac"):
+        pack_sequences(CharTok(), None, "heldout", 4096, 512, raw_frac=1.5)
     jax.clear_caches()

@@ -207,3 +207,34 @@ def test_gpu_training_timing_script_tiny(tmp_path):
     for row in p["rows"]:
         assert row["step_ms"] > 0 and row["train_tokens_per_s"] > 0 and row["feature_ms"] > 0
     assert p["short_run"]["finite"] and p["weights"].startswith("RANDOM")
+
+
+def test_train_script_fine_tunes_a_saved_adapter(tmp_path):
+    """experiments/train_ss_draft.py --tiny, then --init-from that adapter: the second run starts
+    from the saved weights (its step-0 held-out figures are the first run's final ones), and its
+    metadata names where it started."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    common = ["--tiny", "--num-tokens", "512", "--heldout-tokens", "128", "--seq-len", "32", "--eval-every", "3",
+              "--ckpt-every", "3", "--work-dir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r"),
+              "--ckpt-root", str(tmp_path / "c"), "--lr", "3e-2"]
+
+    def run(*extra):
+        r = subprocess.run([sys.executable, str(repo / "experiments" / "train_ss_draft.py"), *common, *extra],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    first = run("--name", "a", "--steps", "3")
+    assert first["eval_after"]["loss"] != first["eval_before"]["loss"]  # the adapter moved
+    second = run("--name", "b", "--steps", "2", "--init-from", str(tmp_path / "c" / "a"))
+    np.testing.assert_allclose(second["eval_before"]["loss"], first["eval_after"]["loss"], rtol=1e-6)
+    meta = json.loads((tmp_path / "c" / "b" / "metadata.json").read_text())
+    assert meta["init_from"]["steps"] == 3 and meta["steps"] == 2
+    r = subprocess.run([sys.executable, str(repo / "experiments" / "train_ss_draft.py"), *common, "--name", "c",
+                        "--init-from", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "no SS adapter there" in r.stderr
