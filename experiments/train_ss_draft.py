@@ -8,7 +8,8 @@ Two recipes (``--data``):
   frozen draft forward per row gives every label (``--labels self``, `mirror_jax.ss.train.self_labels`):
   stream j at t learns the draft's own greedy token at t+1+j, exactly where the draft's greedy
   continuation follows the text (the lossless SS draft emits the draft's tokens, not the text's).
-  ``--max-rows`` evaluates the LM head only on stream rows that carry a label.
+  ``--max-rows`` evaluates the LM head only on stream rows that carry a label. ``--raw-frac F`` cuts
+  that share of the rows from the files' raw source instead (code-completion text, no template).
 * ``distill``: the original recipe, kept for comparison:
 
 1. Prompts: for every function with a docstring in the Python standard library
@@ -34,6 +35,7 @@ Usage::
     python experiments/train_ss_draft.py --tiny --steps 30          # smoke test, random models
     python experiments/train_ss_draft.py --num-tokens 65536 --steps 300 --time-budget-min 25
     python experiments/train_ss_draft.py --data distill --labels text --num-prompts 320 --steps 400
+    python experiments/train_ss_draft.py --init-from checkpoints/ss_default_draft --raw-frac 0.5 --steps 240
 """
 
 from __future__ import annotations

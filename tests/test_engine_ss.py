@@ -63,3 +63,33 @@ def test_ss_draft_rejection_sampling_equals_plain_draft(setup, method):
         assert ss.tokens == plain.tokens
         assert [r["a"] for r in ss.stats["per_round"]] == [r["a"] for r in plain.stats["per_round"]]
         assert ss.stats["draft_kind"] == "ss"
+
+
+def test_ss_stream_path_is_prepared_once_per_adapter(setup, monkeypatch):
+    """generate merges an adapter's LoRA (and quantizes the stream path) once per (draft, adapter,
+    quantization, device), not on every call: a second call reuses it and gives the same tokens; a
+    different adapter or quantization is prepared anew."""
+    import mirror_jax.engine.api as api
+
+    target, draft, (sscfg, ssp), ps, ref = setup
+    calls = []
+    real = api.ss_draft
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "ss_draft", counting)
+    api.forget_derived_params()
+    kw = dict(method="sd", draft=draft, gamma=4, ss_adapter=(sscfg, ssp), draft_quant="none")
+    first = generate(target, ps[:1], N_NEW, **kw)
+    again = generate(target, ps[:1], N_NEW, **kw)
+    assert len(calls) == 1 and first.tokens == again.tokens == ref[:1]
+    generate(target, ps[:1], N_NEW, **{**kw, "draft_quant": "int8"})
+    assert len(calls) == 2
+    other = jax.tree_util.tree_map(lambda x: x + 0.01, ssp)
+    assert generate(target, ps[:1], N_NEW, **{**kw, "ss_adapter": (sscfg, other)}).tokens == ref[:1]
+    assert len(calls) == 3
+    api.forget_derived_params()
+    generate(target, ps[:1], N_NEW, **kw)
+    assert len(calls) == 4

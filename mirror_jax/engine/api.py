@@ -354,10 +354,7 @@ def generate(
         raise ConfigError("a speculative-streaming draft runs on one device: give the draft a single device")
     tgt = TargetModel(*pl.place_target(cfg_t, p_t), exit_head=None if head is None else pl.to_target(head))
     cfg_d, p_run = pl.place_draft(cfg_d, p_d if quant == "none" else _quantized(p_d, quant))
-    ss = None
-    if ssp is not None:  # the LoRA is merged once per call, on the draft's device, into the float weights
-        p_merge = p_run if quant == "none" else pl.place_draft(cfg_d, p_d)[1]
-        ss = ss_draft(cfg_d, sscfg, p_merge, pl.params_to_draft(ssp)).quantized(quant)
+    ss = None if ssp is None else _ss_prepared(cfg_d, sscfg, p_d, p_run, ssp, quant, pl)
     drf = DraftModel(cfg_d, p_run, ss)
     if loop == "device":
         return _generate_device(tgt, drf, s, pl, prompts, max_new_tokens, sampling, eos, capacity)
@@ -434,17 +431,18 @@ _RESTRICTED: dict = {}
 
 
 def _memo(key, sources, make):
-    """The last four results of `make()` by `key` (a benchmark calls `generate` per prompt, and
+    """The last eight results of `make()` by `key` (a benchmark calls `generate` per prompt, and
     gathering a reduced LM head costs ~0.4 s for the default draft, more for the target)."""
     if key not in _RESTRICTED:
-        while len(_RESTRICTED) >= 4:
+        while len(_RESTRICTED) >= 8:
             _RESTRICTED.pop(next(iter(_RESTRICTED)))
         _RESTRICTED[key] = (sources, make())
     return _RESTRICTED[key][1]
 
 
 def forget_derived_params() -> None:
-    """Drop the reduced LM heads, reduced exits and int8 drafts `generate` remembers (`_memo`): they
+    """Drop the reduced LM heads, reduced exits, int8 drafts and SS stream paths `generate` remembers
+    (`_memo`): they
     hold on to arrays of the models they came from (a tied embedding, the target's LM head), so
     call this after dropping your own references when the memory is needed back."""
     _RESTRICTED.clear()
@@ -468,6 +466,20 @@ def _quantized(p_d, mode: str):
     """`quantize_params`, remembered (`_memo`): ~3.6 s for the default draft on this CPU."""
     return _memo(("quant", mode, id(p_d.lm_head), id(p_d.layers[0].w_qkv)), (p_d.lm_head, p_d.layers[0].w_qkv),
                  lambda: quantize_params(p_d, mode))
+
+
+def _ss_prepared(cfg_d, sscfg, p_d, p_run, ssp, quant: str, pl: Placement):
+    """The SS draft's stream path on the draft's device: the adapter's LoRA merged into the float
+    weights, the streams' head rows cut, both in `quant` (`ss_draft(...).quantized`). Remembered
+    (`_memo`) by (draft weights, adapter, quantization, device): ~1 s for the default pair on this CPU,
+    which every `generate` call paid before, at its start."""
+    def make():
+        p_merge = p_run if quant == "none" else pl.place_draft(cfg_d, p_d)[1]
+        return ss_draft(cfg_d, sscfg, p_merge, pl.params_to_draft(ssp)).quantized(quant)
+
+    leaf = jax.tree_util.tree_leaves(ssp)[0]
+    key = ("ss", id(p_d.lm_head), id(p_d.layers[0].w_qkv), id(leaf), sscfg, quant, tuple(map(str, pl.draft_group)))
+    return _memo(key, (p_d.lm_head, p_d.layers[0].w_qkv, leaf), make)
 
 
 def _restricted(p_d, cfg_d, ids):
