@@ -151,3 +151,27 @@ def test_gpu_kit_tiny_cpu_path(tiny_run, tmp_path):
         assert proj["mirror_ar"]["projected_speedup_modeled_two_device"] > 0
     md = (tmp_path / "gpu_kit_tiny.md").read_text()
     assert "PROJECTED" in md and "MODELED" in md and "of the device's measured copy bandwidth" in md
+
+
+def test_results_say_when_the_code_was_not_the_recorded_commit(tmp_path):
+    """machine_info records git_dirty (tracked files changed since the commit) and machine_md says
+    so next to the commit; outside a checkout it is None."""
+    from mirror_jax.bench.report import _git_dirty, machine_md
+
+    def git(*a):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    assert _git_dirty(tmp_path) is None  # not a checkout
+    git("init", "-q")
+    (tmp_path / "f.py").write_text("x = 1\n")
+    git("add", "f.py")
+    git("commit", "-q", "-m", "c")
+    (tmp_path / "new.py").write_text("untracked\n")
+    assert _git_dirty(tmp_path) is False  # untracked files do not count
+    (tmp_path / "f.py").write_text("x = 2\n")
+    assert _git_dirty(tmp_path) is True
+    info = {"cpu": "c", "cores": 2, "mem_gib": 1, "devices": ["cpu:0"], "versions": {}, "git_commit": "a" * 40,
+            "date": "d", "load_average": None}
+    assert "uncommitted" not in machine_md({**info, "git_dirty": False})
+    assert f"commit {'a' * 10} plus uncommitted changes;" in machine_md({**info, "git_dirty": True})

@@ -55,6 +55,17 @@ def _git_commit() -> str | None:
         return None
 
 
+def _git_dirty(cwd: str | Path | None = None) -> bool | None:
+    """Whether the checkout's tracked files differ from its commit (a result then ran code that the
+    recorded commit does not hold); None outside a checkout. `cwd`: default, this package's checkout."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                             timeout=10, cwd=cwd or Path(__file__).resolve().parent)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def machine_info() -> dict:
     import jax
 
@@ -74,6 +85,7 @@ def machine_info() -> dict:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "versions": versions,
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
@@ -164,7 +176,8 @@ def machine_md(info: dict) -> str:
     return (
         f"Machine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB; devices {', '.join(info['devices'])}; "
         f"jax {v.get('jax')}, transformers {v.get('transformers')}, torch {v.get('torch')}; "
-        f"commit {str(info['git_commit'])[:10]}; {info['date']}; load average at start {info['load_average']}.\n"
+        f"commit {str(info['git_commit'])[:10]}{' plus uncommitted changes' if info.get('git_dirty') else ''}; "
+        f"{info['date']}; load average at start {info['load_average']}.\n"
     )
 
 
