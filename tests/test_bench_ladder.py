@@ -162,13 +162,20 @@ def test_results_say_when_the_code_was_not_the_recorded_commit(tmp_path):
         subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=tmp_path, check=True,
                        capture_output=True)
 
+    if subprocess.run(["git", "rev-parse"], cwd=tmp_path, capture_output=True).returncode == 0:
+        pytest.skip("the temporary directory is inside a git checkout")
     assert _git_dirty(tmp_path) is None  # not a checkout
     git("init", "-q")
-    (tmp_path / "f.py").write_text("x = 1\n")
-    git("add", "f.py")
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
+    for name in ("f.py", "README.md", "experiments/results/r.json"):
+        (tmp_path / name).write_text("x = 1\n")
+        git("add", name)
     git("commit", "-q", "-m", "c")
     (tmp_path / "new.py").write_text("untracked\n")
     assert _git_dirty(tmp_path) is False  # untracked files do not count
+    (tmp_path / "README.md").write_text("changed\n")
+    (tmp_path / "experiments" / "results" / "r.json").write_text("changed\n")
+    assert _git_dirty(tmp_path) is False  # nor do documents and results
     (tmp_path / "f.py").write_text("x = 2\n")
     assert _git_dirty(tmp_path) is True
     info = {"cpu": "c", "cores": 2, "mem_gib": 1, "devices": ["cpu:0"], "versions": {}, "git_commit": "a" * 40,

@@ -90,6 +90,18 @@ def test_ss_stream_path_is_prepared_once_per_adapter(setup, monkeypatch):
     other = jax.tree_util.tree_map(lambda x: x + 0.01, ssp)
     assert generate(target, ps[:1], N_NEW, **{**kw, "ss_adapter": (sscfg, other)}).tokens == ref[:1]
     assert len(calls) == 3
+    # An adapter that shares some arrays with a prepared one (a new LoRA, the same stream embeddings)
+    # is a new adapter.
+    new_lora = ssp.replace(lora=jax.tree_util.tree_map(lambda x: x * 0.5, ssp.lora))
+    generate(target, ps[:1], N_NEW, **{**kw, "ss_adapter": (sscfg, new_lora)})
+    assert len(calls) == 4
+    # So is a draft whose top (stream-path) layers differ while its LM head and bottom layers do not.
+    cfg_d, p_d = draft
+    top = sscfg.first_msa_layer(cfg_d)
+    layers = tuple(lyr if i < top else jax.tree_util.tree_map(lambda x: x * 1.0001, lyr)
+                   for i, lyr in enumerate(p_d.layers))
+    generate(target, ps[:1], N_NEW, **{**kw, "draft": (cfg_d, p_d.replace(layers=layers))})
+    assert len(calls) == 5
     api.forget_derived_params()
     generate(target, ps[:1], N_NEW, **kw)
-    assert len(calls) == 4
+    assert len(calls) == 6

@@ -19,7 +19,7 @@ import pytest
 from mirror_jax import model as M
 from mirror_jax import rounds as R
 from mirror_jax.checkpointing import CheckpointCorruptedError, CheckpointMismatchError
-from mirror_jax.corpus import code_texts, pack_sequences, split_of, stdlib_files
+from mirror_jax.corpus import chat_items, code_texts, pack_sequences, split_of, stdlib_files
 from mirror_jax.engine.api import ConfigError, generate
 from mirror_jax.exit import ExitHead, exit_logits, init_exit_head
 from mirror_jax.exit.checkpoint import ExitHeads, load_default_exit_heads, restore_exit_heads, save_exit_heads
@@ -224,7 +224,20 @@ def test_corpus_split_and_packing():
     assert sorted(map(bytes, mixed)) == sorted(map(bytes, np.concatenate([chat_only, raw_only])))
     kinds = ["raw" if any(np.array_equal(m, r) for r in raw_only) else "chat" for m in mixed]
     assert kinds.count("raw") == 4 and len(set(kinds[:4])) == 2  # interleaved, not chat rows then raw rows
-    np.testing.assert_array_equal(pack_sequences(CharTok(), None, "heldout", 4096, 512, raw_frac=0.0), rows)
+    def pack_before_raw_frac(tok, num_tokens, seq_len):  # pack_sequences as it was before raw_frac (3356148)
+        out, stream = [], []
+        for msgs in chat_items("heldout", 0):
+            stream.extend(tok.encode(tok.apply_chat_template(msgs, chat_template=None, tokenize=False)))
+            while len(stream) >= seq_len:
+                out.append(stream[:seq_len])
+                stream = stream[seq_len:]
+            if len(out) * seq_len >= num_tokens:
+                break
+        return np.asarray(out[: max(1, num_tokens // seq_len)], np.int32)
+
+    for num_tokens in (4096, 4000, 300):  # the rows the committed adapters were trained on: unchanged
+        np.testing.assert_array_equal(pack_sequences(CharTok(), None, "heldout", num_tokens, 512, raw_frac=0.0),
+                                      pack_before_raw_frac(CharTok(), num_tokens, 512))
     with pytest.raises(ValueError, match="raw_frac"):
         pack_sequences(CharTok(), None, "heldout", 4096, 512, raw_frac=1.5)
     jax.clear_caches()

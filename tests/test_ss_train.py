@@ -229,12 +229,18 @@ def test_train_script_fine_tunes_a_saved_adapter(tmp_path):
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    first = run("--name", "a", "--steps", "3")
+    # The first adapter's SS config is not the script's default; the fine-tune (run with the defaults)
+    # must take it, and the first adapter's stream vocabulary, from the checkpoint.
+    first = run("--name", "a", "--steps", "3", "--msa-layers", "1", "--lora-rank", "4", "--stream-vocab", "64")
     assert first["eval_after"]["loss"] != first["eval_before"]["loss"]  # the adapter moved
     second = run("--name", "b", "--steps", "2", "--init-from", str(tmp_path / "c" / "a"))
     np.testing.assert_allclose(second["eval_before"]["loss"], first["eval_after"]["loss"], rtol=1e-6)
     meta = json.loads((tmp_path / "c" / "b" / "metadata.json").read_text())
+    meta_a = json.loads((tmp_path / "c" / "a" / "metadata.json").read_text())
     assert meta["init_from"]["steps"] == 3 and meta["steps"] == 2
+    assert meta["ss_config"] == meta_a["ss_config"] and meta["ss_config"]["num_msa_layers"] == 1
+    assert meta["leaves"]["stream_ids"] == meta_a["leaves"]["stream_ids"]  # 64 ids and the special ones
+    assert meta_a["leaves"]["stream_ids"][0][0] >= 64
     r = subprocess.run([sys.executable, str(repo / "experiments" / "train_ss_draft.py"), *common, "--name", "c",
                         "--init-from", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "no SS adapter there" in r.stderr

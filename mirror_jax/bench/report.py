@@ -56,14 +56,18 @@ def _git_commit() -> str | None:
 
 
 def _git_dirty(cwd: str | Path | None = None) -> bool | None:
-    """Whether the checkout's tracked files differ from its commit (a result then ran code that the
-    recorded commit does not hold); None outside a checkout. `cwd`: default, this package's checkout."""
+    """Whether the checkout's tracked files, other than results (``experiments/results/``) and
+    documents (``*.md``), differ from its commit: a result then ran code (or weights) that the recorded
+    commit does not hold. None outside a checkout. `cwd`: default, this package's checkout."""
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                              timeout=10, cwd=cwd or Path(__file__).resolve().parent)
-        return bool(out.stdout.strip()) if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+    if out.returncode != 0:
+        return None
+    paths = [line[3:].split(" -> ")[-1].strip('"') for line in out.stdout.splitlines() if line.strip()]
+    return any(not (q.startswith("experiments/results/") or q.endswith(".md")) for q in paths)
 
 
 def machine_info() -> dict:

@@ -442,9 +442,8 @@ def _memo(key, sources, make):
 
 def forget_derived_params() -> None:
     """Drop the reduced LM heads, reduced exits, int8 drafts and SS stream paths `generate` remembers
-    (`_memo`): they
-    hold on to arrays of the models they came from (a tied embedding, the target's LM head), so
-    call this after dropping your own references when the memory is needed back."""
+    (`_memo`): they hold on to arrays of the models they came from (a tied embedding, the target's LM
+    head), so call this after dropping your own references when the memory is needed back."""
     _RESTRICTED.clear()
 
 
@@ -477,9 +476,13 @@ def _ss_prepared(cfg_d, sscfg, p_d, p_run, ssp, quant: str, pl: Placement):
         p_merge = p_run if quant == "none" else pl.place_draft(cfg_d, p_d)[1]
         return ss_draft(cfg_d, sscfg, p_merge, pl.params_to_draft(ssp)).quantized(quant)
 
-    leaf = jax.tree_util.tree_leaves(ssp)[0]
-    key = ("ss", id(p_d.lm_head), id(p_d.layers[0].w_qkv), id(leaf), sscfg, quant, tuple(map(str, pl.draft_group)))
-    return _memo(key, (p_d.lm_head, p_d.layers[0].w_qkv, leaf), make)
+    # Everything the result reads: the adapter's arrays, the draft's top N_s layers and LM head (the
+    # keyed arrays are kept alive with the result, so their ids stay unique), configs, mode, device.
+    sources = (jax.tree_util.tree_leaves(ssp), jax.tree_util.tree_leaves(p_d.layers[sscfg.first_msa_layer(cfg_d):]),
+               p_d.lm_head, p_d.head_ids)
+    key = ("ss", tuple(map(id, jax.tree_util.tree_leaves(sources))), cfg_d, sscfg, quant,
+           tuple(map(str, pl.draft_group)))
+    return _memo(key, sources, make)
 
 
 def _restricted(p_d, cfg_d, ids):
