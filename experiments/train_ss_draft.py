@@ -306,11 +306,13 @@ def main(argv=None):
 
     sscfg = SSConfig(num_streams=args.num_streams, num_msa_layers=args.msa_layers, lora_rank=args.lora_rank,
                      stream_vocab=args.stream_vocab)
+    init_meta = None  # --init-from: the saved adapter's metadata (its SS config now; its origin in ours)
     if args.init_from:  # fine-tune a saved adapter: its SS config (and, below, its weights and stream vocabulary)
         meta_path = Path(args.init_from) / "metadata.json"
         if not meta_path.exists():
             raise SystemExit(f"--init-from {args.init_from}: no SS adapter there (no metadata.json)")
-        sscfg = SSConfig(**json.loads(meta_path.read_text())["ss_config"])
+        init_meta = json.loads(meta_path.read_text())
+        sscfg = SSConfig(**init_meta["ss_config"])
     work = Path(args.work_dir) / args.name
     work.mkdir(parents=True, exist_ok=True)
     results = Path(args.results_dir)
@@ -502,9 +504,8 @@ def main(argv=None):
         "eval_before": {k: first_ev[k] for k in METRICS if k in first_ev},
         "eval_after": {k: last_ev[k] for k in METRICS if k in last_ev},
     }
-    if args.init_from:  # the fine-tuned adapter's origin (its own steps and data come on top of these)
-        m0 = json.loads((Path(args.init_from) / "metadata.json").read_text())
-        extra["init_from"] = {"directory": str(args.init_from), **{k: m0.get(k) for k in
+    if init_meta is not None:  # the fine-tuned adapter's origin (its own steps and data come on top of these)
+        extra["init_from"] = {"directory": str(args.init_from), **{k: init_meta.get(k) for k in
                                                                   ("steps", "data", "data_sha256", "command")}}
     out = save_ss_checkpoint(
         Path(args.ckpt_root) / args.name,
