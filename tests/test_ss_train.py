@@ -244,3 +244,39 @@ def test_train_script_fine_tunes_a_saved_adapter(tmp_path):
     r = subprocess.run([sys.executable, str(repo / "experiments" / "train_ss_draft.py"), *common, "--name", "c",
                         "--init-from", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "no SS adapter there" in r.stderr
+
+
+def test_train_script_self_rollouts(tmp_path):
+    """--data self: the training rows are the tiny draft's own greedy continuations of its prompts
+    (checked against `generate_ar`), labels sit on the root and the continuation, and the held-out
+    rows are the held-out split's prompts."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mirror_jax.engine.autoregressive import generate_ar
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "experiments"))
+    from train_ss_draft import tiny_models
+
+    p, g = 12, 10
+    r = subprocess.run([sys.executable, str(repo / "experiments" / "train_ss_draft.py"), "--tiny", "--data", "self",
+                        "--name", "s", "--num-prompts", "10", "--eval-frac", "0.2", "--prompt-len", str(p),
+                        "--gen-len", str(g), "--gen-batch", "4", "--steps", "2", "--eval-every", "1",
+                        "--work-dir", str(tmp_path / "w"), "--results-dir", str(tmp_path / "r"),
+                        "--ckpt-root", str(tmp_path / "c")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "data: 12 rows x 22 tokens (10 train / 2 eval)" in r.stdout
+    (data_file,) = [f for f in (tmp_path / "w" / "s").glob("distill_*self*.npz") if "partial" not in f.name]
+    d = np.load(data_file)
+    ids = d["ids"].astype(str).tolist()
+    assert ids[:2] == ["heldout:0", "heldout:1"] and ids[2:] == [f"train:{i}" for i in range(10)]
+    _, draft = tiny_models()
+    ref = generate_ar(draft.cfg, draft.params, d["tokens"][:, :p].tolist(), g)
+    for row, mask, cont in zip(d["tokens"], d["mask"], ref.tokens, strict=True):
+        assert row[p : p + len(cont)].tolist() == list(cont)
+        assert mask[: p - 1].sum() == 0 and mask[p - 1 : p + len(cont)].all()
+    meta = json.loads((tmp_path / "c" / "s" / "metadata.json").read_text())
+    assert "own greedy continuations" in meta["data"] and meta["train_args"]["data"] == "self"
