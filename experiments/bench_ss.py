@@ -97,6 +97,36 @@ def forward_costs(cfg, params, methods, prompt, capacity: int, k_in: int, repeat
     return out
 
 
+def hit_rates(cfg, params, methods, prompts, continuations) -> dict:
+    """Teacher-forced stream hit rates (`mirror_jax.ss.train.ss_loss`, "self" labels: how often stream
+    j's argmax is the draft's own greedy token j+1 ahead) per SS method, on two kinds of context:
+
+    * "text": the prompts' own positions (held-out stdlib text), where the text follows the draft's
+      greedy continuation (what the training script's held-out figures measure);
+    * "own": the draft's greedy continuation of each prompt (the AR windows of this run), from the
+      root on: the contexts the streams see when decoding, every position labelled.
+
+    Returns {method: {"text": [s], "own": [s], "own_tokens_per_forward_est": float}}."""
+    from mirror_jax.ss.train import make_eval_loss, precompute_main
+
+    p = len(prompts[0])
+    tokens = jnp.asarray(np.array([pr + c for pr, c in zip(prompts, continuations, strict=True)], np.int32))
+    out = {}
+    for m, (_, ss) in methods.items():
+        if ss is None:
+            continue
+        feats = precompute_main(cfg, ss.sscfg, params, tokens)
+        ev = make_eval_loss(cfg, ss.sscfg, labels="self")
+        masks = {"text": np.zeros(tokens.shape, np.float32), "own": np.zeros(tokens.shape, np.float32)}
+        masks["text"][:, : p - 1] = 1.0  # labels inside the prompt only where the text follows the draft
+        masks["own"][:, p - 1 :] = 1.0
+        res = {k: ev(params, ss.ssp, feats, tokens, jnp.asarray(v)) for k, v in masks.items()}
+        out[m] = {"text": np.asarray(res["text"]["acc_stream"]).tolist(),
+                  "own": np.asarray(res["own"]["acc_stream"]).tolist(),
+                  "own_tokens_per_forward_est": float(res["own"]["tokens_per_forward_est"])}
+    return out
+
+
 @partial(jax.jit, static_argnums=0)
 def _loop_forward(cfg, params, ss, toks, cache):
     """One forward of the SS loop (`ss_chain`'s step with x0 and s lookaheads): the main pass over
@@ -160,7 +190,7 @@ def main(argv=None):
     capacity = args.prompt_len + args.windows * max(gammas) + sscfg.num_streams + 8
 
     fwd_cost = forward_costs(cfg, params, methods, prompts[0], capacity, sscfg.num_streams + 1)
-    rows, mismatches = [], 0
+    rows, mismatches, continuations = [], 0, {}
     for gamma in gammas:
         # warm-up / compile every method once
         cache, root = prefill(cfg, params, prompts[0], capacity)
@@ -176,6 +206,7 @@ def main(argv=None):
                 mismatches += int(toks != ref)
                 per[m]["fwd"] += fwd
                 per[m]["sec"] += secs
+            continuations.setdefault(gamma, []).append(ref)
         ar_ms = 1e3 * float(np.median(per["ar"]["sec"]))
         for m, d in per.items():
             f = np.asarray(d["fwd"], float)
@@ -190,6 +221,8 @@ def main(argv=None):
                     "window_vs_ar": 1e3 * float(np.median(d["sec"])) / ar_ms,
                 }
             )
+    g_long = max(gammas)  # the longest continuations: the AR windows of the largest gamma
+    hits = hit_rates(cfg, params, methods, prompts, continuations[g_long])
     result = {
         "command": "python experiments/bench_ss.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": info,
@@ -204,6 +237,7 @@ def main(argv=None):
         "device": f"{jax.devices()[0].platform} ({platform.processor() or platform.machine()})",
         "rows": rows,
         "forward_ms": fwd_cost,
+        "hit_rates": hits,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +267,14 @@ def main(argv=None):
            "the streams. A window's last forward, with one token left, is a plain 1-token forward.", "",
            "| forward | ms | vs 1-token forward |", "|---|---|---|"]
     md += [f"| {k} | {v:.1f} | {v / fwd_cost['plain, 1 token']:.2f}x |" for k, v in fwd_cost.items()]
+    md += ["", "Teacher-forced stream hit rates (how often stream j's argmax is the draft's own greedy token j+1 "
+           "ahead; `ss_loss` with self labels, same prompts): on the prompts' held-out text where it follows the "
+           f"draft (what training's held-out figures measure), and on the draft's own {args.windows * g_long}-token "
+           "continuation from the root (what decoding sees). `est.`: 1 + a_1 + a_1 a_2, an unbounded window.", "",
+           "| method | text: stream 1 / 2 | own continuation: stream 1 / 2 | est. tokens / forward (own) |",
+           "|---|---|---|---|"]
+    md += [f"| {m} | {' / '.join(f'{a:.3f}' for a in h['text'])} | {' / '.join(f'{a:.3f}' for a in h['own'])} | "
+           f"{h['own_tokens_per_forward_est']:.2f} |" for m, h in hits.items()]
     md += ["", f"Command: `{result['command']}`"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
 

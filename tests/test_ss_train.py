@@ -280,3 +280,24 @@ def test_train_script_self_rollouts(tmp_path):
         assert mask[: p - 1].sum() == 0 and mask[p - 1 : p + len(cont)].all()
     meta = json.loads((tmp_path / "c" / "s" / "metadata.json").read_text())
     assert "own greedy continuations" in meta["data"] and meta["train_args"]["data"] == "self"
+
+
+def test_bench_ss_tiny_reports_hit_rates(tmp_path):
+    """experiments/bench_ss.py --tiny: every SS window equals the AR window, and the teacher-forced
+    hit rates (held-out text, the draft's own continuation) are reported per SS method."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "experiments" / "bench_ss.py"), "--tiny", "--num-prompts", "2",
+                        "--windows", "2", "--gammas", "3", "--out", str(tmp_path / "ss")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = json.loads((tmp_path / "ss.json").read_text())
+    assert res["ss_equals_ar_all_windows"]
+    (h,) = res["hit_rates"].values()
+    assert len(h["text"]) == len(h["own"]) == 2 and all(0.0 <= a <= 1.0 for a in h["text"] + h["own"])
+    assert h["own_tokens_per_forward_est"] >= 1.0
+    assert "own continuation: stream 1 / 2" in (tmp_path / "ss.md").read_text()
