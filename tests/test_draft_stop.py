@@ -215,10 +215,6 @@ def test_draft_stop_settings_are_checked(models):
             generate(target, ps, 4, method="sd", draft=draft, draft_stop=bad)
     with pytest.raises(ConfigError, match="vanilla SD's rounds"):  # branch rollouts assume whole windows
         generate(target, ps, 4, method="mirror", draft=draft, draft_stop=0.5, branch_budget=1)
-    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
-    ssp = init_ss_params(draft[0], sscfg, draft[1], seed=3)
-    with pytest.raises(ConfigError, match="speculative-streaming"):
-        generate(target, ps, 4, method="sd", draft=draft, draft_stop=0.5, ss_adapter=(sscfg, ssp))
 
 
 def test_device_defaults_for_vanilla_sd_rounds(models):
@@ -260,3 +256,95 @@ def test_cpu_batch_default_shrinks_the_window(models):
         res = generate(target, batch, 12, draft=draft, **kw)
         assert (res.stats["settings"]["gamma"], res.stats["settings"]["draft_stop"]) == (gamma, stop), kw
         assert res.tokens == ref[: len(batch)], kw
+
+
+def _ss_until(cfg, params, sscfg, ssp, cache, first, gamma, stop_logp, cumulative=False):
+    from mirror_jax.ss.rollout import ss_chain, ss_draft
+
+    samp = SamplingParams().arrays(row=np.arange(first.shape[0]))
+    fn = jax.jit(ss_chain, static_argnames=("cfg", "num_tokens", "sample", "stop_logp", "cumulative"))
+    return fn(cfg, params, ss_draft(cfg, sscfg, params, ssp), cache, first, gamma, samp, stop_logp=stop_logp,
+              cumulative=cumulative)
+
+
+@pytest.mark.parametrize("cumulative", [False, True])
+def test_ss_chain_stops_where_the_plain_chain_stops(models, cumulative):
+    """The SS rollout with `stop_logp` ends each row's window where `draft_chain_until` does (same
+    length, same tokens and confidences up to it, the same K/V of the fed tokens), rows of a batch at
+    different places, in no more forwards."""
+    _, (cfg, params) = models
+    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+    ssp = init_ss_params(cfg, sscfg, params, seed=5, embed_scale=0.3)
+    rng = np.random.default_rng(4)
+    b, gamma = 4, 6
+    toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, 9)), jnp.int32)
+    cache = init_cache(cfg, b, 32)
+    _, cache = jax.jit(M.forward, static_argnums=0)(cfg, params, toks[:, :-1], cache)
+    cache = cache.replace(lengths=jnp.asarray([3, 5, 6, 8], jnp.int32))
+    first = toks[jnp.arange(b), cache.lengths][:, None]
+    samp = SamplingParams().arrays(row=np.arange(b))
+    _, _, conf, _ = draft_chain(cfg, params, cache, first, gamma, samp)
+    conf = np.asarray(conf)
+    stat = np.cumsum(conf, axis=1) if cumulative else conf
+    lengths_seen = set()
+    for thr in np.quantile(stat, [0.2, 0.5, 0.8]):
+        thr = float(thr) + 1e-4  # never exactly on a value
+        t_p, _, c_p, cache_p, len_p, fwd_p = draft_chain_until(cfg, params, cache, first, gamma, samp, thr,
+                                                                cumulative=cumulative)
+        t_s, _, c_s, fwd_s, cache_s, len_s = _ss_until(cfg, params, sscfg, ssp, cache, first, gamma, thr, cumulative)
+        np.testing.assert_array_equal(np.asarray(len_s), np.asarray(len_p))
+        assert int(fwd_s) <= int(fwd_p)
+        for r in range(b):
+            n = int(len_p[r])
+            lengths_seen.add(n)
+            np.testing.assert_array_equal(np.asarray(t_s[r, :n]), np.asarray(t_p[r, :n]))
+            np.testing.assert_allclose(np.asarray(c_s[r, :n]), np.asarray(c_p[r, :n]), rtol=1e-4, atol=1e-5)
+            lo = int(cache.lengths[r])
+            for ka, kb in zip(cache_p.k + cache_p.v, cache_s.k + cache_s.v, strict=True):
+                np.testing.assert_allclose(np.asarray(ka[r, :, : lo + n]), np.asarray(kb[r, :, : lo + n]), atol=1e-5)
+    assert len(lengths_seen) >= 3  # the thresholds cut windows at several places
+
+
+def test_ss_chain_stop_inside_a_forward_of_accepted_lookaheads(models):
+    """Perfect streams (a zero LM head: every token 0 at log-prob -log V): a forward emits 3 tokens at
+    once, and the window rule ends the window at the token inside it where the sum crosses the
+    threshold: length 3 in 2 forwards (the plain chain needs 3); below every value, the full window."""
+    _, (cfg, params) = models
+    zero = params.replace(lm_head=jnp.zeros_like(params.lm_head))
+    sscfg = SSConfig(num_streams=2, num_msa_layers=1, lora_rank=2)
+    ssp = init_ss_params(cfg, sscfg, zero)
+    cache = init_cache(cfg, 1, 32).replace(lengths=jnp.asarray([4], jnp.int32))
+    first = jnp.zeros((1, 1), jnp.int32)
+    lv = -float(np.log(cfg.vocab_size))
+    toks, _, _, fwd, _, length = _ss_until(cfg, zero, sscfg, ssp, cache, first, 7, 2.5 * lv, cumulative=True)
+    assert int(length[0]) == 3 and int(fwd) == 2 and np.all(np.asarray(toks[0, :3]) == 0)
+    _, _, _, fwd, _, length = _ss_until(cfg, zero, sscfg, ssp, cache, first, 7, lv - 1.0)
+    assert int(length[0]) == 7 and int(fwd) == 3  # 1 + 3 + 3
+    _, _, _, fwd, _, length = _ss_until(cfg, zero, sscfg, ssp, cache, first, 7, lv + 1e-3)
+    assert int(length[0]) == 1 and int(fwd) == 1  # the token rule: the first token is already below
+
+
+def test_sd_with_the_ss_draft_and_draft_stop(models):
+    """sd with a speculative-streaming draft and draft_stop: AR's tokens (greedy, host and device loop;
+    sample-and-match), shorter windows than without the stop; rejection sampling commits the same
+    tokens in both loops."""
+    target, draft = models
+    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+    ssp = init_ss_params(draft[0], sscfg, draft[1], seed=3, embed_scale=0.3)
+    ps = prompts(4, seed=12)
+    ref = generate(target, ps, N_NEW).tokens
+    kw = dict(method="sd", draft=draft, gamma=5, ss_adapter=(sscfg, ssp))
+    full = generate(target, ps, N_NEW, **kw)
+    host = generate(target, ps, N_NEW, draft_stop=0.6, **kw)
+    dev = generate(target, ps, N_NEW, draft_stop=0.6, loop="device", **kw)
+    assert host.tokens == dev.tokens == full.tokens == ref
+    assert host.stats["settings"]["draft_stop"] == 0.6
+    assert host.stats["drafted_per_round"] < full.stats["drafted_per_round"] == 5.0
+    for key in ("rounds", "accepted_hist", "drafted_per_round"):
+        assert dev.stats[key] == host.stats[key], key
+    for seed in (0, 1):
+        samp = dict(temperature=0.8, top_k=5, top_p=0.9, seed=seed)
+        assert generate(target, ps, 16, draft_stop=0.6, **kw, **samp).tokens == generate(target, ps, 16, **samp).tokens
+        rj = dict(kw, draft_stop=0.6, temperature=1.0, seed=seed, verifier="rejection")
+        h, d = generate(target, ps, 16, **rj), generate(target, ps, 16, loop="device", **rj)
+        assert h.tokens == d.tokens and h.stats["accepted_hist"] == d.stats["accepted_hist"]

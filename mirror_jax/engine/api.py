@@ -208,12 +208,11 @@ def resolve_settings(
         )
     if isinstance(draft_stop, bool) or not isinstance(draft_stop, int | float) or not 0.0 <= draft_stop < 1.0:
         raise ConfigError(f"draft_stop must be a probability in [0, 1) (0: full windows), got {draft_stop!r}")
-    if draft_stop > 0 and (ss or not (method == "sd" or budget == 0)):
+    if draft_stop > 0 and not (method == "sd" or budget == 0):
         raise ConfigError(
-            "draft_stop (ending a window early) applies to vanilla SD's rounds with the plain draft (method 'sd', "
-            f"or 'mirror' with branch_budget=0); got method {method!r}"
-            + (" with a speculative-streaming draft" if ss else f" with branch_budget={budget}")
-            + ": leave draft_stop at None or 0")
+            "draft_stop (ending a window early) applies to vanilla SD's rounds (method 'sd', "
+            f"or 'mirror' with branch_budget=0); got method {method!r} with branch_budget={budget}"
+            ": leave draft_stop at None or 0")
     rule = d["draft_stop_rule"] if draft_stop_rule is None else draft_stop_rule
     if rule not in STOP_RULES:
         raise ConfigError(f"draft_stop_rule must be one of {STOP_RULES}, got {draft_stop_rule!r}")
@@ -276,12 +275,13 @@ def generate(
     untrained exit (the target's LM head on layer l_e). It changes which branches are rolled out,
     never the output.
 
-    `draft_stop` (vanilla SD's rounds with the plain draft: sd, or mirror without rollouts): the
+    `draft_stop` (vanilla SD's rounds: sd, or mirror without rollouts; the plain or the SS draft): the
     draft ends a window after a token it gives less than this probability, so gamma is a maximum
-    (adaptive draft length; lossless: verification never accepts past the drafted tokens). 0 keeps
-    full windows; None takes the device default when gamma is not given either (CPU: windows of up
-    to 7 ending below 0.6, measured fastest there, see the README; accelerators: full windows of 7),
-    and full windows with an explicit gamma. A batch in the device loop on CPU takes full windows of
+    (adaptive draft length; lossless: verification never accepts past the drafted tokens; the SS
+    draft ends its windows where the plain draft would, in fewer forwards). 0 keeps full windows;
+    None takes the device default for the plain draft when gamma is not given either (CPU: windows of
+    up to 7 ending below 0.6, measured fastest there, see the README; accelerators: full windows of
+    7), and full windows with an explicit gamma or an SS draft. A batch in the device loop on CPU takes full windows of
     max(2, min(7, 12 // B - 1)) when gamma is not given (B = 2: 5, B >= 4: 2; `DEVICE_DEFAULTS`).
     `draft_stop_rule`: "token" tests each drafted token's probability against `draft_stop`;
     "window" tests the product of the window's probabilities so far (the draft's own estimate that

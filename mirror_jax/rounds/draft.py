@@ -137,19 +137,19 @@ def propose(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays
             ss: SSDraft | None = None, stop_logp: float | None = None, stop_cumulative: bool = False):
     """A chain of up to `gamma` draft tokens per row after `first` [B, n0]: `draft_chain`
     (`draft_chain_until` with `stop_logp` and `stop_cumulative`), or speculative streaming when `ss`
-    is given (several tokens per forward, the same tokens; no early stop).
+    is given (several tokens per forward, the same tokens, the same early stop).
 
     Returns (`Proposal` with window [B, gamma] and length [B] (gamma: a full window), cache with
     lengths unchanged)."""
     b = first.shape[0]
     full = jnp.full((b,), gamma, jnp.int32)
     if ss is not None:
-        if stop_logp is not None:
-            raise ValueError("an early-stopping draft (draft_stop) needs the plain draft, not speculative streaming")
         # Tokens before the root whose K/V are missing (d_gamma after a fully accepted window) go into
-        # the SS rollout's first forward with the root.
-        toks, q, conf, forwards, cache = ss_chain(cfg, params, ss, cache, first, gamma, samp, sample=sample)
-        return Proposal(window=toks, q=q, conf=conf, forwards=forwards, length=full), cache
+        # the SS rollout's first forward with the root. With `stop_logp` the window ends where
+        # `draft_chain_until`'s would (the same tokens, the same rule), in fewer forwards.
+        toks, q, conf, forwards, cache, length = ss_chain(cfg, params, ss, cache, first, gamma, samp, sample=sample,
+                                                          stop_logp=stop_logp, cumulative=stop_cumulative)
+        return Proposal(window=toks, q=q, conf=conf, forwards=forwards, length=length), cache
     if stop_logp is None:
         toks, q, conf, cache = draft_chain(cfg, params, cache, first, gamma, samp, sample=sample)
         return Proposal(window=toks, q=q, conf=conf, forwards=jnp.int32(gamma), length=full), cache

@@ -6,7 +6,7 @@ forward of the 0.5B draft took ~50% longer on CPU). `ss_chain` is the traceable 
 `mirror_jax.rounds.draft.propose` calls; `ss_rollout` is the same with host-side checks, for use
 on its own. Contract (shared with the plain chain `mirror_jax.rounds.draft.draft_chain`)::
 
-    tokens, q, conf, num_forwards, cache = ss_chain(cfg, params, ss, cache, roots, gamma, samp, sample=...)
+    tokens, q, conf, num_forwards, cache, length = ss_chain(cfg, params, ss, cache, roots, gamma, samp, sample=...)
 
 * Row b has committed cache length ``L_b = cache.lengths[b]``; ``roots[b]`` is its next input
   token, at position ``L_b`` and not yet in the cache.
@@ -97,13 +97,21 @@ def ss_draft(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSPara
 
 
 def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache, roots, num_tokens: int,
-             samp: SamplingArrays | None = None, *, sample: bool = False):
+             samp: SamplingArrays | None = None, *, sample: bool = False, stop_logp: float | None = None,
+             cumulative: bool = False):
     """Speculative-streaming rollout of `num_tokens` tokens per row (traceable; see the module
     docstring). roots: [B], or [B, F] when F-1 committed tokens whose K/V are not in the cache yet
     precede each root (fed with it in the first forward from slot L_b; the tokens then continue
     after the root). Returns (tokens [B, num_tokens], q [B, num_tokens, V] or None, conf
     [B, num_tokens] (raw log-prob of each emitted token), forwards
-    (int32 []: until every row had its tokens), cache with lengths unchanged)."""
+    (int32 []: until every row had its tokens), cache with lengths unchanged, length [B] int32).
+
+    `stop_logp` (static; None: full windows, length == num_tokens): the adaptive window of
+    `mirror_jax.rounds.draft.draft_chain_until`, with the same rule and the same lengths: a row's
+    window ends after the first emitted token whose raw log-prob (or, with `cumulative`, the window's
+    sum so far) is below it, and the row stops drafting. A forward may emit tokens past that one
+    (accepted lookaheads); they are padding, never verified. The K/V of the root and the window's
+    tokens before the last are written, as the plain chain leaves them."""
     bsz, s, cap = roots.shape[0], ss.sscfg.num_streams, cache.capacity
     k_in = s + 1  # tokens fed per forward after the first
     base = cache.lengths
@@ -116,7 +124,7 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         committed tokens without K/V and the root (skip = k - 1: their predictions are not emitted).
         streams=False: a plain forward (no lookaheads are needed after it)."""
         k = toks.shape[1]
-        active = st["n"] < num_tokens  # [B]
+        active = (st["n"] < num_tokens) & ~st["stopped"]  # [B]
         p = st["p"]  # [B] position of x0
         pos_in = jnp.where(active, p, cap)  # finished rows: every write lands out of range
         cache_in = st["cache"].replace(lengths=pos_in)
@@ -145,7 +153,17 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         idx = jnp.where(emit, st["n"][:, None] + j - skip, out_w)
         out = st["out"].at[rows[:, None], idx].set(g, mode="drop")
         q = None if lp is None else st["q"].at[rows[:, None], idx].set(lp, mode="drop")
-        conf = st["conf"].at[rows[:, None], idx].set(own_logprob(logits, g), mode="drop")
+        cf = own_logprob(logits, g)  # [B, k]
+        conf = st["conf"].at[rows[:, None], idx].set(cf, mode="drop")
+        stopped, length, score = st["stopped"], st["len"], st["score"]
+        if stop_logp is not None:  # the adaptive window: the first emitted token the rule rejects ends it
+            cf_in = jnp.where(emit, cf, 0.0)
+            sc = score[:, None] + jnp.cumsum(cf_in, axis=1) if cumulative else cf  # [B, k]
+            low = emit & (sc < stop_logp)
+            hit = jnp.any(low, axis=1)  # emit is False on inactive rows, so hit is too
+            length = jnp.where(hit, st["n"] + jnp.argmax(low, axis=1) - skip + 1, length)
+            stopped = stopped | hit
+            score = score + jnp.sum(cf_in, axis=1)
         # New lookaheads from the streams at the last accepted position p+a.
         if streams:
             s_logits = s_all[rows, last] if merged else M.head(cfg, ss.stream_params(params), hs[rows, last])
@@ -162,6 +180,9 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
             conf=conf,
             cache=c.replace(lengths=base),
             it=st["it"] + 1,
+            stopped=stopped,
+            len=length,
+            score=score,
         )
 
     def body(st):
@@ -169,7 +190,7 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         # most over the unfinished rows. A window's last forward then has fewer rows, and with m = 0
         # (every row needs one more token) it is a plain forward: no stream rows, no stream head.
         toks = jnp.concatenate([st["x0"][:, None], st["look"]], axis=1)  # [B, s+1]
-        need = jnp.where(st["n"] < num_tokens, num_tokens - st["n"] - 1, 0)  # [B]
+        need = jnp.where((st["n"] < num_tokens) & ~st["stopped"], num_tokens - st["n"] - 1, 0)  # [B]
         m = jnp.clip(jnp.max(need), 0, s)
         return lax.switch(m, [partial(lambda st, j: step(st, toks[:, : j + 1], streams=j > 0), j=j)
                               for j in range(s + 1)], st)
@@ -185,17 +206,21 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         conf=jnp.zeros((bsz, out_w), jnp.float32),
         cache=cache,
         it=jnp.zeros((), jnp.int32),
+        stopped=jnp.zeros((bsz,), bool),
+        len=jnp.full((bsz,), num_tokens, jnp.int32),
+        score=jnp.zeros((bsz,), jnp.float32),
     )
     # The first forward feeds the root (after any committed tokens whose K/V are missing) without
     # lookaheads: there are none yet (s placeholder copies made it a multi-row forward for tokens
     # that were almost never right); it yields the first token and the streams' lookaheads.
     st = step(st, first, skip=first.shape[1] - 1)
-    st = lax.while_loop(lambda st: jnp.any(st["n"] < num_tokens), body, st)
+    st = lax.while_loop(lambda st: jnp.any((st["n"] < num_tokens) & ~st["stopped"]), body, st)
     q = None if st["q"] is None else st["q"][:, :num_tokens]
-    return st["out"][:, :num_tokens], q, st["conf"][:, :num_tokens], st["it"], st["cache"]
+    length = jnp.minimum(st["len"], num_tokens)
+    return st["out"][:, :num_tokens], q, st["conf"][:, :num_tokens], st["it"], st["cache"], length
 
 
-_ss_chain = jax.jit(ss_chain, static_argnames=("cfg", "num_tokens", "sample"))
+_ss_chain = jax.jit(ss_chain, static_argnames=("cfg", "num_tokens", "sample", "stop_logp", "cumulative"))
 
 
 def ss_rollout(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache, roots, num_tokens: int,
@@ -211,5 +236,5 @@ def ss_rollout(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCach
         samp = SamplingParams().arrays(row=jnp.arange(roots.shape[0]))
     lead = roots.shape[1] - 1 if roots.ndim == 2 else 0  # committed tokens fed before the root
     check_headroom(cache.lengths, lead + num_tokens + ss.sscfg.num_streams, cache.capacity, what="ss_rollout KV cache")
-    toks, q, _, forwards, cache = _ss_chain(cfg, params, ss, cache, roots, num_tokens, samp, sample=sample)
+    toks, q, _, forwards, cache, _ = _ss_chain(cfg, params, ss, cache, roots, num_tokens, samp, sample=sample)
     return toks, q, forwards, cache
