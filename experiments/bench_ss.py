@@ -15,7 +15,7 @@ Writes ``experiments/results/ss_bench.{json,md,png}``.
 
 Usage::
 
-    python experiments/bench_ss.py                      # default draft + checkpoints/ss_default_draft
+    python experiments/bench_ss.py                      # default draft + the default adapter
     python experiments/bench_ss.py --tiny               # random tiny model, smoke test
 """
 

@@ -218,9 +218,9 @@ def test_draft_stop_settings_are_checked(models):
 
 
 def test_device_defaults_for_vanilla_sd_rounds(models):
-    """On CPU, vanilla SD's rounds with the plain draft (sd; mirror without rollouts, the one-device
-    default) default to windows of up to 7 that end below 0.6; an explicit gamma gets full windows;
-    Mirror-SD with rollouts and the SS draft keep gamma 4 and full windows."""
+    """On CPU, vanilla SD's rounds with either draft (sd; mirror without rollouts, the one-device
+    default; the plain or the SS draft) default to windows of up to 7 that end below 0.6; an explicit
+    gamma gets full windows; Mirror-SD with rollouts keeps gamma 4 and full windows."""
     target, draft = models
     ps = prompts(2, seed=9)
     sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
@@ -229,7 +229,8 @@ def test_device_defaults_for_vanilla_sd_rounds(models):
              (dict(method="mirror"), 7, 0.6), (dict(method="mirror", branch_budget=0, gamma=3), 3, 0.0),
              (dict(method="mirror", branch_budget=1), 4, 0.0),
              (dict(method="mirror", placement="cpu:0,cpu:1"), 4, 0.0),
-             (dict(method="sd", ss_adapter=(sscfg, ssp)), 4, 0.0)]
+             (dict(method="sd", ss_adapter=(sscfg, ssp)), 7, 0.6), (dict(method="sd", ss_adapter=(sscfg, ssp),
+                                                                           gamma=4), 4, 0.0)]
     for kw, gamma, stop in cases:
         st = generate(target, ps, 6, draft=draft, **kw).stats["settings"]
         assert (st["gamma"], st["draft_stop"]) == (gamma, stop), kw

@@ -88,7 +88,7 @@ def test_committed_ss_adapter_streams(real):
     """The committed SS adapter loads for the default draft, keeps sd's output equal to ar's, and its
     streams are right often enough to save draft forwards: with untrained streams a gamma-4 window
     costs 4 forwards (the first feeds the root, after d_gamma when the last window was accepted in
-    full, then one token per forward), with the adapter fewer (3.35 per window on held-out
+    full, then one token per forward), with the adapter fewer (3.25 per window on held-out
     stdlib code in experiments/results/ss_bench.md)."""
     from mirror_jax.engine.api import generate
     from mirror_jax.ss.checkpoint import load_default_ss_adapter

@@ -54,7 +54,10 @@ from mirror_jax.ss.model import SSConfig, SSParams, init_ss_params
 
 FORMAT_VERSION = 2
 _FORMATS = (1, 2)
-DEFAULT_ADAPTER_NAME = "ss_default_draft"
+# The committed adapter for the default draft: `checkpoints/ss_default_draft` (trained on stdlib text)
+# fine-tuned on the draft's own greedy continuations (`experiments/train_ss_draft.py --data self`),
+# which lifted the streams' hit rate where decoding runs (experiments/results/ss_bench.md).
+DEFAULT_ADAPTER_NAME = "ss_self_draft"
 __all__ = [
     "CheckpointCorruptedError", "CheckpointError", "CheckpointMismatchError", "base_fingerprint", "read_metadata",
     "restore_ss_checkpoint", "save_ss_checkpoint", "load_default_ss_adapter", "default_adapter_dirs",
