@@ -14,9 +14,11 @@ Two recipes (``--data``):
   for ``text`` (chat exchanges, ``--raw-frac`` of them raw source); the DRAFT greedily continues each
   by ``--gen-len`` tokens, and the streams learn from that continuation with ``--labels self`` (every
   continuation position carries an exact label, since the text is the draft's greedy output). This is
-  the distribution the streams see when decoding: measured on the committed adapter, streams trained
-  on stdlib text hit 0.45 / 0.28 (stream 1 / 2) of their labels on held-out text but 0.35 / 0.19 on
-  the draft's own continuations of held-out prompts, and decoding runs on the latter. Held-out
+  the distribution the streams see when decoding: the text-trained adapter `ss_default_draft` hits
+  0.45 / 0.30 (stream 1 / 2) of its labels on held-out text but 0.35 / 0.19 on the draft's own
+  continuations of held-out prompts (`experiments/bench_ss.py`), and decoding runs on the latter.
+  The continuations come from the float32 draft; decoding on CPU uses the int8 draft, whose greedy
+  tokens differ from them in a few places. Held-out
   rows: ``--eval-frac`` as many prompts from the held-out files.
 * ``distill``: the original recipe, kept for comparison:
 
@@ -425,6 +427,9 @@ def main(argv=None):
         held = np.char.startswith(data["ids"].astype(str), "heldout")
         ev_idx, tr_idx = np.flatnonzero(held), np.flatnonzero(~held)
         n_eval = len(ev_idx)
+        if not len(tr_idx):
+            raise SystemExit(f"{data_path}: no train rows (the rollout budget ended inside the held-out prompts); "
+                             "raise --distill-budget-min or delete the file")
     elif ev_rows is None:
         data = np.load(data_path)
         tokens_all, mask_all = data["tokens"], data["mask"]

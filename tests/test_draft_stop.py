@@ -230,7 +230,8 @@ def test_device_defaults_for_vanilla_sd_rounds(models):
              (dict(method="mirror", branch_budget=1), 4, 0.0),
              (dict(method="mirror", placement="cpu:0,cpu:1"), 4, 0.0),
              (dict(method="sd", ss_adapter=(sscfg, ssp)), 7, 0.6), (dict(method="sd", ss_adapter=(sscfg, ssp),
-                                                                           gamma=4), 4, 0.0)]
+                                                                           gamma=4), 4, 0.0),
+             (dict(method="sd", ss_adapter=(sscfg, ssp), loop="device"), 4, 0.0)]  # an SS batch: gamma, full
     for kw, gamma, stop in cases:
         st = generate(target, ps, 6, draft=draft, **kw).stats["settings"]
         assert (st["gamma"], st["draft_stop"]) == (gamma, stop), kw
@@ -323,6 +324,20 @@ def test_ss_chain_stop_inside_a_forward_of_accepted_lookaheads(models):
     assert int(length[0]) == 7 and int(fwd) == 3  # 1 + 3 + 3
     _, _, _, fwd, _, length = _ss_until(cfg, zero, sscfg, ssp, cache, first, 7, lv + 1e-3)
     assert int(length[0]) == 1 and int(fwd) == 1  # the token rule: the first token is already below
+    # Two rows, a committed token without K/V before each root (skip = 1), thresholds crossed inside the
+    # second forward: the plain chain's lengths and K/V.
+    cache2 = init_cache(cfg, 2, 32).replace(lengths=jnp.asarray([4, 7], jnp.int32))
+    first2 = jnp.zeros((2, 2), jnp.int32)
+    samp = SamplingParams().arrays(row=np.arange(2))
+    for thr in (2.5 * lv, 3.5 * lv):
+        _, _, _, c_p, len_p, fwd_p = draft_chain_until(cfg, zero, cache2, first2, 7, samp, thr, cumulative=True)
+        _, _, _, fwd_s, c_s, len_s = _ss_until(cfg, zero, sscfg, ssp, cache2, first2, 7, thr, cumulative=True)
+        np.testing.assert_array_equal(np.asarray(len_s), np.asarray(len_p))
+        assert int(len_s[0]) in (3, 4) and int(fwd_s) == 2 < int(fwd_p)
+        for r in range(2):
+            hi = int(cache2.lengths[r]) + 1 + int(len_p[r])  # the committed token, the root, d_1 .. d_{L-1}
+            for ka, kb in zip(c_p.k + c_p.v, c_s.k + c_s.v, strict=True):
+                np.testing.assert_allclose(np.asarray(ka[r, :, :hi]), np.asarray(kb[r, :, :hi]), atol=1e-5)
 
 
 def test_sd_with_the_ss_draft_and_draft_stop(models):

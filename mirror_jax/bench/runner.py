@@ -133,7 +133,7 @@ def _gen_kwargs(method: str, cfg: BenchConfig, models: BenchModels, profile: boo
                   exit_vocab=cfg.exit_vocab)
     if draft_kind == "ss":
         kw["ss_adapter"] = models.ss_adapter
-    elif engine == "sd":
+    if engine == "sd":  # either draft ends its windows by the same rule
         kw["draft_stop"] = cfg.draft_stop
         kw["draft_stop_rule"] = cfg.draft_stop_rule
     return kw

@@ -53,7 +53,7 @@ DEVICE_DEFAULTS = {
     # on one CPU device a 2-row draft forward costs ~1.8x a 1-row one, so budget 1 ran fastest of
     # budgets 1, 2, 4. Every draft on one CPU device: a 32768-token LM head (the draft forward
     # costs ~0.8x the whole head's and 98% of ar's tokens on code lie inside).
-    # Vanilla SD's rounds with the plain draft (sd; mirror without rollouts) on CPU: windows of up to
+    # Vanilla SD's rounds (sd; mirror without rollouts; either draft) on CPU: windows of up to
     # sd_gamma = 7 tokens that end after a token the draft gives less than draft_stop = 0.6. In three
     # runs it beat gamma 4 with full windows: 1.25x vs 1.20x ar and 1.40x vs 1.31x on held-out code
     # (experiments/results/sd_draft.md at bdf5dc7 and 7d4e080), 0.98x vs 0.91x on five SpecBench
@@ -158,19 +158,22 @@ def resolve_exit(exit_head, target, target_cfg, exit_layer):
 
 def resolve_settings(
     method, target_cfg, placement: Placement, *, gamma, kappa, exit_layer, branch_budget, verifier,
-    sampling: SamplingParams, profile: bool, allow_full_exit: bool, draft_stop=None,
+    sampling: SamplingParams, profile: bool, allow_full_exit: bool, draft_stop=None, ss: bool = False,
     batch: int = 1, draft_stop_rule: str | None = None, draft_context: int | None = None,
 ) -> SpecSettings:
     """Fill in device defaults and validate every setting before any work starts.
 
     Vanilla SD's rounds (method "sd", and "mirror" without branch rollouts: `default_branch_budget`),
-    with the plain or the SS draft, take the device's ``sd_gamma`` and, when gamma is not given either,
-    its ``draft_stop``; a batch of `batch` > 1 rows decoded together (the device loop) takes full
-    windows of ``max(2, min(sd_gamma, batch_rows // batch - 1))`` where the device has a
-    ``batch_rows`` (CPU). Mirror-SD with rollouts takes ``gamma`` and full windows."""
+    with the plain or the SS draft (`ss`), take the device's ``sd_gamma`` and, when gamma is not given
+    either, its ``draft_stop``; a batch of `batch` > 1 rows decoded together (the device loop) with
+    the plain draft takes full windows of ``max(2, min(sd_gamma, batch_rows // batch - 1))`` where the
+    device has a ``batch_rows`` (CPU). Mirror-SD with rollouts, and an SS batch, take ``gamma`` and
+    full windows."""
     d = _device_defaults(placement)
     no_rollouts = (default_branch_budget(placement, 1) if branch_budget is None else branch_budget) == 0
-    plain_sd = method == "sd" or (method == "mirror" and no_rollouts)  # vanilla SD's rounds, either draft
+    # Vanilla SD's rounds, either draft; an SS batch (unmeasured: at the batch rule's gamma 2 its streams
+    # could save no forward) keeps gamma and full windows.
+    plain_sd = (method == "sd" or (method == "mirror" and no_rollouts)) and not (ss and batch > 1)
     batch_rule = plain_sd and batch > 1 and d["batch_rows"] is not None
     if draft_stop is None:  # the device's adaptive window goes with its window length, not with any gamma
         draft_stop = d["draft_stop"] if plain_sd and gamma is None and not batch_rule else 0.0
@@ -280,8 +283,9 @@ def generate(
     (adaptive draft length; lossless: verification never accepts past the drafted tokens; the SS
     draft ends its windows where the plain draft would, in fewer forwards). 0 keeps full windows;
     None takes the device default when gamma is not given either (CPU: windows of up to 7 ending below
-    0.6, measured fastest there for both drafts, see the README; accelerators: full windows of 7), and
-    full windows with an explicit gamma. A batch in the device loop on CPU takes full windows of
+    0.6, measured fastest there with the plain draft; with the SS draft ahead of full windows by the
+    per-prompt median, level over all tokens; see the README; accelerators: full windows of 7), and
+    full windows with an explicit gamma or an SS batch. A batch in the device loop on CPU takes full windows of
     max(2, min(7, 12 // B - 1)) when gamma is not given (B = 2: 5, B >= 4: 2; `DEVICE_DEFAULTS`).
     `draft_stop_rule`: "token" tests each drafted token's probability against `draft_stop`;
     "window" tests the product of the window's probabilities so far (the draft's own estimate that
@@ -338,7 +342,7 @@ def generate(
     s = resolve_settings(
         method, cfg_t, pl, gamma=gamma, kappa=kappa, exit_layer=exit_layer, branch_budget=branch_budget,
         verifier=verifier, sampling=sampling, profile=profile, allow_full_exit=allow_full_exit,
-        draft_stop=draft_stop, batch=len(prompts) if loop == "device" else 1,
+        draft_stop=draft_stop, ss=ss_adapter is not None, batch=len(prompts) if loop == "device" else 1,
         draft_stop_rule=draft_stop_rule, draft_context=draft_context,
     )
     if method == "sd" and exit_vocab not in (None, 0):

@@ -17,7 +17,8 @@ on its own. Contract (shared with the plain chain `mirror_jax.rounds.draft.draft
   their guess for position q with the same key, which couples them to the main stream's later
   draw and raises the hard-match rate without touching what is emitted.
 * On return the main-stream K/V of ``root, y_{L_b+1}, ..., y_{L_b+gamma-1}`` are written at slots
-  ``L_b .. L_b+gamma-1``; ``cache.lengths`` is unchanged (the caller commits).
+  ``L_b .. L_b+gamma-1``; ``cache.lengths`` is unchanged (the caller commits). With ``stop_logp``
+  (an adaptive window, see `ss_chain`) both hold up to the row's ``length`` instead of gamma.
 * ``conf[b]`` is the main stream's raw log-probability of each emitted token (the draft's
   confidence, which the Mirror-SD branch choice reads).
 
@@ -37,8 +38,9 @@ plain forward (no stream rows, no stream head): gamma 4 with s = 2 and one accep
 
 Every emitted token is the main stream's choice given an all-correct prefix, hence identical to AR
 decoding; the K/V of positions > p+a are stale and get overwritten by the next forward (it writes
-p+a+1 onwards, one slot per token it feeds) before anything reads them. Rows advance at different speeds; a row that has
-gamma tokens stops: its inputs are placed at positions >= capacity, so its writes are dropped.
+p+a+1 onwards, one slot per token it feeds) before anything reads them. Rows advance at different
+speeds; a row that has gamma tokens (or whose adaptive window ended) stops: its inputs are placed at
+positions >= capacity, so its writes are dropped.
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
     precede each root (fed with it in the first forward from slot L_b; the tokens then continue
     after the root). Returns (tokens [B, num_tokens], q [B, num_tokens, V] or None, conf
     [B, num_tokens] (raw log-prob of each emitted token), forwards
-    (int32 []: until every row had its tokens), cache with lengths unchanged, length [B] int32).
+    (int32 []: until every row had its tokens or stopped), cache with lengths unchanged, length [B] int32).
 
     `stop_logp` (static; None: full windows, length == num_tokens): the adaptive window of
     `mirror_jax.rounds.draft.draft_chain_until`, with the same rule and the same lengths: a row's
