@@ -41,10 +41,11 @@ sys.path.insert(0, str(ROOT / "experiments"))
 from mirror_jax import model as M  # noqa: E402
 from mirror_jax.bench.report import machine_info, machine_md, median_ms  # noqa: E402
 from mirror_jax.kv_cache import commit, init_cache  # noqa: E402
+from mirror_jax.quant import quantize_params  # noqa: E402
 from mirror_jax.rounds.draft import draft_chain  # noqa: E402
 from mirror_jax.sampling import SamplingParams  # noqa: E402
 from mirror_jax.ss.checkpoint import DEFAULT_ADAPTER_NAME, restore_ss_checkpoint  # noqa: E402
-from mirror_jax.ss.model import SSConfig, init_ss_params, ss_hidden  # noqa: E402
+from mirror_jax.ss.model import SSConfig, init_ss_params, main_pass, ss_hidden, stream_pass  # noqa: E402
 from mirror_jax.ss.rollout import ss_draft, ss_rollout  # noqa: E402
 
 _CHAIN = jax.jit(draft_chain, static_argnames=("cfg", "gamma"))
@@ -94,6 +95,8 @@ def forward_costs(cfg, params, methods, prompt, capacity: int, k_in: int, repeat
         if ss is not None:
             out[f"{m}: first forward (1 token)"] = med(lambda fn=fn, ss=ss: fn(cfg, params, ss, cache, root, 1)[0])
             out[f"{m}: loop forward ({k_in} tokens)"] = med(lambda ss=ss: _loop_forward(cfg, params, ss, toks, cache))
+            out[f"{m}: loop forward ({k_in} tokens), streams at every position (before)"] = med(
+                lambda ss=ss: _loop_forward_every(cfg, params, ss, toks, cache))
     return out
 
 
@@ -130,8 +133,19 @@ def hit_rates(cfg, params, methods, prompts, continuations) -> dict:
 @partial(jax.jit, static_argnums=0)
 def _loop_forward(cfg, params, ss, toks, cache):
     """One forward of the SS loop (`ss_chain`'s step with x0 and s lookaheads): the main pass over
-    the k tokens, the streams through the MSA layers, the main head over k rows and the streams'
-    head over the s rows of one position."""
+    the k tokens and the main head over them, then the streams of one position (the last; the loop
+    takes the last whose input proved right) through the MSA layers and the streams' head."""
+    l0 = ss.sscfg.first_msa_layer(cfg)
+    h0, hf, positions, c = main_pass(cfg, ss.sscfg, params, toks, cache)
+    logits = M.head(cfg, params, hf)
+    hs = stream_pass(cfg, ss.sscfg, params, ss.ssp, h0[:, -1:], c.k[l0:], c.v[l0:], positions[:, -1:], ss.layers)
+    return logits, M.head(cfg, ss.stream_params(params), hs[:, 0])
+
+
+@partial(jax.jit, static_argnums=0)
+def _loop_forward_every(cfg, params, ss, toks, cache):
+    """`_loop_forward` as the loop ran it before commit "streams at one position": the streams of
+    every fed position through the MSA layers ((s+1) s rows), the streams' head over one position's."""
     hf, hs, _ = ss_hidden(cfg, ss.sscfg, params, ss.ssp, toks, cache, ss.layers)
     return M.head(cfg, params, hf), M.head(cfg, ss.stream_params(params), hs[:, -1])
 
@@ -166,6 +180,9 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=48)
     ap.add_argument("--windows", type=int, default=6)
     ap.add_argument("--gammas", default="4,7")
+    ap.add_argument("--quant", default="none", choices=["none", "int8"],
+                    help="the draft's weights in the runs (int8: what sd uses on CPU, `draft_quant`); "
+                         "hit rates stay teacher-forced in float32")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "ss_bench"))
     args = ap.parse_args(argv)
     info = machine_info()  # before the runs: its load average is the one at the start
@@ -187,6 +204,10 @@ def main(argv=None):
     untrained = ss_draft(cfg, sscfg, params, init_ss_params(cfg, sscfg, params))
     methods["ss (untrained streams)"] = (ss_rollout, untrained)
     methods = {"ar": (ar_rollout, None), **methods}
+    f32_params, f32_methods = params, methods  # the teacher-forced hit rates run in float32
+    if args.quant != "none":
+        params = quantize_params(params, args.quant)
+        methods = {m: (fn, None if ss is None else ss.quantized(args.quant)) for m, (fn, ss) in methods.items()}
     capacity = args.prompt_len + args.windows * max(gammas) + sscfg.num_streams + 8
 
     fwd_cost = forward_costs(cfg, params, methods, prompts[0], capacity, sscfg.num_streams + 1)
@@ -222,12 +243,13 @@ def main(argv=None):
                 }
             )
     g_long = max(gammas)  # the longest continuations: the AR windows of the largest gamma
-    hits = hit_rates(cfg, params, methods, prompts, continuations[g_long])
+    hits = hit_rates(cfg, f32_params, f32_methods, prompts, continuations[g_long])
     result = {
         "command": "python experiments/bench_ss.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": info,
         "model": name,
         "ss_config": sscfg.__dict__,
+        "quant": args.quant,
         "adapter_steps": meta.get("steps"),
         "prompts": len(prompts),
         "prompt_len": args.prompt_len,
@@ -245,7 +267,8 @@ def main(argv=None):
     md = [
         f"# SS draft benchmark ({name})",
         "",
-        f"s={sscfg.num_streams}, N_s={sscfg.num_msa_layers}, LoRA r={sscfg.lora_rank}; "
+        f"s={sscfg.num_streams}, N_s={sscfg.num_msa_layers}, LoRA r={sscfg.lora_rank}; draft weights "
+        f"{'float32' if args.quant == 'none' else args.quant}; "
         f"{len(prompts)} held-out "
         f"stdlib prompts x {args.windows} consecutive windows, batch 1, greedy. SS output == AR output in "
         f"every window: **{mismatches == 0}**. Wall times: {result['device']}, median per window.",
@@ -262,9 +285,10 @@ def main(argv=None):
     ]
     md += ["", "One draft forward (median ms, same run): a window of 1 token is one plain forward; an SS window of 1 "
            "token is the first SS forward (the root: 1 main row, its s stream rows through the MSA layers, the "
-           "main and stream heads); a loop forward feeds x0 and s lookaheads (s+1 main rows, (s+1)s stream rows, "
-           "the main head over s+1 rows, the streams' head over s rows), the same work as plain, s+1 tokens plus "
-           "the streams. A window's last forward, with one token left, is a plain 1-token forward.", "",
+           "main and stream heads); a loop forward feeds x0 and s lookaheads (s+1 main rows, the main head over "
+           "them, then the s stream rows of the last right position through the MSA layers and the streams' "
+           "head), the work of a plain forward of s+1 tokens plus the streams. "
+           "A window's last forward, with one token left, is a plain 1-token forward.", "",
            "| forward | ms | vs 1-token forward |", "|---|---|---|"]
     md += [f"| {k} | {v:.1f} | {v / fwd_cost['plain, 1 token']:.2f}x |" for k, v in fwd_cost.items()]
     md += ["", "Teacher-forced stream hit rates (how often stream j's argmax is the draft's own greedy token j+1 "

@@ -58,7 +58,7 @@ from mirror_jax.kv_cache import KVCache, check_headroom
 from mirror_jax.params import LayerParams, ModelParams
 from mirror_jax.quant import quantize_layers, quantize_weight
 from mirror_jax.sampling import Draw, SamplingArrays, SamplingParams, accepted_length, own_logprob, pick
-from mirror_jax.ss.model import SSConfig, SSParams, main_pass, ss_hidden, stream_head, stream_layers
+from mirror_jax.ss.model import SSConfig, SSParams, main_pass, stream_head, stream_layers, stream_pass
 
 
 @struct.dataclass
@@ -118,32 +118,47 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
     k_in = s + 1  # tokens fed per forward after the first
     base = cache.lengths
     rows = jnp.arange(bsz)
+    l0 = ss.sscfg.first_msa_layer(cfg)
     out_w = num_tokens + k_in  # room for the last forward's overshoot
     choose = partial(pick, samp=samp, stream=Draw.DRAFT, sample=sample)
+
+    def going(st):
+        return (st["n"] < num_tokens) & ~st["stopped"]  # [B] rows still drafting
+
+    def streams_at(h0, positions, c, at):
+        """Stream hidden [B, s, H] of the fed position `at` [B] (its main K/V are in `c`)."""
+        pick_at = lambda x: x[rows, at][:, None]  # [B, 1, ...]
+        return stream_pass(cfg, ss.sscfg, params, ss.ssp, pick_at(h0), c.k[l0:], c.v[l0:], pick_at(positions),
+                           ss.layers)[:, 0]
 
     def step(st, toks, skip: int = 0, streams: bool = True):
         """One SS forward of toks [B, k]: in the loop x0 and up to s lookaheads (skip = 0); first, the
         committed tokens without K/V and the root (skip = k - 1: their predictions are not emitted).
-        streams=False: a plain forward (no lookaheads are needed after it)."""
+        streams=False: a plain forward (no lookaheads are needed after it).
+
+        The streams run at one fed position only, the last whose input proved right (p + last): the
+        lookaheads come from there, and stream rows at the other positions (a forward of k tokens
+        used to run k * s of them through the MSA layers) were never read. A stream at t attends to
+        main slots <= t only, so the rejected lookaheads' K/V written past it are masked out."""
         k = toks.shape[1]
-        active = (st["n"] < num_tokens) & ~st["stopped"]  # [B]
+        active = going(st)
         p = st["p"]  # [B] position of x0
         pos_in = jnp.where(active, p, cap)  # finished rows: every write lands out of range
-        cache_in = st["cache"].replace(lengths=pos_in)
-        if streams:
-            hf, hs, c = ss_hidden(cfg, ss.sscfg, params, ss.ssp, toks, cache_in, ss.layers)
-        else:
-            _, hf, _, c = main_pass(cfg, ss.sscfg, params, toks, cache_in)
-        # The LM head is the largest weight of a small draft. On the CPU a product of <= 8 rows costs
-        # ~1.2-1.4x one row and 9-16 rows ~2x (`model.dense`), so the stream rows join the main rows
-        # in one pass while that stays <= 8 rows (the first forward); otherwise only the s stream
-        # rows at `last` get a second, small pass.
-        # With a reduced stream head (`SSConfig.stream_vocab`) the streams always get their own
-        # pass over its few rows.
-        merged = streams and bsz * k * (1 + s) <= 8 and ss.stream_ids is None
-        if merged:
-            both = M.head(cfg, params, jnp.concatenate([hf, hs.reshape(bsz, k * s, -1)], axis=1))
-            logits, s_all = both[:, :k], both[:, k:].reshape(bsz, k, s, -1)  # [B, k, V], [B, k, s, V]
+        h0, hf, positions, c = main_pass(cfg, ss.sscfg, params, toks, st["cache"].replace(lengths=pos_in))
+        # With no lookahead fed (the first forward) `last` is skip before the main head has run, so the
+        # streams need not wait for it. The LM head is the largest weight of a small draft; on the CPU
+        # a product of <= 8 rows costs ~1.2-1.4x one row (`model.dense`), so then the stream rows join
+        # the main rows in one head pass while that stays <= 8 rows. A reduced stream head
+        # (`SSConfig.stream_vocab`) always gets its own pass over its few rows.
+        known_last = streams and k - 1 - skip == 0
+        s_logits = None
+        if known_last:
+            hs = streams_at(h0, positions, c, jnp.full((bsz,), skip))  # [B, s, H]
+            if bsz * (k + s) <= 8 and ss.stream_ids is None:
+                both = M.head(cfg, params, jnp.concatenate([hf, hs], axis=1))
+                logits, s_logits = both[:, :k], both[:, k:]  # [B, k, V], [B, s, V]
+            else:
+                logits, s_logits = M.head(cfg, params, hf), M.head(cfg, ss.stream_params(params), hs)
         else:
             logits = M.head(cfg, params, hf)  # [B, k, V]
         g, lp = choose(logits, positions=p[:, None] + 1 + jnp.arange(k), want_logprobs=sample)
@@ -168,7 +183,8 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
             score = score + jnp.sum(cf_in, axis=1)
         # New lookaheads from the streams at the last accepted position p+a.
         if streams:
-            s_logits = s_all[rows, last] if merged else M.head(cfg, ss.stream_params(params), hs[rows, last])
+            if s_logits is None:  # the last right position is known only now
+                s_logits = M.head(cfg, ss.stream_params(params), streams_at(h0, positions, c, last))  # [B, s, V]
             look, _ = choose(s_logits, positions=(p + last + 1)[:, None] + jnp.arange(1, s + 1))  # [B, s]
         else:
             look = st["look"]
@@ -192,7 +208,7 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         # most over the unfinished rows. A window's last forward then has fewer rows, and with m = 0
         # (every row needs one more token) it is a plain forward: no stream rows, no stream head.
         toks = jnp.concatenate([st["x0"][:, None], st["look"]], axis=1)  # [B, s+1]
-        need = jnp.where((st["n"] < num_tokens) & ~st["stopped"], num_tokens - st["n"] - 1, 0)  # [B]
+        need = jnp.where(going(st), num_tokens - st["n"] - 1, 0)  # [B]
         m = jnp.clip(jnp.max(need), 0, s)
         return lax.switch(m, [partial(lambda st, j: step(st, toks[:, : j + 1], streams=j > 0), j=j)
                               for j in range(s + 1)], st)
@@ -216,7 +232,7 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
     # lookaheads: there are none yet (s placeholder copies made it a multi-row forward for tokens
     # that were almost never right); it yields the first token and the streams' lookaheads.
     st = step(st, first, skip=first.shape[1] - 1)
-    st = lax.while_loop(lambda st: jnp.any((st["n"] < num_tokens) & ~st["stopped"]), body, st)
+    st = lax.while_loop(lambda st: jnp.any(going(st)), body, st)
     q = None if st["q"] is None else st["q"][:, :num_tokens]
     length = jnp.minimum(st["len"], num_tokens)
     return st["out"][:, :num_tokens], q, st["conf"][:, :num_tokens], st["it"], st["cache"], length
