@@ -42,11 +42,14 @@ held-out figures).
 
 Usage::
 
-    python experiments/train_ss_draft.py --tiny --steps 30          # smoke test, random models
-    python experiments/train_ss_draft.py --num-tokens 65536 --steps 300 --time-budget-min 25
-    python experiments/train_ss_draft.py --data distill --labels text --num-prompts 320 --steps 400
-    python experiments/train_ss_draft.py --init-from checkpoints/ss_default_draft --raw-frac 0.5 --steps 240
-    python experiments/train_ss_draft.py --data self --init-from checkpoints/ss_default_draft --num-prompts 1024
+    python experiments/train_ss_draft.py --name tiny --tiny --steps 30 --ckpt-root /tmp/ss   # smoke test
+    python experiments/train_ss_draft.py --name my_text --num-tokens 65536 --steps 300 --time-budget-min 25
+    python experiments/train_ss_draft.py --name my_distill --data distill --labels text --num-prompts 320
+    python experiments/train_ss_draft.py --name my_ft --init-from checkpoints/ss_default_draft --raw-frac 0.5
+    python experiments/train_ss_draft.py --name my_self --data self --init-from checkpoints/ss_self_draft
+
+``--name`` is required: it names the checkpoint directory (an existing one is replaced), so a run
+never overwrites a committed adapter by default.
 """
 
 from __future__ import annotations
@@ -311,7 +314,8 @@ def plot_curve(log_path: Path, png: Path, title: str) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--name", default="ss_default_draft")
+    ap.add_argument("--name", required=True,
+                    help="the adapter's name: checkpoints/<name>/ (replaced if it exists), the work dir, result files")
     ap.add_argument("--data", default="text", choices=["text", "self", "distill"],
                     help="text: stdlib chat rows, teacher forcing (no generation); self: the draft's own greedy "
                          "continuations of prompts cut from such rows; distill: target continuations")
@@ -370,15 +374,14 @@ def main(argv=None):
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     kind = "tiny" if args.tiny else "default"
-    tag = f"{args.name}_{kind}_p{args.num_prompts}_{args.prompt_len}_{args.gen_len}"
     if args.data == "self":
         tag = f"{args.name}_{kind}_self{args.num_prompts}_{args.prompt_len}_{args.gen_len}_e{args.eval_frac:g}"
-        if args.raw_frac:
-            tag += f"_raw{args.raw_frac:g}"
-    if args.data == "text":
+    elif args.data == "text":
         tag = f"{args.name}_{kind}_text{args.num_tokens}_{args.heldout_tokens}_{args.seq_len}"
-        if args.raw_frac:
-            tag += f"_raw{args.raw_frac:g}"
+    else:
+        tag = f"{args.name}_{kind}_p{args.num_prompts}_{args.prompt_len}_{args.gen_len}"
+    if args.raw_frac and args.data != "distill":
+        tag += f"_raw{args.raw_frac:g}"
     data_path = work / f"distill_{tag}.npz"
     part_path = work / f"distill_{tag}.partial.npz"
 
@@ -420,23 +423,21 @@ def main(argv=None):
         draft = load_gguf(draft_path, jnp.float32, sha256=DRAFT_SPEC.sha256, progress=False)
     target = None
     gc.collect()
-    if args.data == "self":  # held-out rows: prompts from the held-out files
+    if ev_rows is None:  # --data self / distill: rows and masks from the cached file
         data = np.load(data_path)
         tokens_all, mask_all = data["tokens"], data["mask"]
         n = len(tokens_all)
-        held = np.char.startswith(data["ids"].astype(str), "heldout")
-        ev_idx, tr_idx = np.flatnonzero(held), np.flatnonzero(~held)
+        if args.data == "self":  # held-out rows: prompts from the held-out files
+            held = np.char.startswith(data["ids"].astype(str), "heldout")
+            ev_idx, tr_idx = np.flatnonzero(held), np.flatnonzero(~held)
+            if not len(tr_idx):
+                raise SystemExit(f"{data_path}: no train rows (the rollout budget ended inside the held-out "
+                                 "prompts); raise --distill-budget-min or delete the file")
+        else:  # a random share of the rows
+            perm = np.random.default_rng(args.seed).permutation(n)
+            n_eval = max(1, int(round(n * args.eval_frac)))
+            ev_idx, tr_idx = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
         n_eval = len(ev_idx)
-        if not len(tr_idx):
-            raise SystemExit(f"{data_path}: no train rows (the rollout budget ended inside the held-out prompts); "
-                             "raise --distill-budget-min or delete the file")
-    elif ev_rows is None:
-        data = np.load(data_path)
-        tokens_all, mask_all = data["tokens"], data["mask"]
-        n = len(tokens_all)
-        n_eval = max(1, int(round(n * args.eval_frac)))
-        perm = np.random.default_rng(args.seed).permutation(n)
-        ev_idx, tr_idx = np.sort(perm[:n_eval]), np.sort(perm[n_eval:])
     else:  # train rows then held-out rows, every position a stream position
         n_eval = len(ev_rows)
         tr_idx = np.arange(len(tokens_all))
