@@ -55,9 +55,10 @@ from mirror_jax.ss.model import SSConfig, SSParams, init_ss_params
 FORMAT_VERSION = 2
 _FORMATS = (1, 2)
 # The committed adapter for the default draft: `checkpoints/ss_default_draft` (trained on stdlib text)
-# fine-tuned on the draft's own greedy continuations (`experiments/train_ss_draft.py --data self`),
-# which lifted the streams' hit rate where decoding runs (experiments/results/ss_bench.md).
-DEFAULT_ADAPTER_NAME = "ss_self_draft"
+# fine-tuned on the draft's own greedy continuations (`experiments/train_ss_draft.py --data self`:
+# `ss_self_draft`, then `ss_self_draft_r2` on 1280 more prompts), which lifted the streams' hit rate
+# where decoding runs (experiments/results/ss_bench.md, ss_bench_int8.md).
+DEFAULT_ADAPTER_NAME = "ss_self_draft_r2"
 __all__ = [
     "CheckpointCorruptedError", "CheckpointError", "CheckpointMismatchError", "base_fingerprint", "read_metadata",
     "restore_ss_checkpoint", "save_ss_checkpoint", "load_default_ss_adapter", "default_adapter_dirs",
