@@ -45,7 +45,7 @@ from mirror_jax.quant import quantize_params  # noqa: E402
 from mirror_jax.rounds.draft import draft_chain  # noqa: E402
 from mirror_jax.sampling import SamplingParams  # noqa: E402
 from mirror_jax.ss.checkpoint import DEFAULT_ADAPTER_NAME, restore_ss_checkpoint  # noqa: E402
-from mirror_jax.ss.model import SSConfig, init_ss_params, main_pass, ss_hidden, stream_pass  # noqa: E402
+from mirror_jax.ss.model import SSConfig, init_ss_params, main_pass, ss_hidden, stream_pass_at  # noqa: E402
 from mirror_jax.ss.rollout import ss_draft, ss_rollout  # noqa: E402
 
 _CHAIN = jax.jit(draft_chain, static_argnames=("cfg", "gamma"))
@@ -135,11 +135,11 @@ def _loop_forward(cfg, params, ss, toks, cache):
     """One forward of the SS loop (`ss_chain`'s step with x0 and s lookaheads): the main pass over
     the k tokens and the main head over them, then the streams of one position (the last; the loop
     takes the last whose input proved right) through the MSA layers and the streams' head."""
-    l0 = ss.sscfg.first_msa_layer(cfg)
     h0, hf, positions, c = main_pass(cfg, ss.sscfg, params, toks, cache)
     logits = M.head(cfg, params, hf)
-    hs = stream_pass(cfg, ss.sscfg, params, ss.ssp, h0[:, -1:], c.k[l0:], c.v[l0:], positions[:, -1:], ss.layers)
-    return logits, M.head(cfg, ss.stream_params(params), hs[:, 0])
+    last = jnp.full((toks.shape[0],), toks.shape[1] - 1)
+    hs = stream_pass_at(cfg, ss.sscfg, params, ss.ssp, h0, positions, c, last, ss.layers)  # [B, s, H]
+    return logits, M.head(cfg, ss.stream_params(params), hs)
 
 
 @partial(jax.jit, static_argnums=0)

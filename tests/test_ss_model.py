@@ -108,10 +108,10 @@ def test_bad_config():
 
 
 def test_streams_of_one_position_equal_the_streams_of_every_position():
-    """`ss_chain` runs the streams at one fed position only (the last right one), after the main pass
-    wrote every fed token's K/V: stream_pass on that position's h0 alone must give what ss_hidden
-    gives there when it runs the streams at every position (the later slots are masked out)."""
-    from mirror_jax.ss.model import main_pass, stream_pass
+    """`ss_chain` runs the streams at one fed position only (`stream_pass_at`, the last right one),
+    after the main pass wrote every fed token's K/V: they must equal what ss_hidden gives there when
+    it runs the streams at every position (the later slots are masked out)."""
+    from mirror_jax.ss.model import main_pass, stream_pass_at
 
     cfg = tiny_cfg()
     params = init_random(cfg, seed=0, scale=0.2)
@@ -124,10 +124,8 @@ def test_streams_of_one_position_equal_the_streams_of_every_position():
     toks = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 3)), jnp.int32)  # x0 and two lookaheads
     _, hs_all, _ = ss_hidden(cfg, sscfg, params, ssp, toks, cache)  # [2, 3, s, H]
     h0, _, positions, c = main_pass(cfg, sscfg, params, toks, cache)
-    l0 = sscfg.first_msa_layer(cfg)
+    rows = jnp.arange(2)
     for last in ([0, 2], [1, 0], [2, 1]):  # per row: the position whose streams are wanted
         at = jnp.asarray(last)
-        rows = jnp.arange(2)
-        hs = stream_pass(cfg, sscfg, params, ssp, h0[rows, at][:, None], c.k[l0:], c.v[l0:],
-                         positions[rows, at][:, None])[:, 0]  # [2, s, H]
+        hs = stream_pass_at(cfg, sscfg, params, ssp, h0, positions, c, at)  # [2, s, H]
         np.testing.assert_allclose(np.asarray(hs), np.asarray(hs_all[rows, at]), rtol=1e-5, atol=1e-5)

@@ -272,6 +272,31 @@ def stream_pass(
     return xs
 
 
+def stream_pass_at(
+    cfg: ModelConfig,
+    sscfg: SSConfig,
+    params: ModelParams,
+    ssp: SSParams,
+    h0,
+    positions,
+    cache: KVCache,
+    at,
+    layers: tuple[LayerParams, ...] | None = None,
+):
+    """The streams of one fed position per row, after `main_pass` wrote every fed token's K/V.
+
+    h0 [B, T, H] and positions [B, T] from `main_pass`; cache: its returned cache; at [B] the fed
+    position (0 <= at < T) whose streams are wanted. Returns stream hidden [B, s, H]. A stream at
+    position t attends to main slots <= t only, so K/V written for the later fed tokens are masked
+    out: this equals `ss_hidden(...)[1][rows, at]`, at s rows instead of T * s.
+    Example: fed [x0, l1, l2] with l1 right and l2 wrong -> at = 1, the lookaheads come from there."""
+    l0 = sscfg.first_msa_layer(cfg)
+    rows = jnp.arange(h0.shape[0])
+    pick = lambda x: x[rows, at][:, None]  # [B, 1, ...]
+    hs = stream_pass(cfg, sscfg, params, ssp, pick(h0), cache.k[l0:], cache.v[l0:], pick(positions), layers)
+    return hs[:, 0]
+
+
 def ss_hidden(
     cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSParams, tokens, cache: KVCache, layers=None
 ):

@@ -58,7 +58,7 @@ from mirror_jax.kv_cache import KVCache, check_headroom
 from mirror_jax.params import LayerParams, ModelParams
 from mirror_jax.quant import quantize_layers, quantize_weight
 from mirror_jax.sampling import Draw, SamplingArrays, SamplingParams, accepted_length, own_logprob, pick
-from mirror_jax.ss.model import SSConfig, SSParams, main_pass, stream_head, stream_layers, stream_pass
+from mirror_jax.ss.model import SSConfig, SSParams, main_pass, stream_head, stream_layers, stream_pass_at
 
 
 @struct.dataclass
@@ -118,7 +118,6 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
     k_in = s + 1  # tokens fed per forward after the first
     base = cache.lengths
     rows = jnp.arange(bsz)
-    l0 = ss.sscfg.first_msa_layer(cfg)
     out_w = num_tokens + k_in  # room for the last forward's overshoot
     choose = partial(pick, samp=samp, stream=Draw.DRAFT, sample=sample)
 
@@ -127,9 +126,7 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
 
     def streams_at(h0, positions, c, at):
         """Stream hidden [B, s, H] of the fed position `at` [B] (its main K/V are in `c`)."""
-        pick_at = lambda x: x[rows, at][:, None]  # [B, 1, ...]
-        return stream_pass(cfg, ss.sscfg, params, ss.ssp, pick_at(h0), c.k[l0:], c.v[l0:], pick_at(positions),
-                           ss.layers)[:, 0]
+        return stream_pass_at(cfg, ss.sscfg, params, ss.ssp, h0, positions, c, at, ss.layers)
 
     def step(st, toks, skip: int = 0, streams: bool = True):
         """One SS forward of toks [B, k]: in the loop x0 and up to s lookaheads (skip = 0); first, the
