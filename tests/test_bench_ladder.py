@@ -149,8 +149,15 @@ def test_gpu_kit_tiny_cpu_path(tiny_run, tmp_path):
         proj = res["projection"]
         assert proj["mirror_ar"]["acceptance_from"] == "file"
         assert proj["mirror_ar"]["projected_speedup_modeled_two_device"] > 0
+    bt = p["batch"]  # batch scaling: sd's device-loop round and ar's step at batch 1 and 4
+    assert [r["batch"] for r in bt["rows"]] == [1, 4] and all("error" not in r for r in bt["rows"]), bt
+    one, four = bt["rows"]
+    assert one["sd_tokens_per_s_vs_batch1_projected"] == pytest.approx(1.0)
+    assert four["sd_tokens_per_s_vs_batch1_projected"] == pytest.approx(4 * one["sd_round_ms"] / four["sd_round_ms"])
+    assert four["ar_tokens_per_s_vs_batch1"] == pytest.approx(4 * one["ar_step_ms"] / four["ar_step_ms"])
     md = (tmp_path / "gpu_kit_tiny.md").read_text()
     assert "PROJECTED" in md and "MODELED" in md and "of the device's measured copy bandwidth" in md
+    assert "## Batch scaling" in md
 
 
 def test_results_say_when_the_code_was_not_the_recorded_commit(tmp_path):

@@ -9,7 +9,8 @@ draft_propose, verify, draft_select) and `mirror_jax.engine.autoregressive.decod
 
 * each phase blocked on and timed alone (median of --iters calls, compilation excluded);
 * whole rounds dispatched the way the engine does it (asynchronously, one sync per round), so a
-  GPU target + host-CPU draft placement ("gpu:0,cpu:0") shows the overlap it really gets.
+  GPU target + host-CPU draft placement ("gpu:0,cpu:0") shows the overlap it really gets;
+* batch scaling (`measure_batch`): the device loop's sd round and ar's batched step at batch 1, 4, 8.
 
 Random weights say nothing about acceptance, so speed-ups are PROJECTED with acceptance statistics
 measured on CPU with the real weights by the SpecBench ladder (`mirror-jax bench`), read from
@@ -300,6 +301,98 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
     return res
 
 
+def measure_batch(target: str, draft: str, batches: list[int], gamma: int, ctx: int, iters: int, budget: Budget,
+                  models: dict, tiny: bool) -> dict:
+    """Batch scaling on one device: the device loop's vanilla-SD round (`engine.device_loop.sd_round`:
+    one target forward over B x (gamma+1) tokens, verification, commit and the next B windows) and
+    ar's batched decode step, each at batch B, timed alone (median, compilation excluded).
+
+    A state is built directly (random committed context of `ctx` slots, random windows), so the round
+    runs the same work every call. Random weights accept nothing, but a row's acceptance does not
+    depend on its batch, so at the same acceptance batch B decodes B * t(1) / t(B) times the tokens
+    per second of batch 1: the PROJECTED ratio the batch target compares (sd at batch 8 >= 3x its
+    batch 1), against ar's own ratio from the same run."""
+    import jax
+    import jax.numpy as jnp
+
+    from mirror_jax.engine.autoregressive import decode_step
+    from mirror_jax.engine.device_loop import DecodeState, LoopSpec, RowStats, sd_round
+    from mirror_jax.engine.speculative import SpecSettings
+    from mirror_jax.kv_cache import init_cache
+    from mirror_jax.params import init_random
+    from mirror_jax.sampling import SamplingParams
+
+    cfg_t, cfg_d = model_cfg(target), model_cfg(draft)
+    dt = jnp.float32 if tiny else jnp.bfloat16
+    dev = jax.devices()[0]
+    for shape, cfg in ((target, cfg_t), (draft, cfg_d)):
+        key = (shape, str(dt), str(dev))
+        if key not in models:
+            models[key] = jax.block_until_ready(init_random(cfg, 0, dt, device=dev))
+    p_t, p_d = models[(target, str(dt), str(dev))], models[(draft, str(dt), str(dev))]
+    max_new = 64
+    cap = -(-(ctx + max_new + 2 * gamma + 2) // 128) * 128
+    spec = LoopSpec(cfg_t, cfg_d, SpecSettings("sd", gamma, 4, cfg_t.num_layers // 2, 0, "greedy"), max_new, cap)
+    round_j = jax.jit(sd_round, static_argnums=0)
+    rng = np.random.default_rng(1)
+    out = {"target": target, "draft": draft, "gamma": gamma, "ctx": ctx, "capacity": cap, "rows": []}
+    for b in batches:
+        if budget.left < 30:
+            out["rows"].append({"batch": b, "error": f"skipped: {budget.left:.0f}s of budget left"})
+            continue
+        samp = SamplingParams().arrays(row=np.arange(b))
+        lengths = jnp.full((b,), ctx, jnp.int32)
+        zeros = jnp.zeros((b,), jnp.int32)
+
+        def state(b=b, lengths=lengths, zeros=zeros):
+            return DecodeState(
+                cache_t=init_cache(cfg_t, b, cap, dt).replace(lengths=lengths),
+                cache_d=init_cache(cfg_d, b, cap, dt).replace(lengths=lengths),
+                last=jnp.asarray(rng.integers(0, cfg_t.vocab_size, b), jnp.int32),
+                window=jnp.asarray(rng.integers(0, cfg_t.vocab_size, (b, gamma)), jnp.int32), q=None,
+                conf=jnp.zeros((b, gamma), jnp.float32), out=jnp.zeros((b, spec.out_width), jnp.int32),
+                n_out=zeros + 1, done=jnp.zeros((b,), bool), pending=zeros,
+                stats=RowStats(rounds=zeros, accepted_hist=jnp.zeros((b, gamma + 1), jnp.int32),
+                               draft_forwards=zeros, reuse=zeros, omega_hits=zeros, drafted=zeros),
+                length=zeros + gamma, limit=zeros + max_new)
+
+        row = {"batch": b}
+        try:
+            row["sd_round_ms"], row["sd_round_compile_s"], _ = _median_ms(
+                lambda st, samp=samp: round_j(spec, p_t, p_d, st, samp).last, lambda: (state(),), iters, budget)
+            ar = lambda tok, c, samp=samp: decode_step(cfg_t, p_t, tok, c, samp, greedy=True)[0]
+            row["ar_step_ms"], row["ar_step_compile_s"], _ = _median_ms(  # the step donates its cache: a new one
+                ar, lambda b=b: (jnp.zeros((b,), jnp.int32),
+                                 init_cache(cfg_t, b, cap, dt).replace(lengths=jnp.full((b,), ctx, jnp.int32))),
+                iters, budget)
+        except Exception as e:  # out of memory at a large batch: keep the smaller ones
+            row["error"] = f"{type(e).__name__}: {e}"
+        out["rows"].append(row)
+        print(f"  batch {b}: {row}", flush=True)
+    base = next((r for r in out["rows"] if r["batch"] == 1 and "error" not in r), None)
+    for r in out["rows"]:
+        if base and r.get("sd_round_ms") and r.get("ar_step_ms"):
+            r["sd_tokens_per_s_vs_batch1_projected"] = r["batch"] * base["sd_round_ms"] / r["sd_round_ms"]
+            r["ar_tokens_per_s_vs_batch1"] = r["batch"] * base["ar_step_ms"] / r["ar_step_ms"]
+    return out
+
+
+def batch_markdown(bt: dict) -> str:
+    f = lambda v: "-" if v is None else f"{v:.2f}"
+    lines = [f"\n## Batch scaling ({bt['target']} / {bt['draft']}, one device, sd gamma {bt['gamma']}, context "
+             f"{bt['ctx']})\n\nsd: the device loop's round at batch B; ar: the batched decode step. At equal per-row "
+             "acceptance, batch B decodes B x t(1)/t(B) the tokens/s of batch 1 (PROJECTED for sd: random weights; "
+             "measured for ar, which has no acceptance).\n\n| batch | sd round ms | ar step ms | sd tok/s vs its "
+             "batch 1 (PROJECTED) | ar tok/s vs its batch 1 |\n|---|---|---|---|---|\n"]
+    for r in bt["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['batch']} | {r['error']} | | | |\n")
+            continue
+        lines.append(f"| {r['batch']} | {f(r.get('sd_round_ms'))} | {f(r.get('ar_step_ms'))} | "
+                     f"{f(r.get('sd_tokens_per_s_vs_batch1_projected'))} | {f(r.get('ar_tokens_per_s_vs_batch1'))} |\n")
+    return "".join(lines)
+
+
 def load_acceptance(path: str | None) -> dict | None:
     """acceptance.json (or a ladder results.json) -> {"methods": {m: {...}}, "source": ...}."""
     if not path:
@@ -415,6 +508,8 @@ def to_markdown(payload: dict) -> str:
                          f"{f(p['measured_placement_round_ms'])} | {f(p['modeled_two_device_round_ms'])} | "
                          f"{f(p['projected_speedup_measured_placement'])} | "
                          f"{f(p['projected_speedup_modeled_two_device'])} |\n")
+    if payload.get("batch"):
+        lines.append(batch_markdown(payload["batch"]))
     if payload.get("notes"):
         lines.append("\nNotes:\n" + "".join(f"- {n}\n" for n in payload["notes"]))
     return "".join(lines)
@@ -431,6 +526,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gamma", type=int, default=None, help="draft window (default: the acceptance file's, else 7)")
     ap.add_argument("--kappa", type=int, default=None, help="early-exit candidates (default 8; tiny 4)")
     ap.add_argument("--no-ss", action="store_true", help="skip the SS-draft variants")
+    ap.add_argument("--batches", type=int, nargs="*", default=None,
+                    help="batch sizes of the batch-scaling part (default 1 4 8; tiny 1 4; none: skip it)")
     ap.add_argument("--out", default=str(REPO / "experiments" / "results" / "gpu"))
     ap.add_argument("--tag", default=None, help="output name suffix: gpu_kit_<tag>.json")
     args = ap.parse_args(argv)
@@ -485,8 +582,21 @@ def main(argv=None) -> int:
         rest = {c.target for c in configs[configs.index(kc) + 1:]} | {c.draft for c in configs[configs.index(kc) + 1:]}
         for key in [k for k in models if k[0] not in rest]:
             del models[key]
+    batch = None
+    batches = ([1, 4] if mode == "tiny" else [1, 4, 8]) if args.batches is None else args.batches
+    if batches and budget.left > 60 * (mode != "tiny"):
+        print(f"- batch scaling {batches}", flush=True)
+        tgt, drf = ("tiny-target", "tiny-draft") if mode == "tiny" else ("qwen2.5-1.5b", "qwen2.5-0.5b")
+        try:
+            batch = measure_batch(tgt, drf, batches, args.gamma or 4, ctx, iters, budget, models, mode == "tiny")
+        except Exception as e:
+            batch = {"target": tgt, "draft": drf, "gamma": args.gamma or 4, "ctx": ctx,
+                     "rows": [{"batch": 0, "error": f"{type(e).__name__}: {e}"}]}
+            print(f"  failed: {type(e).__name__}: {e}", flush=True)
+    elif batches:
+        notes.append(f"batch scaling skipped: {budget.left:.0f}s of budget left")
     payload = {"mode": mode, "ctx": ctx, "iters": iters, "machine": machine_info(), "have_gpu": have_gpu,
-               "acceptance_source": (acc or {}).get("source"), "acceptance": acc, "results": results,
+               "acceptance_source": (acc or {}).get("source"), "acceptance": acc, "results": results, "batch": batch,
                "notes": notes, "elapsed_s": args.budget_s - budget.left}
     name = "gpu_kit" + (f"_{args.tag}" if args.tag else ("_tiny" if mode == "tiny" else ""))
     jp, mp = write_results(args.out, name, payload, to_markdown(payload))
