@@ -250,6 +250,9 @@ def main(argv=None) -> int:
                "speedup_total": total_tps(runs) / total_tps(per[settings[0]]),
                "decode_speedup_total": decode_tps(runs) / decode_tps(per[settings[0]]),
                "start_share": sum(s - r.stats["decode_s"] for r, s in runs) / sum(s for _, s in runs),
+               # ar: its prefill and first token; sd: both prefills, the first token and the first window
+               "start_s_median": float(np.median([r.stats["start_s" if st[0] == "sd" else "prefill_s"]
+                                                  for r, _ in runs])),
                "new_tokens": int(sum(len(r.tokens[0]) for r, _ in runs))}
         if st[0] == "sd":
             rounds = sum(r.stats["rounds"] for r, _ in runs)
@@ -272,9 +275,9 @@ def main(argv=None) -> int:
     cols = ["method", "gamma", "draft_stop", "stop_rule", "draft_vocab", "ss", "draft_quant", "draft_context",
             "tokens_per_s",
             "speedup_vs_ar",
-            "speedup_total", "decode_speedup_total", "start_share", "tokens_per_round", "drafted_per_round",
-            "draft_forwards_per_round", "round_ms_median", "identical_to_ar"]
-    fmt = {c: "{:.2f}" for c in cols[8:17]}
+            "speedup_total", "decode_speedup_total", "start_share", "start_s_median", "tokens_per_round",
+            "drafted_per_round", "draft_forwards_per_round", "round_ms_median", "identical_to_ar"]
+    fmt = {c: "{:.2f}" for c in cols[8:18]}
     task_cols = ["task", "prompts", "prompt_tokens"] + [setting_name(r) for r in rows[1:]]
     md = "\n".join([
         f"# Vanilla SD draft settings (sd, {name})", "", machine_md(info), "",
@@ -282,7 +285,9 @@ def main(argv=None) -> int:
         "greedy, batch 1, one device. speedup_vs_ar: median over prompts of (tokens/s) / (ar's tokens/s on the "
         "same prompt, same run); speedup_total: all tokens / all seconds, over ar's; decode_speedup_total: the "
         "same for the decode loop alone (prefill and the first window left out); start_share: the share of the "
-        "seconds spent before the decode loop (prefill of the target, and of the draft for sd). draft_stop 0 = "
+        "seconds spent before the decode loop (prefill of the target, and of the draft for sd); start_s_median: "
+        "the median call's seconds before it (ar: prefill and first token; sd: both prefills, the first token and "
+        "the first window), so a faster decode loop raises start_share at an equal start. draft_stop 0 = "
         "full windows.",
         "",
         markdown_table(rows, cols, fmt),

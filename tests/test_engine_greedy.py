@@ -54,6 +54,9 @@ def test_sd_greedy_identity(models, ar_reference, gamma):
     res = generate(target, ps, N_NEW, method="sd", draft=draft, gamma=gamma)
     assert res.tokens == ref
     assert res.stats["mean_tokens_per_round"] > 1.2
+    # the call's seconds split into the starts (prefills, first windows), the rounds and a little host work
+    st = res.stats
+    assert 0.0 < st["start_s"] and 0.0 < st["decode_s"] and st["start_s"] + st["decode_s"] <= st["total_s"]
 
 
 def test_two_devices_same_tokens(models, ar_reference):

@@ -149,6 +149,7 @@ def test_bench_sd_draft_compares_float_and_int8_drafts(tmp_path):
     assert [row["draft_quant"] for row in sd] == ["none", "int8", "int8"]  # the last: the CPU default
     assert all(row["identical_to_ar"] for row in p["rows"])
     assert set(p["draft_forward_ms"]) == {"0/none", "0/int8", "40/int8"}
+    assert all(0.0 < row["start_s_median"] and 0.0 < row["start_share"] < 1.0 for row in p["rows"])
 
 
 def test_quantized_draft_takes_a_reduced_head(models):

@@ -363,14 +363,16 @@ def generate(
     if loop == "device":
         return _generate_device(tgt, drf, s, pl, prompts, max_new_tokens, sampling, eos, capacity)
     t0 = time.perf_counter()
-    tokens, rounds = [], []
+    tokens, rounds, start_s = [], [], 0.0
     for row, prompt in enumerate(prompts):
         dec = SpecDecoder(tgt, drf, s, pl, sampling, capacity, row=row)
         toks, recs = dec.generate(prompt, max_new_tokens, eos_ids=eos, progress=progress)
         tokens.append(toks)
         rounds.extend(recs)
+        start_s += dec.start_s
     total = time.perf_counter() - t0
-    stats = {"method": method, "loop": "host", "total_s": total, "settings": dataclasses.asdict(s),
+    # start_s: prefills, first tokens and first windows (summed over prompts); decode_s (summarize): rounds
+    stats = {"method": method, "loop": "host", "total_s": total, "start_s": start_s, "settings": dataclasses.asdict(s),
              "placement": pl.describe(), "draft_kind": "ar" if ssp is None else "ss", "exit_head": _exit_kind(tgt, s),
              "draft_vocab": _vocab_size(drf), "exit_vocab": _exit_vocab_size(tgt, s), "draft_quant": _quant_kind(drf)}
     stats.update(summarize(rounds, s.gamma))

@@ -221,9 +221,12 @@ class SpecDecoder:
         return RoundRecord(a=a, c=c, draft_forwards=int(forwards), wall_s=0.0, drafted=n, hit=hit), win.tolist()
 
     def generate(self, prompt: list[int], max_new_tokens: int, eos_ids=(), progress=None):
-        """Generate for one prompt. Returns (tokens, round records)."""
+        """Generate for one prompt. Returns (tokens, round records); `self.start_s` holds the seconds
+        `start` took (both prefills, the first token, the first window: it ends with a host sync)."""
         round_fn = self.round_mirror if self.s.rollouts else self.round_sd
+        t_start = time.perf_counter()
         first, st = self.start(prompt)
+        self.start_s = time.perf_counter() - t_start
         eos = set(eos_ids)
         out, rounds = [first], []
         # Stop as soon as any committed token is an EOS id (or max_new_tokens are there): no round runs
