@@ -133,6 +133,7 @@ class SpecDecoder:
                  sampling: SamplingParams, capacity: int, row: int = 0):
         self.target, self.draft, self.s, self.pl, self.sampling = target, draft, s, pl, sampling
         self.capacity = capacity
+        self.start_s = 0.0  # seconds `start` took in the last `generate` (prefills, first token, first window)
         samp = sampling.arrays(row=row)  # the seed key, the row and the scalars, placed once per device
         self.samp_t, self.samp_d = pl.to_target(samp), pl.to_draft(samp)
         self._dkw = dict(sample=s.draft_samples, ss=draft.ss)
