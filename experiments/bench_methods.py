@@ -45,6 +45,9 @@ def main(argv=None) -> int:
                          "vocabulary (mirror_b<n>_ev<N>); default: the engine's device default only")
     ap.add_argument("--placements", nargs="*", default=["cpu:0", "cpu:0,cpu:1"])
     ap.add_argument("--profile-prompts", type=int, default=2, help="prompts for the instrumented pass")
+    ap.add_argument("--exit-heads", nargs="*", default=None,
+                    help="exit-head checkpoint directories: mirror rows per budget with each (mirror_b<n>_<dir name>), "
+                         "beside the committed heads")
     ap.add_argument("--no-untrained-exit", dest="untrained_exit", action="store_false",
                     help="skip the mirror_untrained row (the untrained early exit at N/2)")
     ap.add_argument("--out", default=RESULTS)
@@ -77,6 +80,14 @@ def main(argv=None) -> int:
                             for v in args.exit_vocabs})
     else:
         methods["mirror"] = ("mirror", spec)
+    if args.exit_heads:  # other trained heads, the same budgets (the committed heads are the rows above)
+        from mirror_jax.exit.checkpoint import restore_exit_heads
+
+        for d in args.exit_heads:
+            heads = restore_exit_heads(d, target.cfg, target.params)
+            label = os.path.basename(os.path.normpath(d))
+            for b in [b for b in (args.budgets or [args.branch_budget or 1]) if b > 0]:
+                methods[f"mirror_b{b}_{label}"] = ("mirror", dict(spec, branch_budget=b, exit_head=heads))
     if args.untrained_exit:  # the same run with the untrained exit at N/2, for a same-machine comparison
         methods["mirror_untrained"] = ("mirror", dict(spec, exit_head=None, exit_layer=target.cfg.num_layers // 2))
 
@@ -118,7 +129,7 @@ def main(argv=None) -> int:
                 r["speedup_vs_ar"] = r["tokens_per_s"] / base
                 r["vs_sd"] = r["tokens_per_s"] / sd_tps
         # Instrumented pass: isolated phase times (serialised by construction).
-        for name in [m for m in methods if m != "ar"]:
+        for name in [m for m in methods if m != "ar"] if args.profile_prompts > 0 else []:
             method, kw = methods[name]
             res = generate(target, prompts[: args.profile_prompts], min(n_new, 64), method=method, placement=pl,
                            profile=True, **kw)

@@ -32,7 +32,10 @@ def main(argv=None) -> int:
     ap.add_argument("--exit-heads", default="default",
                     help="trained exit heads to compare: 'default' (the committed ones), a checkpoint directory, "
                          "or 'none'")
+    ap.add_argument("--compare", default=None,
+                    help="a second exit-head checkpoint directory, reported as compare_<kappa> at its layers")
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--name", default="omega_by_exit", help="results file stem under --out")
     args = ap.parse_args(argv)
 
     import jax
@@ -62,6 +65,12 @@ def main(argv=None) -> int:
     else:
         heads = target.exit_heads if args.exit_heads == "default" else None
     head_list = tuple(heads.heads[layer] for layer in heads.layers) if heads is not None else ()
+    n_main = len(head_list)  # heads after these are --compare's
+    if args.compare:
+        from mirror_jax.exit.checkpoint import restore_exit_heads
+
+        other = restore_exit_heads(args.compare, target.cfg, target.params)
+        head_list += tuple(other.heads[layer] for layer in other.layers)
     cfg = target.cfg
     params = target.params
     qs = load_questions(limit_per_category=args.prompts_per_task)
@@ -104,15 +113,20 @@ def main(argv=None) -> int:
     if head_list:
         tr = np.concatenate(trained_ranks, axis=1)  # [heads, positions]
         for j, hd in enumerate(head_list):
-            rows[hd.layer - 1].update({f"trained_{k}": float((tr[j] < k).mean()) for k in KAPPAS})
+            col = "trained" if j < n_main else "compare"
+            rows[hd.layer - 1].update({f"{col}_{k}": float((tr[j] < k).mean()) for k in KAPPAS})
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, k in enumerate(KAPPAS):
         ax.plot(range(1, cfg.num_layers + 1), omega[k], marker=".", color=f"C{i}", label=f"kappa={k}")
-        if head_list:
-            xs = [hd.layer for hd in head_list]
+        if n_main:
+            xs = [hd.layer for hd in head_list[:n_main]]
             ax.plot(xs, [rows[x - 1][f"trained_{k}"] for x in xs], marker="*", ls="--", color=f"C{i}",
                     label=f"trained exit, kappa={k}")
+        if len(head_list) > n_main:
+            xs = [hd.layer for hd in head_list[n_main:]]
+            ax.plot(xs, [rows[x - 1][f"compare_{k}"] for x in xs], marker="x", ls=":", color=f"C{i}",
+                    label=f"--compare exit, kappa={k}")
     ax.axvline(cfg.num_layers // 2, color="gray", ls="--", lw=0.8)
     ax.set_xlabel("early-exit layer l_e")
     ax.set_ylabel("Omega_kappa (target token in early-exit top-kappa)")
@@ -120,14 +134,15 @@ def main(argv=None) -> int:
     ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(args.out, exist_ok=True)
-    fig.savefig(os.path.join(args.out, "omega_by_exit.png"), dpi=120)
+    fig.savefig(os.path.join(args.out, f"{args.name}.png"), dpi=120)
 
-    cols = ["exit_layer"] + [f"omega_{k}" for k in KAPPAS] + ([f"trained_{k}" for k in KAPPAS] if head_list else [])
+    cols = ["exit_layer"] + [f"omega_{k}" for k in KAPPAS] + ([f"trained_{k}" for k in KAPPAS] if n_main else [])
+    cols += [f"compare_{k}" for k in KAPPAS] if len(head_list) > n_main else []
     md = (f"# Omega_kappa by early-exit layer ({target.name}, {len(qs)} SpecBench prompts, "
           f"{ranks.shape[1]} generated positions)\n\n" + machine_md(info)
           + f"\nCommand: `python experiments/omega_by_exit.py {' '.join(argv or sys.argv[1:])}`\n\n"
-          + markdown_table(rows, cols, {c: "{:.3f}" for c in cols[1:]}) + "\n![](omega_by_exit.png)\n")
-    write_results(args.out, "omega_by_exit", {"machine": info, "args": vars(args), "rows": rows,
+          + markdown_table(rows, cols, {c: "{:.3f}" for c in cols[1:]}) + f"\n![]({args.name}.png)\n")
+    write_results(args.out, args.name, {"machine": info, "args": vars(args), "rows": rows,
                                               "positions": int(ranks.shape[1])}, md)
     print(md)
     return 0

@@ -4,13 +4,19 @@ measure Omega_kappa on the held-out split, and save them with orbax under ``chec
 Steps (each resumable: features are cached in --work; rerunning skips what is there):
 
 1. Data: stdlib functions/classes/docstrings as chat exchanges in the target's template
-   (`mirror_jax.exit.data`, files split 7:1 by path hash; SpecBench is never used).
+   (`mirror_jax.corpus`, files split 7:1 by path hash; SpecBench is never used). With
+   `--prose-frac F`, a share F of the training rows are instead the target's own greedy answers to
+   prose requests built from the same files (`mirror_jax.corpus.prose_requests`: explain,
+   summarise, translate, questions, arithmetic word problems), generated here and cached in --work;
+   the held-out figures are then reported on both kinds of held-out text.
 2. Features: one full target forward per row gives the hidden state after every candidate exit
    layer and the target's final top-32 log-probs (`exit_features`).
 3. Train one `ExitHead` per layer with optax (soft cross-entropy against the target's top-32).
 4. Held-out Omega_kappa per layer, untrained vs trained (full-vocabulary ranks); save the heads.
 
     python experiments/train_exit.py --train-tokens 16384 --heldout-tokens 2048 --steps 300 --save-layers 14 20
+    python experiments/train_exit.py --train-tokens 32768 --prose-frac 0.5 --layers 14 20 24 \
+        --compare checkpoints/exit_default_target --checkpoint /tmp/exit_prose
 
 Writes checkpoints/exit_default_target/, experiments/results/exit_train.{json,md,png} and
 experiments/results/exit_train_log.jsonl. `--tiny` runs everything on random tiny models (smoke).
@@ -75,6 +81,53 @@ def extract(target, rows: np.ndarray, layers, work: Path, tag: str, batch: int, 
     return paths
 
 
+def prose_rows(target, tok, split: str, num_tokens: int, seq_len: int, work: Path, *, new_tokens: int,
+               batch: int, max_prompt: int, seed: int = 0) -> np.ndarray:
+    """[N, seq_len] rows (N = num_tokens // seq_len) cut from one token stream of exchanges: a prose
+    request (`prose_requests(split)`, at most `max_prompt` tokens in the target's chat template)
+    followed by the target's own greedy answer of up to `new_tokens` tokens, generated `batch` at a
+    time. Exchanges are appended to work/prose_<split>_s<seed>_n<new_tokens>.jsonl as they are made,
+    so an interrupted run resumes (and a rerun reuses them)."""
+    from tqdm import tqdm
+
+    from mirror_jax.corpus import prose_requests
+    from mirror_jax.engine.autoregressive import generate_ar
+    from mirror_jax.tokenizer import apply_chat_template
+
+    n_rows = max(1, num_tokens // seq_len)
+    path = work / f"prose_{split}_s{seed}_n{new_tokens}.jsonl"
+    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    have = sum(len(d["ids"]) for d in done)
+    need = n_rows * seq_len
+    requests = prose_requests(split, seed)
+    for _ in range(done[-1]["request"] + 1 if done else 0):
+        next(requests)  # the requests already answered (their order is seeded)
+    count = done[-1]["request"] + 1 if done else 0
+    bar = tqdm(total=need, initial=min(have, need), desc=f"target answers ({split})")
+    while have < need:
+        todo = []
+        for req in requests:
+            ids = apply_chat_template(tok, [{"role": "user", "content": req}], target.chat_template)
+            count += 1
+            if len(ids) <= max_prompt:
+                todo.append((count - 1, ids))
+            if len(todo) == batch:
+                break
+        if not todo:
+            raise ValueError(f"the {split} split ran out of prose requests at {have} of {need} tokens")
+        gen = generate_ar(target.cfg, target.params, [ids for _, ids in todo], new_tokens).tokens
+        for (i, ids), g in zip(todo, gen, strict=True):
+            done.append({"request": i, "ids": list(ids) + [int(t) for t in g], "prompt_len": len(ids)})
+            have += len(done[-1]["ids"])
+            bar.update(len(done[-1]["ids"]))
+        tmp = path.with_suffix(".tmp")  # whole file each batch: never a half-written line
+        tmp.write_text("".join(json.dumps(d) + "\n" for d in done))
+        os.replace(tmp, path)
+    bar.close()
+    stream = [t for d in done for t in d["ids"]]
+    return np.asarray(stream[:need], np.int32).reshape(n_rows, seq_len)
+
+
 def phase_times(target, draft, gamma: int, budget: int, reps: int = 5) -> dict:
     """Median seconds of the target's verification forward (gamma + 1 tokens) and of a draft
     window (gamma steps over budget + 1 rows: the path and the branches), at a 256-token context."""
@@ -120,14 +173,21 @@ def train_and_report(args, info, target, draft, paths, data_hash, argv) -> int:
 
     cfg, params = target.cfg, target.params
     h_tr, lp_tr, ids_tr = load_feats(paths["train"])
-    h_ho, _, ids_ho = load_feats(paths["heldout"])
+    heldout = {kind: load_feats(paths[split]) for kind, split in (("", "heldout"), ("prose_", "heldout_prose"))
+               if split in paths}  # column prefix -> (hidden, top_lp, top_ids) of that held-out text
+    h_ho = heldout[""][0]
+    previous = None
+    if args.compare:
+        from mirror_jax.exit.checkpoint import restore_exit_heads
+
+        previous = restore_exit_heads(args.compare, cfg, params)
     extracted = sorted(args.layers)
     layers = sorted(args.train_layers or extracted)
     vocab = active_vocab(ids_tr)
     print(f"train positions {h_tr.shape[1]}, held-out {h_ho.shape[1]}, active vocabulary {vocab.size}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "exit_train_log.jsonl"
+    log_path = out / f"{args.name}_log.jsonl"
     log_f = open(log_path, "w")
 
     def log(rec):
@@ -141,15 +201,17 @@ def train_and_report(args, info, target, draft, paths, data_hash, argv) -> int:
     t_train = time.perf_counter()
     for layer in layers:
         li = extracted.index(layer)
-        ranks0 = omega_ranks(cfg, params, None, h_ho[li], ids_ho[:, 0])
         head = train_exit_head(cfg, params, h_tr[li], lp_tr, ids_tr, vocab, layer=layer, steps=args.steps,
                                batch=args.batch, lr=args.lr, log=log)
-        ranks1 = omega_ranks(cfg, params, head, h_ho[li], ids_ho[:, 0])
         heads[layer] = head
         row = {"exit_layer": layer}
-        for k in KAPPAS:
-            row[f"untrained_{k}"] = float(np.mean(ranks0 < k))
-            row[f"trained_{k}"] = float(np.mean(ranks1 < k))
+        old = previous.heads.get(layer) if previous is not None else None
+        for pre, (h, _, ids) in heldout.items():  # Omega_k on each kind of held-out text
+            for name, hd in (("untrained", None), ("trained", head), ("previous", old)):
+                if name == "previous" and hd is None:
+                    continue
+                ranks = omega_ranks(cfg, params, hd, h[li], ids[:, 0])
+                row.update({f"{pre}{name}_{k}": float(np.mean(ranks < k)) for k in KAPPAS})
         rows.append(row)
         print(json.dumps(row), flush=True)
     log_f.close()
@@ -166,9 +228,14 @@ def train_and_report(args, info, target, draft, paths, data_hash, argv) -> int:
     default_layer = args.default_layer or chosen
     save_layers = sorted(set(args.save_layers or layers) | {default_layer})
     command = "python experiments/train_exit.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    extra = {"data": {"source": f"Python {sys.version_info.major}.{sys.version_info.minor} stdlib chat exchanges "
-                                "(mirror_jax.corpus, train split of files)", "sha256": data_hash,
+    source = (f"Python {sys.version_info.major}.{sys.version_info.minor} stdlib chat exchanges "
+              "(mirror_jax.corpus, train split of files)")
+    if args.prose_frac:
+        source += (f"; {args.prose_frac:.0%} of rows: the target's greedy answers (<= {args.prose_new_tokens} tokens) "
+                   "to mirror_jax.corpus.prose_requests (explain, summarise, translate, questions, word problems)")
+    extra = {"data": {"source": source, "sha256": data_hash,
                       "train_positions": int(h_tr.shape[1]), "heldout_positions": int(h_ho.shape[1]),
+                      "heldout_prose_positions": int(heldout["prose_"][0].shape[1]) if "prose_" in heldout else 0,
                       "seq_len": args.seq_len},
              "steps": args.steps, "batch": args.batch, "lr": args.lr, "command": command,
              "heldout": [r for r in rows if r["exit_layer"] in save_layers], "chosen_by_latency_model": chosen,
@@ -182,6 +249,9 @@ def train_and_report(args, info, target, draft, paths, data_hash, argv) -> int:
     for k, style in ((1, ":"), (4, "-"), (8, "--")):
         axes[0].plot(layers, [r[f"untrained_{k}"] for r in rows], style, color="gray", label=f"untrained k={k}")
         axes[0].plot(layers, [r[f"trained_{k}"] for r in rows], style, color="C0", marker=".", label=f"trained k={k}")
+    if "prose_trained_4" in rows[0]:
+        axes[0].plot(layers, [r["prose_trained_4"] for r in rows], "-", color="C2", marker="x",
+                     label="trained k=4, prose")
     axes[0].axvline(default_layer, color="C3", lw=0.8)
     axes[0].set_xlabel("exit layer l_e")
     axes[0].set_ylabel("held-out Omega_kappa")
@@ -196,15 +266,20 @@ def train_and_report(args, info, target, draft, paths, data_hash, argv) -> int:
         axes[1].legend(fontsize=7)
         axes[1].set_title("latency model: hide the draft vs hit rate")
     fig.tight_layout()
-    fig.savefig(out / "exit_train.png", dpi=120)
-    cols = ["exit_layer"] + [f"{w}_{k}" for k in (1, 4, 8) for w in ("untrained", "trained")]
+    fig.savefig(out / f"{args.name}.png", dpi=120)
+    kinds = [w for w in ("untrained", "previous", "trained") if f"{w}_4" in rows[0]]
+    cols = ["exit_layer"] + [f"{pre}{w}_{k}" for pre in heldout for k in (1, 4, 8) for w in kinds]
     cols += ["predicted_round_s"] if times is not None else []
     md = (f"# Trained early-exit heads ({target.name})\n\n" + machine_md(info)
-          + f"\nCommand: `{command}`\n\nHeld-out Omega_kappa (stdlib held-out files, {h_ho.shape[1]} positions; "
-          f"trained on {h_tr.shape[1]} positions, {args.steps} steps of {args.batch}, {train_s:.0f} s for all layers). "
-          f"Default exit layer: {default_layer} (latency model's choice: {chosen}; phase times {times}).\n\n"
-          + markdown_table(rows, cols, {c: "{:.3f}" for c in cols[1:]}) + "\n![](exit_train.png)\n")
-    write_results(str(out), "exit_train", {"machine": info, "args": vars(args), "rows": rows, "extra": extra}, md)
+          + f"\nCommand: `{command}`\n\nHeld-out Omega_kappa (stdlib held-out files, {h_ho.shape[1]} positions"
+          + (f"; `prose_` columns: the target's answers to prose requests from held-out files, "
+             f"{heldout['prose_'][0].shape[1]} positions" if "prose_" in heldout else "")
+          + (f"; `previous`: the heads in {args.compare}" if previous is not None else "") + "; "
+          + f"trained on {h_tr.shape[1]} positions, {args.steps} steps of {args.batch}, "
+          f"{train_s:.0f} s for all layers). Default exit layer: {default_layer} "
+          f"(latency model's choice: {chosen}; phase times {times}).\n\n"
+          + markdown_table(rows, cols, {c: "{:.3f}" for c in cols[1:]}) + f"\n![]({args.name}.png)\n")
+    write_results(str(out), args.name, {"machine": info, "args": vars(args), "rows": rows, "extra": extra}, md)
     print(md)
     return 0
 
@@ -228,8 +303,17 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "mirror_jax" / "exit_features"))
     ap.add_argument("--checkpoint", default=str(HERE.parent / "checkpoints" / "exit_default_target"))
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--name", default="exit_train", help="results file stem under --out")
+    ap.add_argument("--prose-frac", type=float, default=0.0,
+                    help="share of training rows that are the target's own answers to prose requests")
+    ap.add_argument("--prose-new-tokens", type=int, default=192)
+    ap.add_argument("--prose-batch", type=int, default=8)
+    ap.add_argument("--prose-max-prompt", type=int, default=320)
+    ap.add_argument("--compare", default=None, help="an exit-head checkpoint to report on the same held-out text")
     ap.add_argument("--tiny", action="store_true", help="smoke run on random tiny models")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.prose_frac < 1.0:
+        ap.error(f"--prose-frac must be in [0, 1), got {args.prose_frac}")
 
     import jax.numpy as jnp
 
@@ -249,18 +333,27 @@ def main(argv=None) -> int:
         args.layers, args.train_layers = [1, 2, 3], [1, 3]
         args.steps, args.seq_len, work = 5, 32, work / "tiny"
         rng = np.random.default_rng(0)
-        data = {s: rng.integers(0, cfg_t.vocab_size, (n, args.seq_len)).astype(np.int32) for s, n in (("train", 8),
-                                                                                                     ("heldout", 2))}
+        sizes = (("train", 8), ("heldout", 2)) + ((("heldout_prose", 2),) if args.prose_frac else ())
+        data = {s: rng.integers(0, cfg_t.vocab_size, (n, args.seq_len)).astype(np.int32) for s, n in sizes}
     else:
         from mirror_jax.loading import default_pair
 
         target, draft, tok = default_pair(jnp.float32)
+        work.mkdir(parents=True, exist_ok=True)
+        n_prose = int(round(args.train_tokens // args.seq_len * args.prose_frac)) * args.seq_len
         data = {}
-        for split, n in (("train", args.train_tokens), ("heldout", args.heldout_tokens)):
+        for split, n in (("train", args.train_tokens - n_prose), ("heldout", args.heldout_tokens)):
             data[split] = pack_sequences(tok, target.chat_template, split, n, args.seq_len)
-            print(f"{split}: {data[split].shape[0]} rows x {data[split].shape[1]} tokens", flush=True)
+        if n_prose:
+            pk = dict(new_tokens=args.prose_new_tokens, batch=args.prose_batch, max_prompt=args.prose_max_prompt)
+            prose = prose_rows(target, tok, "train", n_prose, args.seq_len, work, **pk)
+            order = np.random.default_rng(0).permutation(len(data["train"]) + len(prose))
+            data["train"] = np.concatenate([data["train"], prose])[order]
+            data["heldout_prose"] = prose_rows(target, tok, "heldout", args.heldout_tokens, args.seq_len, work, **pk)
+        for split, rows in data.items():
+            print(f"{split}: {rows.shape[0]} rows x {rows.shape[1]} tokens", flush=True)
     work.mkdir(parents=True, exist_ok=True)
-    data_hash = hashlib.sha256(data["train"].tobytes() + data["heldout"].tobytes()).hexdigest()
+    data_hash = hashlib.sha256(b"".join(data[s].tobytes() for s in sorted(data))).hexdigest()
     tag = f"{data_hash[:12]}_L{'-'.join(map(str, sorted(args.layers)))}"
     paths = {s: extract(target, data[s], sorted(args.layers), work, f"{tag}_{s}", 2, args.skip) for s in data}
     if args.features_only:

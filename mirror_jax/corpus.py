@@ -9,7 +9,10 @@ SpecBench prompts are evaluation data and are never used here.
 request, the source or the docstring as the assistant's answer), so the hidden states an exit head
 is trained on come from assistant turns, as when it decodes; `code_texts` gives the files' raw
 source (what a code-completion prompt looks like, no template); `pack_sequences` cuts a token stream
-into fixed-length rows, optionally mixing the two kinds.
+into fixed-length rows, optionally mixing the two kinds. `prose_requests` asks for answers in prose
+(explain, summarise, translate, questions, arithmetic word problems) built from the same files: the
+stdlib has the questions but not the answers, which come from the target itself
+(`experiments/train_exit.py --prose-frac`), so that text is the target's own chat, not code.
 """
 
 from __future__ import annotations
@@ -38,21 +41,29 @@ def stdlib_files(split: str) -> list[tuple[str, Path]]:
     return [(str(p.relative_to(root)), p) for p in files if split_of(str(p.relative_to(root))) == split]
 
 
-def chat_items(split: str, seed: int = 0, max_chars: int = 3000) -> Iterator[list[dict[str, str]]]:
-    """Chat exchanges from the stdlib files of `split`, in a seeded random order: for each top-level
-    function or class, "write it" -> its source (in a ```python block), and for each docstring,
-    "what does it do" -> the docstring."""
-    items = []
+def _parsed_modules(split: str) -> Iterator[tuple[str, str, ast.Module]]:
+    """(dotted module name, source, syntax tree) of each stdlib file of `split` that parses."""
     for rel, path in stdlib_files(split):
         try:
             src = path.read_text(encoding="utf-8")
             tree = ast.parse(src)
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
-        mod = rel[:-3].replace("/", ".").removesuffix(".__init__")
-        for node in tree.body:
-            if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
-                continue
+        yield rel[:-3].replace("/", ".").removesuffix(".__init__"), src, tree
+
+
+def _definitions(tree: ast.Module) -> Iterator[ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef]:
+    """The module's top-level functions and classes."""
+    return (n for n in tree.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef))
+
+
+def chat_items(split: str, seed: int = 0, max_chars: int = 3000) -> Iterator[list[dict[str, str]]]:
+    """Chat exchanges from the stdlib files of `split`, in a seeded random order: for each top-level
+    function or class, "write it" -> its source (in a ```python block), and for each docstring,
+    "what does it do" -> the docstring."""
+    items = []
+    for mod, src, tree in _parsed_modules(split):
+        for node in _definitions(tree):
             kind = "class" if isinstance(node, ast.ClassDef) else "function"
             code = ast.get_source_segment(src, node) or ""
             if len(code) >= 200:
@@ -66,6 +77,71 @@ def chat_items(split: str, seed: int = 0, max_chars: int = 3000) -> Iterator[lis
     order = np.random.default_rng(seed).permutation(len(items))
     for i in order:
         yield items[i]
+
+
+LANGUAGES = ("French", "German", "Spanish", "Chinese", "Japanese", "Russian", "Portuguese", "Italian")
+
+def _math_problem(rng: np.random.Generator) -> str:
+    """One arithmetic word problem with numbers drawn from `rng` (each has a whole-number answer path)."""
+    a, b, c, d = (int(x) for x in rng.integers(3, 120, size=4))
+    problems = (
+        f"A bakery sells {a} loaves a day at ${b} each and pays ${c} a day in rent. How much does it earn "
+        "in a week after rent? Reason step by step.",
+        f"A train travels {a * 10} km at {b} km/h and then {c * 10} km at {d} km/h. What is its average speed "
+        "over the whole trip? Show your work.",
+        f"Tom has {3 * a} marbles. He gives a third of them to Ana, then buys {b} more and loses {c}. How many "
+        "does he have now? Explain each step.",
+        f"The sum of two numbers is {a + b} and their difference is {abs(a - b)}. What are the numbers? "
+        "Solve it step by step.",
+        f"A rectangle's length is {a} cm more than its width and its perimeter is {4 * b + 2 * a} cm. Find its "
+        "area, showing each step.",
+        f"A store marks a ${a} jacket up by {b % 50 + 5}% and later discounts it by {c % 40 + 5}%. What is the "
+        "final price? Think it through step by step.",
+    )
+    return problems[int(rng.integers(len(problems)))]
+
+
+def prose_requests(split: str, seed: int = 0, max_chars: int = 1500) -> Iterator[str]:
+    """User requests whose answers are prose rather than code, built from the stdlib files of `split`
+    in a seeded random order: explain a function in plain words, summarise, translate (into one of
+    `LANGUAGES`) or answer a question about a docstring, introduce a module to beginners, and, one
+    request in six, an arithmetic word problem. Only the requests: the answers are generated by the
+    model being trained for (`experiments/train_exit.py --prose-frac`).
+
+    Example: ``next(prose_requests("train"))`` might be "Summarize the following documentation of
+    `json.dumps` in two or three sentences:\n\n<the docstring>"."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for mod, src, tree in _parsed_modules(split):
+        if ast.get_docstring(tree):
+            items.append(("module", mod, ast.get_docstring(tree)[:max_chars]))
+        for node in _definitions(tree):
+            doc = ast.get_docstring(node)
+            code = ast.get_source_segment(src, node) or ""
+            if doc and len(doc) >= 120:
+                items.append(("doc", f"{mod}.{node.name}", doc[:max_chars]))
+            elif 200 <= len(code) <= max_chars:
+                items.append(("code", f"{mod}.{node.name}", code))
+    for i in rng.permutation(len(items)):
+        kind, name, text = items[i]
+        if rng.random() < 1 / 6:
+            yield _math_problem(rng)
+        if kind == "code":
+            yield f"Explain in plain English, for someone new to Python, what `{name}` does:\n\n```python\n{text}\n```"
+        elif kind == "module":
+            yield (f"Write a short, friendly introduction to Python's `{name}` module for beginners, based on "
+                   f"its documentation:\n\n{text}")
+        else:
+            ask = int(rng.integers(3))
+            if ask == 0:
+                yield f"Summarize the following documentation of `{name}` in two or three sentences:\n\n{text}"
+            elif ask == 1:
+                lang = LANGUAGES[int(rng.integers(len(LANGUAGES)))]
+                first = text.split("\n\n")[0]
+                yield f"Translate the following text into {lang}:\n\n{first}"
+            else:
+                yield (f"Here is the documentation of `{name}`:\n\n{text}\n\nWhen would someone use it, and "
+                       "what should they be careful about? Answer in a short paragraph.")
 
 
 def code_texts(split: str, seed: int = 0, max_chars: int = 12000) -> Iterator[str]:

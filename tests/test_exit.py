@@ -5,8 +5,10 @@ loop, losslessness with any head, training that raises Omega, orbax checkpoints 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -19,7 +21,7 @@ import pytest
 from mirror_jax import model as M
 from mirror_jax import rounds as R
 from mirror_jax.checkpointing import CheckpointCorruptedError, CheckpointMismatchError
-from mirror_jax.corpus import chat_items, code_texts, pack_sequences, split_of, stdlib_files
+from mirror_jax.corpus import chat_items, code_texts, pack_sequences, prose_requests, split_of, stdlib_files
 from mirror_jax.engine.api import ConfigError, generate
 from mirror_jax.exit import ExitHead, exit_logits, init_exit_head
 from mirror_jax.exit.checkpoint import ExitHeads, load_default_exit_heads, restore_exit_heads, save_exit_heads
@@ -241,3 +243,22 @@ def test_corpus_split_and_packing():
     with pytest.raises(ValueError, match="raw_frac"):
         pack_sequences(CharTok(), None, "heldout", 4096, 512, raw_frac=1.5)
     jax.clear_caches()
+
+
+def test_prose_requests_seeded_split_and_varied():
+    """The prose requests the exit heads' prose rows answer: seeded, from one split's files only, of
+    every kind, with word problems about one request in six."""
+    held = list(prose_requests("heldout"))
+    assert held == list(prose_requests("heldout"))
+    assert held[:50] != list(itertools.islice(prose_requests("heldout", seed=1), 50))
+    assert all(isinstance(r, str) and r.strip() for r in held)
+    starts = ("Explain in plain English", "Summarize the following", "Translate the following text into",
+              "Here is the documentation of", "Write a short, friendly introduction")
+    for start in starts:
+        assert any(r.startswith(start) for r in held), start
+    math = [r for r in held if not r.startswith(starts)]
+    assert 0.08 < len(math) / len(held) < 0.25
+    assert all(re.search(r"\d", r) and ("step" in r or "work" in r) for r in math)
+    # Requests about files are never shared between the splits (the word problems are not about files).
+    train = set(prose_requests("train"))
+    assert not {r for r in held if r.startswith(starts)} & train
