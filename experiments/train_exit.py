@@ -18,8 +18,9 @@ Steps (each resumable: features are cached in --work; rerunning skips what is th
     python experiments/train_exit.py --train-tokens 32768 --prose-frac 0.5 --layers 14 20 24 \
         --compare checkpoints/exit_default_target --checkpoint /tmp/exit_prose
 
-Writes checkpoints/exit_default_target/, experiments/results/exit_train.{json,md,png} and
-experiments/results/exit_train_log.jsonl. `--tiny` runs everything on random tiny models (smoke).
+Writes --checkpoint (default checkpoints/exit_default_target/), experiments/results/<name>.{json,md,png}
+and experiments/results/<name>_log.jsonl (--name, default exit_train). `--tiny` runs everything on random
+tiny models (smoke).
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def prose_rows(target, tok, split: str, num_tokens: int, seq_len: int, work: Pat
     """[N, seq_len] rows (N = num_tokens // seq_len) cut from one token stream of exchanges: a prose
     request (`prose_requests(split)`, at most `max_prompt` tokens in the target's chat template)
     followed by the target's own greedy answer of up to `new_tokens` tokens, generated `batch` at a
-    time. Exchanges are appended to work/prose_<split>_s<seed>_n<new_tokens>.jsonl as they are made,
-    so an interrupted run resumes (and a rerun reuses them)."""
+    time. After each batch every exchange so far is written to work/prose_<split>_s<seed>_n<new_tokens>.jsonl
+    (the whole file, replaced atomically), so an interrupted run resumes after its last batch and a
+    rerun reuses them; the rows depend only on the requests and the target's greedy answers."""
     from tqdm import tqdm
 
     from mirror_jax.corpus import prose_requests

@@ -262,3 +262,48 @@ def test_prose_requests_seeded_split_and_varied():
     # Requests about files are never shared between the splits (the word problems are not about files).
     train = set(prose_requests("train"))
     assert not {r for r in held if r.startswith(starts)} & train
+
+
+def test_prose_rows_generate_cache_and_resume(models, tmp_path, monkeypatch):
+    """train_exit's prose rows: requests + the model's greedy answers, cut into rows; cached after
+    each batch, so a rerun generates nothing and a run cut short resumes to the same rows."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import train_exit
+
+    from mirror_jax.engine import autoregressive
+
+    (cfg, params), _ = models
+    target = types.SimpleNamespace(cfg=cfg, params=params, chat_template="x")
+
+    class CharTok:  # one token per character, inside the tiny vocabulary
+        def apply_chat_template(self, msgs, chat_template=None, add_generation_prompt=True, tokenize=False):
+            return "".join(f"<{m['role']}>{m['content'][:40]}" for m in msgs) + "<assistant>"
+
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) % cfg.vocab_size for c in text]
+
+    kw = dict(new_tokens=6, batch=2, max_prompt=1000)
+    rows = train_exit.prose_rows(target, CharTok(), "heldout", 5 * 32, 32, tmp_path, **kw)
+    assert rows.shape == (5, 32) and rows.dtype == np.int32
+    cache = tmp_path / "prose_heldout_s0_n6.jsonl"
+    recs = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert len(recs) % 2 == 0 and [r["request"] for r in recs] == sorted({r["request"] for r in recs})
+    first = next(prose_requests("heldout"))
+    prompt = CharTok().encode(CharTok().apply_chat_template([{"role": "user", "content": first}]))
+    assert recs[0]["ids"][: recs[0]["prompt_len"]] == prompt
+    answer = autoregressive.generate_ar(cfg, params, [prompt], 6).tokens[0]
+    assert recs[0]["ids"][recs[0]["prompt_len"]:] == list(answer)  # the model's own greedy answer
+    np.testing.assert_array_equal(rows.ravel(), [t for r in recs for t in r["ids"]][: 5 * 32])
+
+    def no_generation(*a, **k):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(autoregressive, "generate_ar", no_generation)
+    np.testing.assert_array_equal(train_exit.prose_rows(target, CharTok(), "heldout", 5 * 32, 32, tmp_path, **kw),
+                                  rows)  # a rerun reads the cache
+    monkeypatch.undo()
+    cache.write_text("".join(json.dumps(r) + "\n" for r in recs[:2]))  # a run cut after its first batch
+    np.testing.assert_array_equal(train_exit.prose_rows(target, CharTok(), "heldout", 5 * 32, 32, tmp_path, **kw),
+                                  rows)
+    assert [json.loads(line) for line in cache.read_text().splitlines()] == recs
+
