@@ -102,9 +102,9 @@ def prose_rows(target, tok, split: str, num_tokens: int, seq_len: int, work: Pat
     have = sum(len(d["ids"]) for d in done)
     need = n_rows * seq_len
     requests = prose_requests(split, seed)
-    for _ in range(done[-1]["request"] + 1 if done else 0):
+    count = done[-1]["request"] + 1 if done else 0  # requests consumed so far (answered or too long)
+    for _ in range(count):
         next(requests)  # the requests already answered (their order is seeded)
-    count = done[-1]["request"] + 1 if done else 0
     bar = tqdm(total=need, initial=min(have, need), desc=f"target answers ({split})")
     while have < need:
         todo = []

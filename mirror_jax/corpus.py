@@ -82,7 +82,9 @@ def chat_items(split: str, seed: int = 0, max_chars: int = 3000) -> Iterator[lis
 LANGUAGES = ("French", "German", "Spanish", "Chinese", "Japanese", "Russian", "Portuguese", "Italian")
 
 def _math_problem(rng: np.random.Generator) -> str:
-    """One arithmetic word problem with numbers drawn from `rng` (each has a whole-number answer path)."""
+    """One arithmetic word problem with numbers drawn from `rng`, chosen so the problem is consistent
+    (a third of a multiple of 3, a sum and difference of the same two numbers, a positive width);
+    answers need not be whole numbers (average speeds, prices)."""
     a, b, c, d = (int(x) for x in rng.integers(3, 120, size=4))
     problems = (
         f"A bakery sells {a} loaves a day at ${b} each and pays ${c} a day in rent. How much does it earn "
@@ -113,8 +115,8 @@ def prose_requests(split: str, seed: int = 0, max_chars: int = 1500) -> Iterator
     rng = np.random.default_rng(seed)
     items = []
     for mod, src, tree in _parsed_modules(split):
-        if ast.get_docstring(tree):
-            items.append(("module", mod, ast.get_docstring(tree)[:max_chars]))
+        if mod_doc := ast.get_docstring(tree):
+            items.append(("module", mod, mod_doc[:max_chars]))
         for node in _definitions(tree):
             doc = ast.get_docstring(node)
             code = ast.get_source_segment(src, node) or ""
