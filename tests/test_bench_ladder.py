@@ -3,6 +3,7 @@ round-time model, and the GPU timing kit's CPU path (--tiny)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -158,6 +159,65 @@ def test_gpu_kit_tiny_cpu_path(tiny_run, tmp_path):
     md = (tmp_path / "gpu_kit_tiny.md").read_text()
     assert "PROJECTED" in md and "MODELED" in md and "of the device's measured copy bandwidth" in md
     assert "## Batch scaling" in md
+
+
+def _gpu_script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / "gpu" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_kit_reads_acceptance_from_bench_methods(tmp_path):
+    """A bench_methods.py run feeds the kit's projections: sd's tokens per round, and Mirror-SD's
+    fallback as 1 - the hit rate with the most branches measured (the kit rolls out more), from the
+    mirror row that falls back least; its exit layer becomes the configurations' prefix/suffix split."""
+    kit = _gpu_script("run_gpu_kit")
+    hits_a, hits_b = [0.3, 0.4, 0.5, 0.6], [0.2, 0.3, 0.35, 0.4]
+    run = {"args": {"gamma": 4, "kappa": 4}, "results": [
+        {"method": "ar", "mean_tokens_per_round": None, "rounds": None, "hit_rate_by_budget": None},
+        {"method": "sd", "mean_tokens_per_round": 2.8, "rounds": 109, "hit_rate_by_budget": None},
+        {"method": "mirror_b2", "mean_tokens_per_round": 2.7, "rounds": 108, "fallback_rate": 0.65,
+         "hit_rate_by_budget": hits_b, "exit": [14, "trained"], "omega_kappa": 0.8},
+        {"method": "mirror_b2_x", "mean_tokens_per_round": 2.8, "rounds": 109, "fallback_rate": 0.59,
+         "hit_rate_by_budget": hits_a, "exit": [24, "trained"], "omega_kappa": 0.85}]}
+    path = tmp_path / "bench_methods_x.json"
+    path.write_text(json.dumps(run))
+    acc = kit.load_acceptance(str(path))
+    assert acc["source"] == str(path)
+    assert acc["methods"]["sd_ar"]["mean_tokens_per_round"] == 2.8 and acc["methods"]["sd_ar"]["gamma"] == 4
+    m = acc["methods"]["mirror_ar"]
+    assert m["fallback_rate"] == pytest.approx(1 - 0.6) and m["fallback_rate_at_cpu_budget"] == 0.59
+    assert m["exit_layer"] == 24 and m["mean_tokens_per_round"] == 2.8
+    configs = kit.default_configs("quick", acc, True, 1)
+    assert [c.exit_layer for c in configs] == [24, 24] and all(c.gamma == 4 for c in configs)
+    assert [c.exit_layer for c in kit.default_configs("quick", acc, True, 1, exit_layer=10)] == [10, 10]
+    assert all(c.exit_layer is None for c in kit.default_configs("quick", None, True, 1))
+
+
+def test_probe_step_tiny_cpu_path(tmp_path):
+    """experiments/gpu/probe_step_gpu.py --tiny: the decode step against the measured bandwidth, the
+    matmul-only chain, the forward-cost curve and a kernel profile from the trace, on the CPU."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, str(REPO / "experiments" / "gpu" / "probe_step_gpu.py"), "--tiny", "--out", str(tmp_path),
+           "--tokens", "1", "5"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    p = json.loads((tmp_path / "probe_step_gpu_tiny.json").read_text())
+    (res,) = p["results"]
+    assert "error" not in res, res
+    step_bytes = res["weight_bytes"] + res["kv_bytes"]
+    assert res["ar_step_ms"] > 0 and res["matmul_chain_ms"] > 0
+    assert res["ar_gbs"] == pytest.approx(step_bytes / res["ar_step_ms"] / 1e6)
+    assert res["ar_fraction_of_copy"] == pytest.approx(res["ar_gbs"] / res["copy_gbs"])
+    assert set(res["forward_ms_by_tokens"]) == {"1", "5"}
+    assert res["forward_cost_vs_step"]["5"] == pytest.approx(res["forward_ms_by_tokens"]["5"] / res["ar_step_ms"])
+    prof = res["profile"]  # on the CPU: the XLA thunks of the host plane
+    assert prof["device_busy_ms_per_step"] > 0 and prof["top"] and prof["steps"] == 3
+    assert prof["device_busy_ms_per_step"] == pytest.approx(sum(g["ms_per_step"] for g in prof["groups"].values()))
+    md = (tmp_path / "probe_step_gpu_tiny.md").read_text()
+    assert "matmul-only chain" in md and "forward over T tokens" in md and "Kernel profile" in md
 
 
 def test_results_say_when_the_code_was_not_the_recorded_commit(tmp_path):

@@ -57,6 +57,7 @@ class KitConfig:
     kappa: int
     budget: int
     draft_dtype: str = "bfloat16"  # float32 for a host-CPU draft (bf16 matmuls are slow on CPU)
+    exit_layer: int | None = None  # the prefix/suffix split; None: half the target's layers
 
 
 def model_cfg(shape: str):
@@ -160,6 +161,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
     p_t = get_model(kc.target, cfg_t, tdt, pl.target)
     p_d = get_model(kc.draft, cfg_d, ddt, pl.draft)
     g, kappa = kc.gamma, kc.kappa
+    l_e = min(kc.exit_layer or cfg_t.num_layers // 2, cfg_t.num_layers - 1)
     cap = ctx + 4 * g + 64
     cap = -(-cap // 128) * 128
     samp = SamplingParams().arrays(row=0)
@@ -178,7 +180,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
 
     last_t, last_d = pl.to_target(last_np), pl.to_draft(last_np)
     win_t, win_d = pl.to_target(win_np), pl.to_draft(win_np)
-    res.update(ctx=ctx, capacity=cap)
+    res.update(ctx=ctx, capacity=cap, exit_layer=l_e)
     ph = res["phases_ms"]
 
     def timed(name, fn, setup):
@@ -227,7 +229,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
 
     # mirror: prefix, channel_ee, rollout, suffix, verify, channel_fv, select (reuse / fallback)
     def prefix(cache):
-        hidden, ch, state["ct"] = F.target_prefix(cfg_t, p_t, cache, last_t, win_t, exit_layer=cfg_t.num_layers // 2,
+        hidden, ch, state["ct"] = F.target_prefix(cfg_t, p_t, cache, last_t, win_t, exit_layer=l_e,
                                                   kappa=kappa)
         return hidden, ch
 
@@ -235,7 +237,7 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
     ch_d = timed("channel_ee", lambda x: pl.to_draft(x), lambda: (ch.channel,))
 
     def suffix(cache):
-        lg, state["ct"] = F.target_suffix(cfg_t, p_t, hidden, cache, exit_layer=cfg_t.num_layers // 2)
+        lg, state["ct"] = F.target_suffix(cfg_t, p_t, hidden, cache, exit_layer=l_e)
         return lg
 
     timed("suffix", suffix, lambda: (reset(), state["ct"])[1:])
@@ -271,11 +273,11 @@ def measure_config(kc: KitConfig, ctx: int, iters: int, budget: Budget, models: 
         # Whole rounds as the engine dispatches them: nothing blocks until the final device_get.
         def mirror_round(ct, cd, ss_kw=ss_kw, a_hit=a_hit, c_hit=c_hit):
             wt = pl.to_target(win_d)
-            hidden, ch, ct = F.target_prefix(cfg_t, p_t, ct, last_t, wt, exit_layer=cfg_t.num_layers // 2,
+            hidden, ch, ct = F.target_prefix(cfg_t, p_t, ct, last_t, wt, exit_layer=l_e,
                                              kappa=kappa)
             chd = pl.to_draft(ch.channel)
             br = F.draft_rollout(cfg_d, p_d, cd, last_d, win_d, chd, samp_d, budget=kc.budget, **ss_kw)
-            lg, ct = F.target_suffix(cfg_t, p_t, hidden, ct, exit_layer=cfg_t.num_layers // 2)
+            lg, ct = F.target_suffix(cfg_t, p_t, hidden, ct, exit_layer=l_e)
             r, ct = F.verify(lg, wt, None, ct, samp_t, ch.top_ids, rule="greedy")
             a, c = pl.to_draft((r.a, r.c))
             # Random weights decide nothing useful: force the reuse branch (the fallback cost is added
@@ -398,6 +400,8 @@ def load_acceptance(path: str | None) -> dict | None:
     if not path:
         return None
     d = json.loads(Path(path).read_text())
+    if "results" in d and "args" in d:  # an experiments/bench_methods.py run
+        return {**acceptance_from_bench_methods(d), "source": str(path)}
     if "aggregate" in d:  # a ladder results.json
         from mirror_jax.bench.aggregate import acceptance_summary
 
@@ -405,6 +409,25 @@ def load_acceptance(path: str | None) -> dict | None:
     if "methods" not in d:
         raise ValueError(f"{path}: neither an acceptance.json nor a ladder results.json")
     return d
+
+
+def acceptance_from_bench_methods(d: dict) -> dict:
+    """A `bench_methods.py` run (real weights, CPU) -> the kit's acceptance format: sd's tokens per round,
+    and for Mirror-SD the mirror row with the most branches measured, its fallback rate taken as
+    1 - (hit rate at the largest budget reported): conservative for the kit's kappa*(gamma+1) branches."""
+    args, rows = d["args"], d["results"]
+    sd = next(r for r in rows if r["method"] == "sd")
+    mirrors = [r for r in rows if r["method"].startswith("mirror") and r.get("hit_rate_by_budget")]
+    common = {"gamma": args.get("gamma"), "kappa": args.get("kappa")}
+    methods = {"sd_ar": {**common, "mean_tokens_per_round": sd["mean_tokens_per_round"], "rounds": sd["rounds"]}}
+    if mirrors:
+        m = min(mirrors, key=lambda r: r["fallback_rate"])
+        hits = m["hit_rate_by_budget"]
+        methods["mirror_ar"] = {**common, "mean_tokens_per_round": m["mean_tokens_per_round"], "rounds": m["rounds"],
+                                "fallback_rate": 1.0 - hits[-1], "fallback_rate_at_cpu_budget": m["fallback_rate"],
+                                "fallback_from": f"{m['method']}: 1 - hit rate with {len(hits)} branches",
+                                "omega_kappa": m.get("omega_kappa"), "exit_layer": (m.get("exit") or [None])[0]}
+    return {"methods": methods, "kappa": args.get("kappa")}
 
 
 def project(res: dict, acc: dict | None) -> dict:
@@ -443,12 +466,20 @@ def project(res: dict, acc: dict | None) -> dict:
 
 
 def default_configs(mode: str, acc: dict | None, have_gpu: bool, n_cpu: int, gamma: int | None = None,
-                    kappa: int | None = None) -> list[KitConfig]:
+                    kappa: int | None = None, exit_layer: int | None = None) -> list[KitConfig]:
     """gamma: --gamma, else the acceptance file's (so tokens/round fit the window), else 7; kappa:
     --kappa, else the paper's 8 (more candidates than the CPU run only lowers the fallback rate)."""
     if acc and gamma is None:
         gs = [m.get("gamma") for m in acc.get("methods", {}).values() if m.get("gamma")]
         gamma = gs[0] if gs else None
+    if acc and exit_layer is None:
+        ls = [m.get("exit_layer") for m in acc.get("methods", {}).values() if m.get("exit_layer")]
+        exit_layer = ls[0] if ls else None
+    configs = _configs(mode, have_gpu, n_cpu, gamma, kappa)
+    return [dataclasses.replace(c, exit_layer=exit_layer) for c in configs]
+
+
+def _configs(mode: str, have_gpu: bool, n_cpu: int, gamma: int | None, kappa: int | None) -> list[KitConfig]:
     if mode == "tiny":
         g = gamma or 4
         out = [KitConfig("tiny one device", "tiny-target", "tiny-draft", "cpu:0", g, 4, 4, "float32")]
@@ -482,7 +513,8 @@ def to_markdown(payload: dict) -> str:
     for r in payload["results"]:
         c = r["config"]
         lines.append(f"\n## {c['name']} ({c['target']} / {c['draft']}, placement {c['placement']}, gamma={c['gamma']}, "
-                     f"kappa={c['kappa']}, branches={c['budget']})\n\n")
+                     f"kappa={c['kappa']}, branches={c['budget']}, "
+                     f"exit layer {r.get('exit_layer', c.get('exit_layer'))})\n\n")
         if "error" in r:
             lines.append(f"Incomplete: {r['error']}\n\n")
         if not r.get("phases_ms"):
@@ -525,6 +557,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=None, help="timed calls per phase (default 20; quick 8)")
     ap.add_argument("--gamma", type=int, default=None, help="draft window (default: the acceptance file's, else 7)")
     ap.add_argument("--kappa", type=int, default=None, help="early-exit candidates (default 8; tiny 4)")
+    ap.add_argument("--exit-layer", type=int, default=None,
+                    help="prefix/suffix split (default: the acceptance file's exit layer, else half the layers)")
     ap.add_argument("--no-ss", action="store_true", help="skip the SS-draft variants")
     ap.add_argument("--batches", type=int, nargs="*", default=None,
                     help="batch sizes of the batch-scaling part (default 1 4 8; tiny 1 4; none: skip it)")
@@ -553,7 +587,8 @@ def main(argv=None) -> int:
         notes.append("SS draft: a random LoRA adapter (2 streams, 2 MSA layers, rank 16); timing only")
     ctx = args.ctx or (32 if mode == "tiny" else 512)
     iters = args.iters or (3 if mode == "tiny" else 8 if mode == "quick" else 20)
-    configs = default_configs(mode, acc, have_gpu, len(jax.devices("cpu")), args.gamma, args.kappa)
+    configs = default_configs(mode, acc, have_gpu, len(jax.devices("cpu")), args.gamma, args.kappa,
+                              args.exit_layer)
     if acc is None:
         notes.append("no --acceptance file: projections use 1 token/round and fallback 1.0 placeholders")
     print(f"GPU kit ({mode}): {len(configs)} configurations, budget {args.budget_s:.0f}s, devices {jax.devices()}",
