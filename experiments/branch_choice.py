@@ -13,12 +13,19 @@ cross-validation, so that their figure is one for prompts the fit did not see.
 
     python experiments/branch_choice.py --prompts 8 --max-new-tokens 96
 
-Writes experiments/results/branch_choice.{json,md,png}.
+Other text: ``--corpus prose`` (requests whose answers are prose, `mirror_jax.corpus.prose_requests`,
+held-out split) or ``--corpus specbench`` (SpecBench questions: EVALUATION ONLY, nothing is fitted
+on their rounds). ``--pool FILE ...`` adds the rounds recorded by earlier runs (their JSON) to the
+fit ("pooled": refit without each of this run's prompts, or on the pool alone for SpecBench), and
+``--weights NAME=b,w_exit,w_draft`` scores fixed weights beside the library's.
+
+Writes experiments/results/<name>.{json,md,png} (default name branch_choice).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -90,6 +97,41 @@ def rank_of(scores, cand_ids, a: int, c: int) -> int:
     return branch_rank(scores, cand_ids, a, c)
 
 
+def loo_ranks(records, pool=()) -> list[int]:
+    """Ranks of each round's (A, c) under weights fitted on `pool` plus this run's other prompts
+    (leave one prompt out): an honest estimate for prompts the fit did not see."""
+    out = []
+    for p in sorted({r["prompt"] for r in records}):
+        w = fit_accept(list(pool) + [r for r in records if r["prompt"] != p])
+        out += [rank_of(logistic_scores(r, w), r["cand_ids"], r["a"], r["c"]) for r in records if r["prompt"] == p]
+    return out
+
+
+def held_out_prompts(args, tok, chat_template) -> list[list[int]]:
+    """Token ids of the run's prompts (chat template applied): held-out stdlib chat requests, held-out
+    prose requests, or SpecBench first turns (`--tasks`, an equal number per category)."""
+    from mirror_jax.corpus import chat_items, prose_requests
+    from mirror_jax.tokenizer import apply_chat_template
+
+    if args.corpus == "specbench":
+        from mirror_jax.bench.questions import load_questions
+
+        qs = load_questions(categories=args.tasks, limit_per_category=args.prompts // len(args.tasks))
+        texts = [q["turns"][0] for q in qs]
+    elif args.corpus == "prose":
+        texts = prose_requests("heldout", seed=args.seed)
+    else:
+        texts = (msgs[0]["content"] for msgs in chat_items("heldout", seed=args.seed))
+    prompts = []
+    for text in texts:
+        ids = apply_chat_template(tok, [{"role": "user", "content": text}], chat_template)
+        if len(ids) <= args.max_prompt_tokens or args.corpus == "specbench":
+            prompts.append(ids)
+        if len(prompts) == args.prompts:
+            break
+    return prompts
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=8)
@@ -100,7 +142,15 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default="branch_choice")
     ap.add_argument("--repeats", type=int, default=5, help="timed repeats per budget")
     ap.add_argument("--seed", type=int, default=1, help="order of the held-out prompts")
+    ap.add_argument("--corpus", choices=["chat", "prose", "specbench"], default="chat",
+                    help="held-out stdlib chat prompts, held-out prose requests, or SpecBench (evaluation only)")
+    ap.add_argument("--tasks", nargs="+", default=["mt_bench", "translation", "summarization", "qa",
+                                                   "math_reasoning", "rag"], help="SpecBench categories")
+    ap.add_argument("--pool", nargs="*", default=[], help="JSON of earlier runs whose rounds join the fit")
+    ap.add_argument("--weights", nargs="*", default=[], help="NAME=b,w_exit,w_draft: fixed weights to score")
     args = ap.parse_args(argv)
+    if args.corpus == "specbench" and args.prompts % len(args.tasks):
+        ap.error("--prompts must be a multiple of the number of --tasks for --corpus specbench")
 
     import jax
     import jax.numpy as jnp
@@ -110,18 +160,16 @@ def main(argv=None) -> int:
     import matplotlib.pyplot as plt
     from tqdm import tqdm
 
-    from mirror_jax.bench.report import machine_info, machine_md, markdown_table, median_ms, write_results
-    from mirror_jax.corpus import chat_items
+    from mirror_jax.bench.report import machine_info, machine_md, markdown_table, write_results
     from mirror_jax.engine.api import resolve_exit, resolve_settings
     from mirror_jax.engine.placement import Placement
     from mirror_jax.engine.prefill import cache_capacity
     from mirror_jax.engine.speculative import DraftModel, PhaseTimer, SpecDecoder, TargetModel
     from mirror_jax.engine.stats import hit_rate_by_budget
     from mirror_jax.loading import default_pair
-    from mirror_jax.rounds.draft import ACCEPT_LOGIT, branch_scores, draft_propose, draft_rollout
+    from mirror_jax.rounds.draft import ACCEPT_LOGIT, branch_scores
     from mirror_jax.rounds.payloads import Channel
     from mirror_jax.sampling import SamplingParams
-    from mirror_jax.tokenizer import apply_chat_template
 
     info = machine_info()
     target, draft, tok = default_pair(jnp.float32)
@@ -130,13 +178,7 @@ def main(argv=None) -> int:
     s = resolve_settings("mirror", target.cfg, pl, gamma=None, kappa=None, exit_layer=exit_layer,
                          branch_budget=args.budget, verifier=None, sampling=SamplingParams(), profile=False,
                          allow_full_exit=False)
-    prompts = []
-    for msgs in chat_items("heldout", seed=args.seed):
-        ids = apply_chat_template(tok, msgs[:1], target.chat_template)
-        if len(ids) <= args.max_prompt_tokens:
-            prompts.append(ids)
-        if len(prompts) == args.prompts:
-            break
+    prompts = held_out_prompts(args, tok, target.chat_template)
     cap = cache_capacity(max(map(len, prompts)), args.max_new_tokens, s.margin())
     tgt = TargetModel(*pl.place_target(target.cfg, target.params), exit_head=pl.to_target(head))
     drf = DraftModel(*pl.place_draft(draft.cfg, draft.params))
@@ -179,17 +221,95 @@ def main(argv=None) -> int:
         curves[rule] = hit_rate_by_budget(ranks, MAX_BUDGET)
     ranks = [rank_of(logistic_scores(r, ACCEPT_LOGIT), r["cand_ids"], r["a"], r["c"]) for r in records]
     curves["logistic, library weights"] = hit_rate_by_budget(ranks, MAX_BUDGET)
-    cv_ranks = []  # refit without each prompt, score that prompt: an honest estimate for new prompts
-    for p in sorted({r["prompt"] for r in records}):
-        w = fit_accept([r for r in records if r["prompt"] != p])
-        cv_ranks += [rank_of(logistic_scores(r, w), r["cand_ids"], r["a"], r["c"])
-                     for r in records if r["prompt"] == p]
-    curves["logistic, refit (leave-one-prompt-out)"] = hit_rate_by_budget(cv_ranks, MAX_BUDGET)
-    fitted = fit_accept(records).round(3).tolist()
+    pool = [r for f in args.pool for r in json.loads(open(f).read())["records"]]
+    fit_here = args.corpus != "specbench"  # SpecBench rounds are scored, never fitted on
+    weights = {"library": list(ACCEPT_LOGIT)}
+    if fit_here:
+        curves["logistic, refit (leave-one-prompt-out)"] = hit_rate_by_budget(loo_ranks(records), MAX_BUDGET)
+        weights["refit_all"] = fit_accept(records).round(3).tolist()
+    if pool:
+        name = "logistic, pooled with --pool (leave-one-prompt-out)" if fit_here else "logistic, fit on --pool"
+        curves[name] = hit_rate_by_budget(loo_ranks(records, pool) if fit_here else
+                                          [rank_of(logistic_scores(r, fit_accept(pool)), r["cand_ids"], r["a"], r["c"])
+                                           for r in records], MAX_BUDGET)
+        weights["pooled"] = fit_accept(pool + (records if fit_here else [])).round(3).tolist()
+    for spec in args.weights:
+        label, _, vals = spec.partition("=")
+        w = [float(x) for x in vals.split(",")]
+        curves[f"logistic, {label} {w}"] = hit_rate_by_budget(
+            [rank_of(logistic_scores(r, w), r["cand_ids"], r["a"], r["c"]) for r in records], MAX_BUDGET)
+        weights[label] = w
+    fitted = weights.get("refit_all")
 
     # What a budget costs: the rollout (budget rows, in the overlap window) and the fallback chain
     # (on the critical path), timed on a real draft state; the draft-side round cost on one device is
     # rollout(b) + (1 - hit(b)) * chain, with hit(b) the cross-validated rate for unseen prompts.
+    budget_rows = cost_rows(args, dec, drf, pl, s, prompts, records, curves) if args.repeats > 0 else []
+    rows = [{"rule": rule, **{f"b{n}": hr[n - 1] for n in range(1, MAX_BUDGET + 1)}} for rule, hr in curves.items()]
+    a_hist = np.bincount([r["a"] for r in records], minlength=s.gamma + 1).tolist()
+    engine_hit = float(np.mean([r["hit"] for r in records]))
+    what = {"chat": "held-out stdlib prompts", "prose": "held-out prose requests",
+            "specbench": f"SpecBench {', '.join(args.tasks)}: evaluation only"}[args.corpus]
+
+    cols = ["rule"] + [f"b{n}" for n in range(1, MAX_BUDGET + 1)]
+    md = (f"# Branch choice: hit rate by budget (default pair, {what})\n{machine_md(info)}\n\n"
+          f"Settings: gamma={s.gamma}, kappa={s.kappa}, exit layer {s.exit_layer} (trained head), engine budget "
+          f"{s.branch_budget}; {len(prompts)} prompts, {len(records)} rounds, accepted-length histogram {a_hist}; "
+          f"engine hit rate {engine_hit:.3f}. Command: `python experiments/branch_choice.py "
+          f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
+          "b<n>: fraction of rounds whose (A, c) is among the n best-scored branches (a budget-n rollout reuses). "
+          "'oracle A' knows A and ranks only the candidates at that depth (the bound a better P(A = r) could "
+          "reach); the rest of the gap is Omega (c outside the early-exit top-kappa). 'logistic': P(accept d_j) = "
+          "sigmoid(b + w_exit p_exit(d_j) + w_draft q_draft(d_j)) (`mirror_jax.rounds.draft.branch_scores`); "
+          f"weights (b, w_exit, w_draft): {weights}"
+          + (f"; pooled: fitted with the rounds of {args.pool}" if pool else "") + ".\n\n"
+          + markdown_table(rows, cols, {c: "{:.3f}" for c in cols[1:]}))
+    if budget_rows:
+        md += (f"\n\nWhat a budget costs (ms, median of {args.repeats}; rollout of b branch rows over the shared "
+               "cache; the fallback chain runs on the critical path when the branch misses). draft_side_ms = rollout "
+               "+ (1 - hit) x chain: the draft's share of a round on one device.\n\n"
+               + markdown_table(budget_rows, ["budget", "rollout_ms", "hit_rate_cv", "fallback_chain_ms",
+                                              "draft_side_ms"],
+                                {"rollout_ms": "{:.1f}", "hit_rate_cv": "{:.3f}", "fallback_chain_ms": "{:.1f}",
+                                 "draft_side_ms": "{:.1f}"}))
+    payload = {"machine": info, "corpus": args.corpus, "settings": {"gamma": s.gamma, "kappa": s.kappa,
+                                                                    "exit_layer": s.exit_layer,
+                                                                    "budget": s.branch_budget},
+               "prompts": len(prompts), "rounds": len(records), "accepted_hist": a_hist, "engine_hit_rate": engine_hit,
+               "decode_s": decode_s, "hit_rate_by_budget": curves,
+               "accept_logit": {**weights, "refit_all": fitted}, "budget_cost": budget_rows,
+               "records": records,
+               "command": "python experiments/branch_choice.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    jp, mp = write_results(args.out, args.name, payload, md)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    budgets = np.arange(1, MAX_BUDGET + 1)
+    for rule, hr in curves.items():
+        ax.plot(budgets, hr, marker="o", label=rule, linestyle="--" if "oracle" in rule else "-")
+    ax.set_xlabel("branch budget (branches rolled out per round)")
+    ax.set_ylabel("hit rate (next window reused)")
+    ax.set_title(f"Branch choice, {len(records)} Mirror-SD rounds (gamma {s.gamma}, kappa {s.kappa})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, f"{args.name}.png"), dpi=120)
+    print(md)
+    print(f"wrote {jp}, {mp}")
+    return 0
+
+
+def cost_rows(args, dec, drf, pl, s, prompts, records, curves) -> list[dict]:
+    """What a budget costs: the rollout (budget rows, in the overlap window) and the fallback chain
+    (on the critical path), timed on a real draft state; the draft-side round cost on one device is
+    rollout(b) + (1 - hit(b)) * chain, with hit(b) the cross-validated rate for unseen prompts (the
+    library weights' where nothing was fitted)."""
+    import jax
+    import jax.numpy as jnp
+    from tqdm import tqdm
+
+    from mirror_jax.bench.report import median_ms
+    from mirror_jax.rounds.draft import draft_propose, draft_rollout
+    from mirror_jax.rounds.payloads import Channel
+
     _, st = dec.start(prompts[0])
     r0 = records[0]
     ch = pl.to_draft(Channel(cand_ids=jnp.asarray(r0["cand_ids"]), cand_lp=jnp.asarray(r0["cand_lp"], jnp.float32),
@@ -209,54 +329,10 @@ def main(argv=None) -> int:
 
     copy_ms = median_ms(lambda: jax.tree.map(jnp.copy, st.cache_d), repeats=args.repeats)
     chain_ms = median_ms(chain, repeats=args.repeats) - copy_ms
-    hit_cv = curves["logistic, refit (leave-one-prompt-out)"]
-    budget_rows = [{"budget": b, "rollout_ms": cost[b - 1], "hit_rate_cv": hit_cv[b - 1],
-                    "fallback_chain_ms": chain_ms, "draft_side_ms": cost[b - 1] + (1 - hit_cv[b - 1]) * chain_ms}
-                   for b in range(1, MAX_BUDGET + 1)]
-    rows = [{"rule": rule, **{f"b{n}": hr[n - 1] for n in range(1, MAX_BUDGET + 1)}} for rule, hr in curves.items()]
-    a_hist = np.bincount([r["a"] for r in records], minlength=s.gamma + 1).tolist()
-    engine_hit = float(np.mean([r["hit"] for r in records]))
-
-    cols = ["rule"] + [f"b{n}" for n in range(1, MAX_BUDGET + 1)]
-    md = (f"# Branch choice: hit rate by budget (default pair, held-out stdlib prompts)\n{machine_md(info)}\n\n"
-          f"Settings: gamma={s.gamma}, kappa={s.kappa}, exit layer {s.exit_layer} (trained head), engine budget "
-          f"{s.branch_budget}; {len(prompts)} prompts, {len(records)} rounds, accepted-length histogram {a_hist}; "
-          f"engine hit rate {engine_hit:.3f}. Command: `python experiments/branch_choice.py "
-          f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n"
-          "b<n>: fraction of rounds whose (A, c) is among the n best-scored branches (a budget-n rollout reuses). "
-          "'oracle A' knows A and ranks only the candidates at that depth (the bound a better P(A = r) could "
-          "reach); the rest of the gap is Omega (c outside the early-exit top-kappa). 'logistic': P(accept d_j) = "
-          "sigmoid(b + w_exit p_exit(d_j) + w_draft q_draft(d_j)) (`mirror_jax.rounds.draft.branch_scores`, weights "
-          f"{list(ACCEPT_LOGIT)}); refit on all these rounds: {fitted}.\n\n"
-          + markdown_table(rows, cols, {c: "{:.3f}" for c in cols[1:]})
-          + f"\n\nWhat a budget costs (ms, median of {args.repeats}; rollout of b branch rows over the shared "
-          "cache; the fallback chain runs on the critical path when the branch misses). draft_side_ms = rollout + "
-          "(1 - hit) x chain: the draft's share of a round on one device.\n\n"
-          + markdown_table(budget_rows, ["budget", "rollout_ms", "hit_rate_cv", "fallback_chain_ms", "draft_side_ms"],
-                           {"rollout_ms": "{:.1f}", "hit_rate_cv": "{:.3f}", "fallback_chain_ms": "{:.1f}",
-                            "draft_side_ms": "{:.1f}"}))
-    payload = {"machine": info, "settings": {"gamma": s.gamma, "kappa": s.kappa, "exit_layer": s.exit_layer,
-                                             "budget": s.branch_budget},
-               "prompts": len(prompts), "rounds": len(records), "accepted_hist": a_hist, "engine_hit_rate": engine_hit,
-               "decode_s": decode_s, "hit_rate_by_budget": curves,
-               "accept_logit": {"library": list(ACCEPT_LOGIT), "refit_all": fitted}, "budget_cost": budget_rows,
-               "records": records,
-               "command": "python experiments/branch_choice.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    jp, mp = write_results(args.out, args.name, payload, md)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    budgets = np.arange(1, MAX_BUDGET + 1)
-    for rule, hr in curves.items():
-        ax.plot(budgets, hr, marker="o", label=rule, linestyle="--" if "oracle" in rule else "-")
-    ax.set_xlabel("branch budget (branches rolled out per round)")
-    ax.set_ylabel("hit rate (next window reused)")
-    ax.set_title(f"Branch choice, {len(records)} Mirror-SD rounds (gamma {s.gamma}, kappa {s.kappa})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(args.out, f"{args.name}.png"), dpi=120)
-    print(md)
-    print(f"wrote {jp}, {mp}")
-    return 0
+    hit_cv = curves.get("logistic, refit (leave-one-prompt-out)") or curves["logistic, library weights"]
+    return [{"budget": b, "rollout_ms": cost[b - 1], "hit_rate_cv": hit_cv[b - 1],
+             "fallback_chain_ms": chain_ms, "draft_side_ms": cost[b - 1] + (1 - hit_cv[b - 1]) * chain_ms}
+            for b in range(1, MAX_BUDGET + 1)]
 
 
 if __name__ == "__main__":
