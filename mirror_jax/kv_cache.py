@@ -57,17 +57,13 @@ class KVCache:
 def init_cache(cfg: ModelConfig, batch: int, capacity: int, dtype=jnp.float32, device=None) -> KVCache:
     shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
 
-    def z():
-        a = jnp.zeros(shape, dtype)
-        return jax.device_put(a, device) if device is not None else a
-
-    lengths = jnp.zeros((batch,), jnp.int32)
-    if device is not None:
-        lengths = jax.device_put(lengths, device)
+    # Made on `device` itself (no default-device buffer and copy); one buffer per layer and per K/V,
+    # since the decode steps donate them.
+    z = lambda: jnp.zeros(shape, dtype, device=device)
     return KVCache(
         k=tuple(z() for _ in range(cfg.num_layers)),
         v=tuple(z() for _ in range(cfg.num_layers)),
-        lengths=lengths,
+        lengths=jnp.zeros((batch,), jnp.int32, device=device),
     )
 
 

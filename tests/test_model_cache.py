@@ -86,6 +86,21 @@ def test_rollback_then_continue_equals_fresh_run(model):
     assert float(jnp.max(jnp.abs(lg2 - ref2[:, -3:]))) < TOL
 
 
+def test_init_cache_is_made_on_its_device_one_buffer_per_array():
+    """Every K/V buffer and the lengths live on the device asked for (no copy left on the default
+    device), and no two share a buffer (the decode steps donate them)."""
+    import jax
+
+    cfg = tiny_config()
+    dev = jax.devices("cpu")[-1]
+    cache = init_cache(cfg, 2, 16, jnp.float32, device=dev)
+    arrays = list(cache.k) + list(cache.v) + [cache.lengths]
+    assert all(a.devices() == {dev} for a in arrays)
+    assert len({a.unsafe_buffer_pointer() for a in arrays}) == len(arrays)
+    assert cache.k[0].shape == (2, cfg.num_kv_heads, 16, cfg.head_dim) and not np.asarray(cache.k[0]).any()
+    assert cache.lengths.dtype == jnp.int32 and not np.asarray(cache.lengths).any()
+
+
 def test_writes_beyond_capacity_are_refused():
     with pytest.raises(CacheCapacityError, match="capacity"):
         check_headroom(np.array([30, 5]), 3, 32)
