@@ -51,16 +51,7 @@ def features(r: dict, name: str) -> np.ndarray:
 
 def fit(records, name: str, l2: float = 1e-2, iters: int = 60) -> np.ndarray:
     """`branch_choice.fit_accept` over `features(name)`."""
-    reach = lambda r: min(r["a"] + 1, len(r["path_lp"]))
-    x = np.concatenate([features(r, name)[: reach(r)] for r in records])
-    y = np.concatenate([(np.arange(reach(r)) < r["a"]).astype(float) for r in records])
-    w = np.zeros(x.shape[1])
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-x @ w))
-        grad = x.T @ (p - y) / len(y) + l2 * w
-        hess = (x * (p * (1 - p))[:, None]).T @ x / len(y) + l2 * np.eye(len(w))
-        w -= np.linalg.solve(hess, grad)
-    return w
+    return bc.fit_accept(records, l2, iters, features=lambda r: features(r, name))
 
 
 def hit_rates(records, w, name: str, max_budget: int = bc.MAX_BUDGET) -> list[float]:

@@ -54,10 +54,10 @@ def accept_features(r: dict) -> np.ndarray:
     return np.stack([np.ones_like(p), p, np.exp(np.asarray(r["conf"]))], axis=1)
 
 
-def fit_accept(records, l2: float = 1e-2, iters: int = 50) -> np.ndarray:
-    """Logistic regression (Newton, L2) of 'the target accepts d_j' on `accept_features`, over every
-    depth each round reached (j <= A + 1)."""
-    x = np.concatenate([accept_features(r)[: min(r["a"] + 1, len(r["path_lp"]))] for r in records])
+def fit_accept(records, l2: float = 1e-2, iters: int = 50, features=accept_features) -> np.ndarray:
+    """Logistic regression (Newton, L2) of 'the target accepts d_j' on `features(record)` ([gamma, k],
+    default `accept_features`), over every depth each round reached (j <= A + 1)."""
+    x = np.concatenate([features(r)[: min(r["a"] + 1, len(r["path_lp"]))] for r in records])
     y = np.concatenate([(np.arange(min(r["a"] + 1, len(r["path_lp"]))) < r["a"]).astype(float) for r in records])
     w = np.zeros(x.shape[1])
     for _ in range(iters):
