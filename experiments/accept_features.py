@@ -57,12 +57,8 @@ def fit(records, name: str, l2: float = 1e-2, iters: int = 60) -> np.ndarray:
 def hit_rates(records, w, name: str, max_budget: int = bc.MAX_BUDGET) -> list[float]:
     from mirror_jax.engine.stats import hit_rate_by_budget
 
-    ranks = []
-    for r in records:
-        z = features(r, name) @ w
-        pa = bc._log_pa(-np.logaddexp(0, -z), -np.logaddexp(0, z))
-        scores = pa[:, None] + bc._renorm(np.asarray(r["path_lp"]), np.asarray(r["cand_lp"]))
-        ranks.append(bc.rank_of(scores, r["cand_ids"], r["a"], r["c"]))
+    feats = lambda r: features(r, name)
+    ranks = [bc.rank_of(bc.logistic_scores(r, w, feats), r["cand_ids"], r["a"], r["c"]) for r in records]
     return hit_rate_by_budget(ranks, max_budget)
 
 

@@ -68,8 +68,9 @@ def fit_accept(records, l2: float = 1e-2, iters: int = 50, features=accept_featu
     return w
 
 
-def logistic_scores(r: dict, w) -> np.ndarray:
-    z = accept_features(r) @ np.asarray(w)
+def logistic_scores(r: dict, w, features=accept_features) -> np.ndarray:
+    """Scores [gamma+1, kappa] of round `r`'s branches under acceptance weights `w` on `features(r)`."""
+    z = features(r) @ np.asarray(w)
     pa = _log_pa(-np.logaddexp(0, -z), -np.logaddexp(0, z))
     return pa[:, None] + _renorm(np.asarray(r["path_lp"]), np.asarray(r["cand_lp"]))
 

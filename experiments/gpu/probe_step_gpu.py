@@ -39,6 +39,9 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_gpu_kit import Budget, _median_ms  # noqa: E402
+
 GROUPS = (  # (group, regex over a kernel / op name), first match wins
     ("matmul", r"gemm|gemv|cublas|cutlass|sm\d\d_|xmma|matmul|dot|triton_gemm|wgmma"),
     ("attention", r"softmax|reduce|attention|flash"),
@@ -53,20 +56,10 @@ def group_of(name: str) -> str:
 
 
 def median_ms(fn, setup, iters: int) -> tuple[float, float]:
-    """(median ms of fn(*setup()) blocked on, first-call s) over `iters` timed calls."""
-    import jax
-
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*setup()))
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(iters):
-        args = setup()
-        jax.block_until_ready(args)
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times)), first
+    """(median ms of fn(*setup()) blocked on, first-call s) over `iters` timed calls: the kit's
+    `run_gpu_kit._median_ms` with no time budget."""
+    ms, first, _ = _median_ms(fn, setup, iters, Budget(float("inf")))
+    return ms, first
 
 
 def kernel_profile(run_steps, steps: int) -> dict:
