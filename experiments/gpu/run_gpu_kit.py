@@ -413,8 +413,8 @@ def load_acceptance(path: str | None) -> dict | None:
 
 def acceptance_from_bench_methods(d: dict) -> dict:
     """A `bench_methods.py` run (real weights, CPU) -> the kit's acceptance format: sd's tokens per round,
-    and for Mirror-SD the mirror row with the most branches measured, its fallback rate taken as
-    1 - (hit rate at the largest budget reported): conservative for the kit's kappa*(gamma+1) branches."""
+    and for Mirror-SD the mirror row that fell back least, its fallback rate taken as 1 - (its hit rate
+    at the largest budget its curve reports): conservative for the kit's kappa*(gamma+1) branches."""
     args, rows = d["args"], d["results"]
     sd = next(r for r in rows if r["method"] == "sd")
     mirrors = [r for r in rows if r["method"].startswith("mirror") and r.get("hit_rate_by_budget")]
