@@ -53,6 +53,11 @@ def load(args):
         from mirror_jax.testing import noisy_pair, random_prompts
 
         target, draft = noisy_pair(noise=0.02)
+        if args.dtype != "float32":
+            import jax
+
+            cast = lambda m: (m[0], jax.tree_util.tree_map(lambda x: x.astype(args.dtype), m[1]))
+            target, draft = cast(target), cast(draft)
         prompts = random_prompts(args.num_prompts + 1, seed=3, lo=8, hi=16)
         return target, draft, prompts, ["random"] * len(prompts), (), "tiny-random"
     import jax.numpy as jnp
@@ -60,7 +65,7 @@ def load(args):
 
     from mirror_jax.loading.default_pair import default_pair
 
-    target, draft, tok = default_pair(jnp.float32, progress=False, exit_heads=False)
+    target, draft, tok = default_pair(getattr(jnp, args.dtype), progress=False, exit_heads=False)
     if args.source == "specbench":
         from mirror_jax.bench.questions import load_questions
         from mirror_jax.tokenizer import apply_chat_template
@@ -162,6 +167,11 @@ def decode_tps(runs) -> float:
     return sum(len(r.tokens[0]) - 1 for r, _ in runs) / sum(r.stats["decode_s"] for r, _ in runs)
 
 
+def first_difference(a: list[int], b: list[int]) -> int:
+    """The index of the first token where two outputs differ (the shorter length if one extends the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def setting_name(row) -> str:
     if row["method"] == "ar":
         return "ar"
@@ -207,6 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--settings", default=None,
                     help="explicit sd settings 'gamma:stop,...' (e.g. '4:0,7:0.6') instead of gammas x stops")
     ap.add_argument("--seed", type=int, default=3, help="which held-out prompts")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="both models' dtype (bfloat16 on CPU: `mirror_jax.layout`; outputs may then differ from ar's)")
     ap.add_argument("--name", default="sd_draft")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results"))
     args = ap.parse_args(argv)
@@ -246,6 +258,10 @@ def main(argv=None) -> int:
                "ss": st[4] or None, "draft_context": st[6] if st[0] == "sd" else None,
                "draft_quant": runs[0][0].stats.get("draft_quant"),
                "identical_to_ar": all(r.tokens[0] == t for (r, _), t in zip(runs, ref, strict=True)),
+               # prompts whose output differs from ar's (same dtype), and the first differing token of each
+               "mismatched_prompts": sum(r.tokens[0] != t for (r, _), t in zip(runs, ref, strict=True)),
+               "first_mismatch": [first_difference(r.tokens[0], t) for (r, _), t in zip(runs, ref, strict=True)
+                                  if r.tokens[0] != t],
                "tokens_per_s": float(np.median(tps)), "speedup_vs_ar": float(np.median(tps / ar_tps)),
                "speedup_total": total_tps(runs) / total_tps(per[settings[0]]),
                "decode_speedup_total": decode_tps(runs) / decode_tps(per[settings[0]]),
@@ -268,7 +284,7 @@ def main(argv=None) -> int:
     what = (f"SpecBench questions ({args.per_category} per category, first turn)" if args.source == "specbench"
             else f"held-out stdlib code prompts ({args.prompt_len} tokens)")
     per_prompt, by_task = breakdown(settings, rows, per, prompts, labels)
-    payload = {"command": command, "models": name, "source": what, "prompts": len(prompts),
+    payload = {"command": command, "models": name, "dtype": args.dtype, "source": what, "prompts": len(prompts),
                "max_new_tokens": args.max_new_tokens, "machine": info, "rows": rows,
                "draft_forward_ms": fwd_ms, "ar_output_coverage": covered, "by_task": by_task,
                "per_prompt": per_prompt}
@@ -276,12 +292,13 @@ def main(argv=None) -> int:
             "tokens_per_s",
             "speedup_vs_ar",
             "speedup_total", "decode_speedup_total", "start_share", "start_s_median", "tokens_per_round",
-            "drafted_per_round", "draft_forwards_per_round", "round_ms_median", "identical_to_ar"]
+            "drafted_per_round", "draft_forwards_per_round", "round_ms_median", "identical_to_ar",
+            "mismatched_prompts"]
     fmt = {c: "{:.2f}" for c in cols[8:18]}
     task_cols = ["task", "prompts", "prompt_tokens"] + [setting_name(r) for r in rows[1:]]
     md = "\n".join([
         f"# Vanilla SD draft settings (sd, {name})", "", machine_md(info), "",
-        f"{len(prompts)} {what}, {args.max_new_tokens} new tokens, "
+        f"{len(prompts)} {what}, {args.max_new_tokens} new tokens, {args.dtype}, "
         "greedy, batch 1, one device. speedup_vs_ar: median over prompts of (tokens/s) / (ar's tokens/s on the "
         "same prompt, same run); speedup_total: all tokens / all seconds, over ar's; decode_speedup_total: the "
         "same for the decode loop alone (prefill and the first window left out); start_share: the share of the "

@@ -33,6 +33,7 @@ import numpy as np
 
 from mirror_jax.config import ModelConfig
 from mirror_jax.files import sha256_file
+from mirror_jax.layout import plain_params
 from mirror_jax.params import ModelParams
 
 _TRANSPOSED_IN_FORMAT_1 = ("w_qkv", "w_o", "w_gate_up", "w_down", "lm_head")
@@ -55,7 +56,7 @@ def base_fingerprint(cfg: ModelConfig, params: ModelParams, samples: int = 4096,
     format-1 SS checkpoints took it, with the weight matrices in their old ``[in, out]`` layout
     (read through a transposed index, nothing is copied)."""
     h = hashlib.sha256(repr(dataclasses.asdict(cfg)).encode())
-    for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, a in jax.tree_util.tree_flatten_with_path(plain_params(params))[0]:  # whatever the layout
         # Only the sampled values leave the device (not a 1.5B model's weights, on a GPU).
         legacy = version == 1 and a.ndim == 2 and getattr(path[-1], "name", None) in _TRANSPOSED_IN_FORMAT_1
         shape = a.shape[::-1] if legacy else a.shape

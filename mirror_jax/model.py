@@ -23,11 +23,11 @@ from jax import lax
 
 from mirror_jax.config import ModelConfig
 from mirror_jax.kv_cache import SLOT_AXIS, KVCache, write_slots
+from mirror_jax.layout import MANY_ROWS, SplitKWeight, dense_bf16_cpu, dense_split
 from mirror_jax.params import LayerParams, ModelParams
 from mirror_jax.quant import Int8Weight, dense_int8
 
 NEG_INF = -1e30
-MANY_ROWS = 256  # `_dense_f32_cpu`: from this many rows on, the plain [M, out] product
 
 
 def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
@@ -37,16 +37,24 @@ def dense(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     ``dot_general(w, x)``, an [out, M] product transposed back; on CPU that product is kept from
     being fused with the transpose and more than 4 rows are padded to a multiple of 8
     (`_dense_f32_cpu`, ``experiments/results/probe_rows.md``); other platforms get the plain form
-    (`lax.platform_dependent` picks at lowering). bfloat16 weights use ``x @ w.T``, XLA:CPU's fast
-    form for one row. An `Int8Weight` (an int8 draft, `mirror_jax.quant`) takes `dense_int8`.
+    (`lax.platform_dependent` picks at lowering). bfloat16 weights on CPU take the form XLA:CPU runs
+    fastest for their row count, and a `SplitKWeight` (a long contraction split for the one-row
+    kernel) its chunked form (`mirror_jax.layout`); elsewhere ``x @ w.T``. An `Int8Weight` (an int8
+    draft, `mirror_jax.quant`) takes `dense_int8`.
     `out_dtype`: the result's dtype (float32 for logits), default the input's."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if isinstance(w, Int8Weight):  # an int8 draft (`mirror_jax.quant`)
         y = dense_int8(x2, w, out_dtype)
+    elif isinstance(w, SplitKWeight):  # bfloat16 on CPU, a long contraction (`mirror_jax.layout`)
+        y = dense_split(x2, w, out_dtype or x2.dtype)
     elif w.dtype == jnp.float32:
         y = lax.platform_dependent(x2, w, cpu=partial(_dense_f32_cpu, out_dtype=out_dtype),
                                    default=partial(_dense_f32, out_dtype=out_dtype))  # [M, out]
+    elif w.dtype == jnp.bfloat16:
+        od = out_dtype or x2.dtype
+        y = lax.platform_dependent(x2, w, cpu=partial(dense_bf16_cpu, out_dtype=od),
+                                   default=lambda x2, w: jnp.matmul(x2, w.T, preferred_element_type=od))
     else:
         y = jnp.matmul(x2, w.T, preferred_element_type=out_dtype)
     return y.reshape(lead + (w.shape[0],))

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
+from mirror_jax.layout import plain_weight
+
 QUANT_MODES = ("none", "int8")
 
 
@@ -140,7 +142,8 @@ def quantize_layers(layers, mode: str = "int8") -> tuple:
 
 def quantize_weight(w, mode: str = "int8"):
     """One weight ``[out, in]`` in `mode` (already quantized, or "none": unchanged)."""
-    return w if check_mode(mode) == "none" or is_quantized(w) else _quantize_int8_jit(w)
+    # a bfloat16 CPU layout (`mirror_jax.layout`) quantizes as its [out, in] matrix
+    return w if check_mode(mode) == "none" or is_quantized(w) else _quantize_int8_jit(plain_weight(w))
 
 
 def check_mode(mode) -> str:

@@ -202,16 +202,17 @@ def default_pair_files_or_skip():
     return assemble_default_files()
 
 
-def run_bench_sd_draft_tiny(out_dir, settings: str) -> dict:
-    """Run ``experiments/bench_sd_draft.py --tiny`` (2 prompts, 8 tokens) with `settings` into
-    `out_dir`; returns its JSON (fails the test with the script's output if it exits non-zero)."""
+def run_bench_sd_draft_tiny(out_dir, settings: str, *extra: str) -> dict:
+    """Run ``experiments/bench_sd_draft.py --tiny`` (2 prompts, 8 tokens) with `settings` (and `extra`
+    arguments) into `out_dir`; returns its JSON (fails the test with the script's output if it exits
+    non-zero)."""
     import json
     import subprocess
     import sys
 
     repo = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(repo / "experiments" / "bench_sd_draft.py"), "--tiny", "--num-prompts", "2",
-                        "--max-new-tokens", "8", "--settings", settings, "--out", str(out_dir)],
+                        "--max-new-tokens", "8", "--settings", settings, "--out", str(out_dir), *extra],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return json.loads((Path(out_dir) / "sd_draft.json").read_text())

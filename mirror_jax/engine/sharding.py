@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from mirror_jax.config import ModelConfig
 from mirror_jax.kv_cache import KVCache
+from mirror_jax.layout import plain_params
 from mirror_jax.params import LayerParams, ModelParams
 
 AXIS = "tp"
@@ -105,7 +106,7 @@ def shard_params(cfg: ModelConfig, params: ModelParams, devices) -> tuple[ModelC
     """Lay out and place a model's parameters over `devices` (tensor parallel). A tied LM head
     stays one (replicated) array."""
     mesh = make_mesh(devices)
-    cfg, params = tp_layout(cfg, params, len(devices))
+    cfg, params = tp_layout(cfg, plain_params(params), len(devices))
     specs = param_specs(cfg, params, len(devices))
     tied = params.lm_head is params.embed
     placed = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params.replace(lm_head=None),
