@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results"))
     ap.add_argument("--name", default="probe_bf16")
     args = ap.parse_args(argv)
-    command = "python experiments/probe_bf16.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python experiments/probe_bf16.py", *(argv if argv is not None else sys.argv[1:])])
     info = machine_info()  # before the runs: its load average is the one at the start
     cfg = SHAPES[args.model]
     if args.tiny:  # an intermediate size past SPLIT_K, so the split form runs too

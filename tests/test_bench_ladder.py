@@ -249,3 +249,20 @@ def test_results_say_when_the_code_was_not_the_recorded_commit(tmp_path):
             "date": "d", "load_average": None}
     assert "uncommitted" not in machine_md({**info, "git_dirty": False})
     assert f"commit {'a' * 10} plus uncommitted changes;" in machine_md({**info, "git_dirty": True})
+
+
+def test_results_name_the_cpus_vector_isa(monkeypatch, tmp_path):
+    """XLA:CPU's bfloat16 speed depends on avx512_bf16: machine_info lists the vector flags from
+    /proc/cpuinfo and machine_md names the ones that decide the kernels (nothing when unknown)."""
+    from mirror_jax.bench import report
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: X\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_bf16 amx_tile\n")
+    real_path = report.Path
+    monkeypatch.setattr(report, "Path", lambda p: real_path(cpuinfo) if p == "/proc/cpuinfo" else real_path(p))
+    assert report._cpu_flags() == ["amx_tile", "avx2", "avx512_bf16", "avx512f", "fma"]  # not fpu, sse2
+    info = {"cpu": "X", "cores": 2, "mem_gib": 1, "devices": ["cpu:0"], "versions": {}, "git_commit": "a" * 40,
+            "date": "d", "load_average": None, "git_dirty": False}
+    md = report.machine_md({**info, "cpu_flags": report._cpu_flags()})
+    assert md.startswith("Machine: X (avx2 avx512_bf16 avx512f), ")
+    assert report.machine_md(info).startswith("Machine: X, 2 cores")

@@ -36,6 +36,20 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+SIMD_PREFIXES = ("avx", "amx", "fma", "f16c")  # the flags that decide XLA:CPU's kernels (bfloat16 above all)
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU's vector-ISA flags (avx2, avx512_bf16, amx_bf16, ...): XLA:CPU's bfloat16 speed depends on them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(SIMD_PREFIXES))
+    except OSError:
+        pass
+    return []
+
+
 def _mem_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -82,6 +96,7 @@ def machine_info() -> dict:
     return {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
         "cores": os.cpu_count(),
         "mem_gib": _mem_gib(),
         "python": platform.python_version(),
@@ -177,8 +192,11 @@ def markdown_table(rows, columns, fmt: dict | None = None) -> str:
 
 def machine_md(info: dict) -> str:
     v = info["versions"]
+    flags = info.get("cpu_flags")
+    isa = f" ({' '.join(f for f in flags if f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16'))})" if flags else ""
     return (
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['mem_gib']} GiB; devices {', '.join(info['devices'])}; "
+        f"Machine: {info['cpu']}{isa}, {info['cores']} cores, {info['mem_gib']} GiB; "
+        f"devices {', '.join(info['devices'])}; "
         f"jax {v.get('jax')}, transformers {v.get('transformers')}, torch {v.get('torch')}; "
         f"commit {str(info['git_commit'])[:10]}{' plus uncommitted changes' if info.get('git_dirty') else ''}; "
         f"{info['date']}; load average at start {info['load_average']}.\n"
