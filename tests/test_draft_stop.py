@@ -303,7 +303,10 @@ def test_ss_chain_stops_where_the_plain_chain_stops(models, cumulative):
             np.testing.assert_allclose(np.asarray(c_s[r, :n]), np.asarray(c_p[r, :n]), rtol=1e-4, atol=1e-5)
             lo = int(cache.lengths[r])
             for ka, kb in zip(cache_p.k + cache_p.v, cache_s.k + cache_s.v, strict=True):
-                np.testing.assert_allclose(np.asarray(ka[r, :, : lo + n]), np.asarray(kb[r, :, : lo + n]), atol=1e-5)
+                # the SS forward feeds several rows at once, the plain chain one: different float32 kernels
+                # (1.7e-5 apart on values near 8 on an AVX2 CPU); a wrong token or slot would be O(1) off
+                np.testing.assert_allclose(np.asarray(ka[r, :, : lo + n]), np.asarray(kb[r, :, : lo + n]),
+                                           rtol=1e-5, atol=5e-5)
     assert len(lengths_seen) >= 3  # the thresholds cut windows at several places
 
 
