@@ -173,7 +173,8 @@ def test_reduced_stream_vocabulary_keeps_the_tokens(batch):
     ar, q_ar, _ = chain(PARAMS, cache, roots, 5, samp, sample=True)
     toks, q_ss, _, _ = ss(PARAMS, sscfg, ssp, cache, roots, 5, samp, sample=True)
     np.testing.assert_array_equal(np.asarray(toks), np.asarray(ar))
-    np.testing.assert_allclose(np.asarray(q_ss), np.asarray(q_ar), atol=1e-5)
+    # multi-row SS forwards vs the one-row chain: different float32 kernels (1.1e-5 on -6.2 on an AVX2 CPU)
+    np.testing.assert_allclose(np.asarray(q_ss), np.asarray(q_ar), rtol=1e-5, atol=1e-5)
     # Already-reduced draft head (ids 10..60): the streams keep 10..19 (+ EOS if inside).
     small = restrict_head(PARAMS, CFG, range(10, 61))
     sp = stream_head(CFG, sscfg, small)
