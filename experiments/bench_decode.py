@@ -58,7 +58,7 @@ from mirror_jax.bench.report import (  # noqa: E402
 from mirror_jax.config import QWEN25_0_5B, QWEN25_1_5B  # noqa: E402
 from mirror_jax.engine.autoregressive import generate_ar  # noqa: E402
 from mirror_jax.kv_cache import init_cache, set_lengths  # noqa: E402
-from mirror_jax.layout import cpu_layout  # noqa: E402
+from mirror_jax.layout import backend_layout  # noqa: E402
 from mirror_jax.params import init_random, param_bytes  # noqa: E402
 
 PROMPT = (
@@ -80,9 +80,8 @@ NAMES = {"target": "Qwen2.5-Coder-1.5B", "draft": "Qwen2.5-Coder-0.5B"}
 def load_jax(role: str, random: bool, dtype=jnp.float32):
     if random:
         cfg = CONFIGS[role]
-        params = init_random(cfg, seed=0, dtype=dtype)
-        # the loaders' bfloat16 layout on CPU (`mirror_jax.layout`), so random weights time what real ones do
-        return cfg, (cpu_layout(params) if jax.default_backend() == "cpu" else params), None
+        # the loaders' layout (bfloat16 on CPU: `mirror_jax.layout`), so random weights time what real ones do
+        return cfg, backend_layout(init_random(cfg, seed=0, dtype=dtype)), None
     from mirror_jax.loading import DRAFT_SPEC, TARGET_SPEC, assemble_default_files, load_gguf
 
     paths = dict(zip(("target", "draft"), assemble_default_files(), strict=True))

@@ -34,7 +34,7 @@ from mirror_jax import model as M  # noqa: E402
 from mirror_jax.bench.report import machine_info, machine_md, markdown_table, median_ms, write_results  # noqa: E402
 from mirror_jax.config import SHAPES  # noqa: E402
 from mirror_jax.kv_cache import init_cache, set_lengths  # noqa: E402
-from mirror_jax.layout import cpu_layout  # noqa: E402
+from mirror_jax.layout import backend_layout  # noqa: E402
 from mirror_jax.params import init_random, param_bytes  # noqa: E402
 
 
@@ -54,8 +54,7 @@ def main(argv=None) -> int:
     cfg = SHAPES[args.model]
     dt = getattr(jnp, args.dtype)
     params = init_random(cfg, 0, dt, device=jax.devices()[0])
-    if dt == jnp.bfloat16 and jax.default_backend() == "cpu":
-        params = cpu_layout(params)  # as the loaders store bfloat16 on CPU (`mirror_jax.layout`)
+    params = backend_layout(params)  # as the loaders store them (bfloat16 on CPU: `mirror_jax.layout`)
     cache = set_lengths(init_cache(cfg, 1, args.capacity, dt), args.context)
 
     @jax.jit

@@ -26,8 +26,8 @@ Worked example (K = 8960, SPLIT_K = 2048 -> C = 5 chunks of 1792)::
     w [1536, 8960]  ->  chunks [5, 1536, 1792]      (chunks[c] = w[:, 1792 c : 1792 (c + 1)])
     x [1, 8960]:  y = sum_c x[:, 1792 c : 1792 (c + 1)] @ chunks[c].T     -> [1, 1536]
 
-Only layers' matrices are split (an LM head or an embedding has K = hidden size). `cpu_layout` is
-applied by the loaders to bfloat16 weights when the default backend is CPU; code that needs the
+Only layers' matrices are split (an LM head or an embedding has K = hidden size). The loaders store
+weights through `backend_layout` (`cpu_layout` when the default backend is CPU); code that needs the
 plain ``[out, in]`` matrix (int8 quantization, LoRA merges, sharding, fingerprints) calls
 `plain_weight` / `plain_params`.
 """
@@ -100,12 +100,24 @@ def cpu_layout(params):
     return params.replace(layers=tuple(layer(lp) for lp in params.layers))
 
 
+def backend_layout(params):
+    """`params` as the loaders store them for the default backend: `cpu_layout` on CPU, else unchanged."""
+    return cpu_layout(params) if jax.default_backend() == "cpu" else params
+
+
+def plain_layer(lp):
+    """A `LayerParams` with its matrices as plain ``[out, in]`` arrays (split ones joined back)."""
+    return lp.replace(**{n: plain_weight(getattr(lp, n)) for n in LAYER_MATRICES})
+
+
 def plain_params(params):
     """`ModelParams` with every `SplitKWeight` joined back into its ``[out, in]`` matrix."""
-    def layer(lp):
-        return lp.replace(**{n: plain_weight(getattr(lp, n)) for n in LAYER_MATRICES})
+    return params.replace(layers=tuple(plain_layer(lp) for lp in params.layers))
 
-    return params.replace(layers=tuple(layer(lp) for lp in params.layers))
+
+def like_layer(ref, lp):
+    """`lp`'s matrices (plain) in `ref`'s layout (split where `ref`'s are)."""
+    return lp.replace(**{n: like(getattr(ref, n), getattr(lp, n)) for n in LAYER_MATRICES})
 
 
 def like(w_ref, w: jax.Array):

@@ -27,12 +27,11 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mirror_jax.config import ModelConfig
-from mirror_jax.layout import cpu_layout
+from mirror_jax.layout import backend_layout
 from mirror_jax.params import LayerParams, ModelParams
 
 
@@ -240,7 +239,7 @@ def build_params(
     del embed_np
     params = ModelParams(embed=embed, layers=tuple(layers), final_norm=dev(read(FINAL_NORM)), lm_head=lm_head)
     # bfloat16 on CPU: long contractions stored split for XLA:CPU's fast one-row kernel (`mirror_jax.layout`)
-    return cpu_layout(params) if jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu" else params
+    return backend_layout(params)
 
 
 def llama_permute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:

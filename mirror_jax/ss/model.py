@@ -37,7 +37,7 @@ from flax import struct
 from mirror_jax import model as M
 from mirror_jax.config import ModelConfig
 from mirror_jax.kv_cache import SLOT_AXIS, KVCache, init_cache
-from mirror_jax.layout import LAYER_MATRICES, like, plain_weight
+from mirror_jax.layout import like_layer, plain_layer
 from mirror_jax.params import LayerParams, ModelParams
 
 
@@ -121,7 +121,7 @@ def init_ss_params(
     emb = jnp.asarray(rng.normal(0.0, embed_scale, size=(sscfg.num_streams, h)).astype(np.float32))
     if sscfg.lora_rank == 0:
         f32 = lambda x: jnp.array(x, jnp.float32)
-        full = tuple(jax.tree_util.tree_map(f32, _plain_layer(lp)) for lp in params.layers[l0:])
+        full = tuple(jax.tree_util.tree_map(f32, plain_layer(lp)) for lp in params.layers[l0:])
         return SSParams(stream_embed=emb, full=full)
     r = sscfg.lora_rank
 
@@ -153,16 +153,6 @@ def init_ss_params(
     return SSParams(stream_embed=emb, lora=lora)
 
 
-def _plain_layer(lp: LayerParams) -> LayerParams:
-    """`lp` with its matrices as plain ``[out, in]`` arrays (a bfloat16 CPU layout joined back)."""
-    return lp.replace(**{n: plain_weight(getattr(lp, n)) for n in LAYER_MATRICES})
-
-
-def _like_layer(ref: LayerParams, lp: LayerParams) -> LayerParams:
-    """`lp`'s matrices in `ref`'s layout (split where `ref`'s are)."""
-    return lp.replace(**{n: like(getattr(ref, n), getattr(lp, n)) for n in LAYER_MATRICES})
-
-
 def stream_layers(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSParams) -> tuple[LayerParams, ...]:
     """Effective weights of the stream path of the MSA layers (LoRA merged into the base weights).
 
@@ -171,12 +161,12 @@ def stream_layers(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: S
     l0 = sscfg.first_msa_layer(cfg)
     base = params.layers[l0:]
     if ssp.full is not None:
-        return tuple(_like_layer(w, jax.tree_util.tree_map(lambda f, w: f.astype(w.dtype), f, _plain_layer(w)))
+        return tuple(like_layer(w, jax.tree_util.tree_map(lambda f, w: f.astype(w.dtype), f, plain_layer(w)))
                      for f, w in zip(ssp.full, base, strict=True))
     out = []
     for lp, lo in zip(base, ssp.lora, strict=True):
         dt = lp.w_qkv.dtype
-        ref, lp = lp, _plain_layer(lp)  # a merge adds to the [out, in] matrices (`mirror_jax.layout`)
+        ref, lp = lp, plain_layer(lp)  # a merge adds to the [out, in] matrices (`mirror_jax.layout`)
         d_qkv = jnp.concatenate([lo.a_q @ lo.b_q, lo.a_k @ lo.b_k, lo.a_v @ lo.b_v], axis=-1)  # [H, qkv]
         d_gu = jnp.concatenate([lo.a_gate @ lo.b_gate, lo.a_up @ lo.b_up], axis=-1)  # [H, 2I]
         out.append(
@@ -187,7 +177,7 @@ def stream_layers(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: S
                 w_down=(lp.w_down + (lo.a_down @ lo.b_down).T.astype(dt)),
             )
         )
-        out[-1] = _like_layer(ref, out[-1])
+        out[-1] = like_layer(ref, out[-1])
     return tuple(out)
 
 
