@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from mirror_jax import model as M  # noqa: E402
 from mirror_jax.bench.report import (  # noqa: E402
     jax_bandwidth_gbs,
+    jax_matvec_read_gbs,
     machine_info,
     machine_md,
     markdown_table,
@@ -108,36 +111,75 @@ def prompt_ids(tokenizer, vocab: int) -> list[int]:
     return list(tokenizer(PROMPT)["input_ids"])
 
 
-def jax_decode(cfg, params, prompt, new_tokens: int, repeats: int) -> dict:
-    run = lambda: generate_ar(cfg, params, [prompt], new_tokens, eos_ids=[])
-    run()  # warm-up: compiles prefill / first_token / decode_step for these shapes
-    per_rep, tokens = [], None
-    for _ in tqdm(range(repeats), desc="  jax decode", leave=False):
-        res = run()
-        per_rep.append(res.stats["ms_per_step"])
-        tokens = res.tokens[0]
-    return {"ms_per_token": statistics.median(per_rep), "ms_per_token_reps": per_rep, "tokens": tokens}
+def alternate(order: list, i: int) -> list:
+    """Repeat `i`'s order of the interleaved dtypes: as given on even repeats, reversed on odd ones,
+    so neither dtype always runs first (warm caches, a machine that drifts within a repeat)."""
+    return order if i % 2 == 0 else order[::-1]
 
 
-def jax_forward_costs(cfg, params, context: int, sizes, repeats: int) -> dict:
-    """Median ms of a jitted forward over T new tokens after `context` committed positions."""
+def jax_decode(runs: dict, prompt, new_tokens: int, repeats: int) -> dict:
+    """ms per generated token of `generate_ar` (jitted `decode_step`) for each dtype in `runs`
+    (``{dtype: (cfg, params)}``), the dtypes interleaved within every repeat (`alternate`).
+
+    Returns ``{dtype: {"ms_per_token": median, "ms_per_token_reps": [...], "tokens": [...]}}``."""
+    def run(dt):
+        cfg, params = runs[dt]
+        return generate_ar(cfg, params, [prompt], new_tokens, eos_ids=[])
+
+    for dt in runs:
+        run(dt)  # warm-up: compiles prefill / first_token / decode_step for these shapes
+    reps, tokens = {dt: [] for dt in runs}, {}
+    for i in tqdm(range(repeats), desc="  jax decode", leave=False):
+        for dt in alternate(list(runs), i):
+            res = run(dt)
+            reps[dt].append(res.stats["ms_per_step"])
+            tokens[dt] = res.tokens[0]
+    return {dt: {"ms_per_token": statistics.median(reps[dt]), "ms_per_token_reps": reps[dt], "tokens": tokens[dt]}
+            for dt in runs}
+
+
+def jax_forward_costs(runs: dict, context: int, sizes, repeats: int) -> dict:
+    """Median ms of a jitted forward over T new tokens after `context` committed positions, for
+    each T in `sizes` and each dtype in `runs` (interleaved as in `jax_decode`); the forward leaves
+    the cache's lengths unchanged, so every call sees the same context.
+
+    Returns ``{dtype: {T: ms}}``."""
     capacity = -(-(context + max(sizes)) // 256) * 256
     fwd = jax.jit(M.forward, static_argnums=0, donate_argnums=3)
-    cache = set_lengths(init_cache(cfg, 1, capacity, params.embed.dtype), context)
-    out = {}
+    caches = {dt: set_lengths(init_cache(cfg, 1, capacity, params.embed.dtype), context)
+              for dt, (cfg, params) in runs.items()}
+    out = {dt: {} for dt in runs}
+
+    def call(dt, toks):
+        cfg, params = runs[dt]
+        logits, caches[dt] = fwd(cfg, params, toks, caches[dt])
+        jax.block_until_ready(logits)
+
     for t in tqdm(sizes, desc="  jax forward", leave=False):
         toks = jnp.asarray(np.arange(t, dtype=np.int32)[None] + 100)
-        logits, cache = fwd(cfg, params, toks, cache)  # compile + warm-up
-        jax.block_until_ready(logits)
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            logits, cache = fwd(cfg, params, toks, cache)
-            jax.block_until_ready(logits)
-            ts.append(time.perf_counter() - t0)
-        out[t] = 1e3 * statistics.median(ts)
-    del cache
+        for dt in runs:
+            call(dt, toks)  # compile + warm-up
+        ts = {dt: [] for dt in runs}
+        for i in range(repeats):
+            for dt in alternate(list(runs), i):
+                t0 = time.perf_counter()
+                call(dt, toks)
+                ts[dt].append(time.perf_counter() - t0)
+        for dt in runs:
+            out[dt][t] = 1e3 * statistics.median(ts[dt])
     return out
+
+
+def memory_after_load(role: str, dtype: str, random: bool) -> dict:
+    """Resident memory after loading `role` in `dtype` alone, in a fresh Python process (so one
+    dtype's figure does not include the other's weights or this process's compiled code), and the
+    process peak during the load."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", role, dtype] + (["--random"] * random)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"memory probe {role} {dtype} failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
 
 
 # ----------------------------------------------------------------------------- torch
@@ -228,7 +270,7 @@ def plot(results: dict, sizes, path: Path) -> None:
                 alpha=0.6,
                 label=f"{NAMES[role]} transformers/torch",
             )
-        ax.axhline(r["floor_ms"], color=color, ls=":", lw=1, label=f"{NAMES[role]} float32 bandwidth floor")
+        ax.axhline(r["read_floor_ms"], color=color, ls=":", lw=1, label=f"{NAMES[role]} float32 read-bandwidth floor")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
     ax.set_xlabel("tokens per forward (after the committed context)")
@@ -243,7 +285,8 @@ def plot(results: dict, sizes, path: Path) -> None:
 
 def report(args, info, bandwidth, results, sizes, argv) -> None:
     """Write JSON, markdown and the plot (called after every model, so a crash keeps what was measured)."""
-    bw_np, bw_jax_copy, bw_jax_read = (bandwidth[k] for k in ("numpy_copy_gbs", "jax_copy_gbs", "jax_read_gbs"))
+    keys = ("numpy_copy_gbs", "jax_copy_gbs", "jax_read_gbs", "jax_matvec_read_gbs")
+    bw_np, bw_jax_copy, bw_jax_read, bw_mv = (bandwidth.get(k, float("nan")) for k in keys)
     info["load_average_end"] = os.getloadavg()
     payload = {"machine": info, "bandwidth": bandwidth, "args": vars(args), "results": results}
 
@@ -267,6 +310,7 @@ def report(args, info, bandwidth, results, sizes, argv) -> None:
                     "floor ms": floor["floor_ms"],
                     "GB/token": floor["bytes_per_token"] / 1e9,
                     "RSS after load GiB": d.get("memory_after_load", {}).get("rss_gib", ""),
+                    "peak during load GiB": d.get("memory_after_load", {}).get("peak_gib", ""),
                 }
             )
             frow = {"model": r["model"], "implementation": name}
@@ -281,13 +325,22 @@ def report(args, info, bandwidth, results, sizes, argv) -> None:
         "floor ms": "{:.1f}",
         "GB/token": "{:.2f}",
         "RSS after load GiB": "{:.2f}",
+        "peak during load GiB": "{:.2f}",
     }
     md = "# Decode benchmark (CPU, batch 1)\n\n" + machine_md(info)
     md += (
         f"Load average at end {tuple(round(x, 2) for x in info['load_average_end'])}.\n\n"
-        f"Bandwidth (1 GiB, best of 5): numpy copy {bw_np:.1f} GB/s, jax copy {bw_jax_copy:.1f} GB/s "
-        f"(read + write), jax read-only {bw_jax_read:.1f} GB/s. Floor = weight bytes per token "
-        f"(`param_bytes(params, exclude_embed=True)`) / bandwidth.\n\n"
+        f"Bandwidth ({args.bandwidth_gib:g} GiB, best of 5): numpy copy {bw_np:.1f} GB/s, "
+        f"jax copy {bw_jax_copy:.1f} GB/s (read + write counted), jax read-only: sum {bw_jax_read:.1f} GB/s, "
+        "float32 matrix-vector product "
+        f"{bw_mv:.1f} GB/s. Floor = weight bytes per token (`param_bytes(params, exclude_embed=True)`) / "
+        "bandwidth: *read bw* uses the fastest pure read measured (a decode step reads each weight once "
+        "and writes almost nothing), *copy bw* the copy's read + write rate (optimistic for a read-only "
+        "step; kept for comparison with earlier runs).\n\n"
+        "mirror_jax's dtypes are loaded together and timed interleaved (each repeat runs every dtype, "
+        "the order reversed on alternate repeats), so their ratio is not a comparison across time; "
+        "transformers/torch runs after them. Memory: resident set after loading one model in one dtype, "
+        "and the peak during that load, each in a fresh process.\n\n"
     )
     md += (
         f"## Per generated token (greedy, {args.new_tokens} new tokens, median of {args.repeats} runs, "
@@ -323,51 +376,75 @@ def main(argv=None) -> int:
     ap.add_argument("--random", action="store_true", help="random weights with the real shapes (no GGUF, no torch)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     ap.add_argument("--bandwidth-gib", type=float, default=1.0)
+    ap.add_argument("--no-memory", action="store_true",
+                    help="skip the resident-memory probes (one fresh process per model and dtype)")
+    ap.add_argument("--memory-probe", nargs=2, metavar=("ROLE", "DTYPE"),
+                    help=argparse.SUPPRESS)  # internal: load one model in one dtype, print its RSS as JSON
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results"))
     ap.add_argument("--name", default="bench_decode")
     args = ap.parse_args(argv)
     use_torch = not (args.no_torch or args.random)
     sizes = sorted(set(args.forward_sizes))
 
+    if args.memory_probe:
+        role, dt = args.memory_probe
+        cfg, params, tok = load_jax(role, args.random, getattr(jnp, dt))
+        jax.block_until_ready(params)
+        gc.collect()
+        print(json.dumps(rss_gib()))
+        return 0
+
     info = machine_info()
     nbytes = int(args.bandwidth_gib * (1 << 30))
     print("measuring memory bandwidth ...", flush=True)
     bw_np = memory_bandwidth_gbs(nbytes)
     bw_jax_copy, bw_jax_read = jax_bandwidth_gbs(nbytes, 5)
-    bw_copy = max(bw_np, bw_jax_copy)
+    bw_matvec = jax_matvec_read_gbs(nbytes, 5)
     bandwidth = {
         "numpy_copy_gbs": bw_np,
         "jax_copy_gbs": bw_jax_copy,
         "jax_read_gbs": bw_jax_read,
-        "floor_gbs": bw_copy,
-        "read_floor_gbs": max(bw_copy, bw_jax_read),
+        "jax_matvec_read_gbs": bw_matvec,
+        # bytes read + written per second of a copy: weights are only read, so this floor is optimistic
+        "floor_gbs": max(bw_np, bw_jax_copy),
+        # the fastest measured pure read: the floor a decode step (every weight read once) can reach
+        "read_floor_gbs": max(bw_jax_read, bw_matvec),
     }
-    print(f"bandwidth: numpy copy {bw_np:.1f} GB/s, jax copy {bw_jax_copy:.1f} GB/s, jax read {bw_jax_read:.1f} GB/s")
+    print(f"bandwidth: numpy copy {bw_np:.1f} GB/s, jax copy {bw_jax_copy:.1f} GB/s, jax read (sum) "
+          f"{bw_jax_read:.1f} GB/s, jax read (matvec) {bw_matvec:.1f} GB/s")
 
     results = {}
     for role in tqdm(args.models, desc="models"):
         r = {"model": NAMES[role], "weights": "random" if args.random else "GGUF Q4_K_M dequantised to float32"}
-        for dt in args.dtypes:
-            key = "jax" if dt == "float32" else f"jax_{dt}"
+        runs, prompt, vocab = {}, None, None
+        for dt in args.dtypes:  # every dtype loaded at once, then timed interleaved
             cfg, params, tok = load_jax(role, args.random, getattr(jnp, dt))
-            prompt = prompt_ids(tok, cfg.vocab_size)
-            r["prompt_tokens"] = len(prompt)
+            prompt, vocab = prompt_ids(tok, cfg.vocab_size), cfg.vocab_size
+            runs[dt] = (cfg, params)
             nb = param_bytes(params, exclude_embed=True)
-            d = {"dtype": dt, "bytes_per_token": nb, "floor_ms": 1e3 * nb / (bandwidth["floor_gbs"] * 1e9),
-                 "read_floor_ms": 1e3 * nb / (bandwidth["read_floor_gbs"] * 1e9), "memory_after_load": rss_gib()}
+            key = "jax" if dt == "float32" else f"jax_{dt}"
+            r[key] = {"dtype": dt, "bytes_per_token": nb, "floor_ms": 1e3 * nb / (bandwidth["floor_gbs"] * 1e9),
+                      "read_floor_ms": 1e3 * nb / (bandwidth["read_floor_gbs"] * 1e9)}
             r["lm_head_bytes"] = int(params.lm_head.size * params.lm_head.dtype.itemsize)
-            print(f"{NAMES[role]} {dt}: {nb / 1e9:.2f} GB per token, floor {d['floor_ms']:.1f} ms, "
-                  f"{d['memory_after_load']}", flush=True)
-            d.update(jax_decode(cfg, params, prompt, args.new_tokens, args.repeats))
-            d["forward_ms"] = jax_forward_costs(cfg, params, args.context, sizes, args.repeats)
-            print(f"  mirror_jax {dt}: {d['ms_per_token']:.1f} ms/token, forward {d['forward_ms']}", flush=True)
-            r[key] = d
-            if key != "jax" and "jax" in r:
-                r[f"{key}_tokens_equal_float32"] = d["tokens"] == r["jax"]["tokens"]
-            vocab = cfg.vocab_size
+            print(f"{NAMES[role]} {dt}: {nb / 1e9:.2f} GB per token, floor {r[key]['floor_ms']:.1f} ms (copy bw), "
+                  f"{r[key]['read_floor_ms']:.1f} ms (read bw)", flush=True)
             del params, tok
-            jax.clear_caches()
-            gc.collect()
+        r["prompt_tokens"] = len(prompt)
+        decode = jax_decode(runs, prompt, args.new_tokens, args.repeats)
+        forward = jax_forward_costs(runs, args.context, sizes, args.repeats)
+        for dt in args.dtypes:
+            d = r["jax" if dt == "float32" else f"jax_{dt}"]
+            d.update(decode[dt], forward_ms=forward[dt])
+            print(f"  mirror_jax {dt}: {d['ms_per_token']:.1f} ms/token, forward {d['forward_ms']}", flush=True)
+            if dt != "float32" and "jax" in r:
+                r[f"jax_{dt}_tokens_equal_float32"] = d["tokens"] == r["jax"]["tokens"]
+        del runs
+        jax.clear_caches()
+        gc.collect()
+        if not args.no_memory:
+            for dt in args.dtypes:
+                key = "jax" if dt == "float32" else f"jax_{dt}"
+                r[key]["memory_after_load"] = memory_after_load(role, dt, args.random)
         r.update({k: r["jax"][k] for k in ("bytes_per_token", "floor_ms", "read_floor_ms")} if "jax" in r else {})
         if use_torch:
             model = load_torch(role, args.threads)

@@ -160,6 +160,28 @@ def jax_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5, device=None) -> t
     return 2 * nbytes / tc / 1e9, nbytes / tr / 1e9
 
 
+def jax_matvec_read_gbs(nbytes: int = 1 << 30, repeats: int = 5, cols: int = 4096) -> float:
+    """Read-only GB/s of a jitted float32 matrix-vector product ``W @ x`` over an `nbytes` matrix
+    (``[nbytes / 4 / cols, cols]``), best of `repeats` on JAX's default device: the access pattern
+    of a decode step (every weight read once, almost no arithmetic per byte). On CPUs where a
+    reduction is limited by its own arithmetic, this reads faster than `jax_bandwidth_gbs`'s sum."""
+    import jax
+    import jax.numpy as jnp
+
+    rows = nbytes // 4 // cols
+    w = jnp.ones((rows, cols), jnp.float32)
+    x = jnp.ones((cols,), jnp.float32)
+    mv = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(mv(w, x))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(mv(w, x))
+        best = min(best, time.perf_counter() - t0)
+    del w
+    return rows * cols * 4 / best / 1e9
+
+
 def write_results(out_dir: str | os.PathLike, name: str, payload: dict, table_md: str) -> tuple[Path, Path]:
     """Write <out_dir>/<name>.json and <name>.md; returns both paths."""
     out = Path(out_dir)
