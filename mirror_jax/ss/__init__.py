@@ -6,6 +6,8 @@
   `ss_rollout` (several tokens per draft forward, the plain draft's tokens).
 * `mirror_jax.ss.train`      - SS loss, optimizer, jitted train step.
 * `mirror_jax.ss.checkpoint` - orbax save/restore of adapters with metadata validation.
+* `mirror_jax.ss.window`     - expected draft forwards per window from the streams' acceptance,
+  the tokens-per-forward ceiling and the acceptance a target needs.
 """
 
 from mirror_jax.ss.model import SSConfig, SSParams, init_ss_params, ss_forward, ss_train_forward, stream_head
