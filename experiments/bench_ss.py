@@ -47,6 +47,7 @@ from mirror_jax.sampling import SamplingParams  # noqa: E402
 from mirror_jax.ss.checkpoint import DEFAULT_ADAPTER_NAME, restore_ss_checkpoint  # noqa: E402
 from mirror_jax.ss.model import SSConfig, init_ss_params, main_pass, ss_hidden, stream_pass_at  # noqa: E402
 from mirror_jax.ss.rollout import ss_draft, ss_rollout  # noqa: E402
+from mirror_jax.ss.window import tokens_per_forward  # noqa: E402
 
 _CHAIN = jax.jit(draft_chain, static_argnames=("cfg", "gamma"))
 
@@ -244,6 +245,8 @@ def main(argv=None):
             )
     g_long = max(gammas)  # the longest continuations: the AR windows of the largest gamma
     hits = hit_rates(cfg, f32_params, f32_methods, prompts, continuations[g_long])
+    for h in hits.values():  # what the own-continuation hit rates predict for each measured window (ss.window)
+        h["own_window_model"] = {str(g): tokens_per_forward(g, h["own"]) for g in gammas}
     result = {
         "command": "python experiments/bench_ss.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": info,
@@ -294,11 +297,15 @@ def main(argv=None):
     md += ["", "Teacher-forced stream hit rates (how often stream j's argmax is the draft's own greedy token j+1 "
            "ahead; `ss_loss` with self labels, same prompts): on the prompts' held-out text where it follows the "
            f"draft (what training's held-out figures measure), and on the draft's own {args.windows * g_long}-token "
-           "continuation from the root (what decoding sees). `est.`: 1 + a_1 + a_1 a_2, an unbounded window.", "",
-           "| method | text: stream 1 / 2 | own continuation: stream 1 / 2 | est. tokens / forward (own) |",
-           "|---|---|---|---|"]
+           "continuation from the root (what decoding sees). `est.`: 1 + a_1 + a_1 a_2, an unbounded window; "
+           "`gamma g`: the window model (`mirror_jax.ss.window`: a root forward, then min(s, r - 1) lookaheads "
+           "per forward) from the own hit rates, to set against the measured tokens / forward above.", "",
+           "| method | text: stream 1 / 2 | own continuation: stream 1 / 2 | est. tokens / forward (own) | "
+           + " | ".join(f"model tokens / forward, gamma {g}" for g in gammas) + " |",
+           "|---|---|---|---|" + "---|" * len(gammas)]
     md += [f"| {m} | {' / '.join(f'{a:.3f}' for a in h['text'])} | {' / '.join(f'{a:.3f}' for a in h['own'])} | "
-           f"{h['own_tokens_per_forward_est']:.2f} |" for m, h in hits.items()]
+           f"{h['own_tokens_per_forward_est']:.2f} | "
+           + " | ".join(f"{h['own_window_model'][str(g)]:.2f}" for g in gammas) + " |" for m, h in hits.items()]
     md += ["", f"Command: `{result['command']}`"]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
 

@@ -83,6 +83,7 @@ from mirror_jax.ss.train import (  # noqa: E402
     make_train_step,
     precompute_main,
 )
+from mirror_jax.ss.window import tokens_per_forward  # noqa: E402
 
 
 def stdlib_prompt_texts(split: str, limit: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -196,7 +197,17 @@ def self_rollouts(args, data_path: Path, part_path: Path):
     return draft, desc
 
 
-METRICS = ("loss", "nll_main", "nll_stream", "p_stream", "label_frac", "acc_stream", "tokens_per_forward_est")
+METRICS = ("loss", "nll_main", "nll_stream", "p_stream", "label_frac", "acc_stream", "tokens_per_forward_est",
+           "tokens_per_forward_g4", "tokens_per_forward_g7")
+WINDOW_GAMMAS = (4, 7)  # held-out evals also report the window model's tokens per forward at these gammas
+
+
+def window_estimates(acc_stream) -> dict:
+    """Tokens per draft forward that held-out stream hit rates imply for a window of each of
+    `WINDOW_GAMMAS` (`mirror_jax.ss.window`: the root forward emits one token, so a gamma-4 window
+    never beats 2.0), next to the unbounded `tokens_per_forward_est`."""
+    acc = [min(max(float(a), 0.0), 1.0) for a in np.asarray(acc_stream).ravel()]
+    return {f"tokens_per_forward_g{g}": tokens_per_forward(g, acc) for g in WINDOW_GAMMAS}
 
 
 def text_rows(args, data_path: Path):
@@ -304,6 +315,9 @@ def plot_curve(log_path: Path, png: Path, title: str) -> None:
             ax[2].plot([r["step"] for r in acc], [r["acc_stream"][j] for r in acc], "o-", label=f"stream {j + 1} match")
         ax2 = ax[2].twinx()
         ax2.plot([r["step"] for r in acc], [r["tokens_per_forward_est"] for r in acc], "ks--", label="tokens/forward")
+        if "tokens_per_forward_g4" in acc[0]:
+            ax2.plot([r["step"] for r in acc], [r["tokens_per_forward_g4"] for r in acc], "k^:",
+                     label="tokens/forward, gamma-4 window")
         ax2.set_ylabel("est. tokens per SS forward"), ax2.legend(fontsize=7, loc="lower right")
         ax[2].set_xlabel("step"), ax[2].set_ylabel("held-out hard match"), ax[2].legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=9)
@@ -520,7 +534,8 @@ def main(argv=None):
     def evaluate(ssp):
         ms = [eval_fn(params, ssp, *batch_of(ev_idx[i : i + args.batch]), stream_ids=stream_ids)
               for i in range(0, n_eval, args.batch)]
-        return {k: np.mean([np.asarray(m[k]) for m in ms], axis=0) for k in ms[0]}
+        out = {k: np.mean([np.asarray(m[k]) for m in ms], axis=0) for k in ms[0]}
+        return {**out, **window_estimates(out["acc_stream"])}
 
     def to_json(m):
         return {k: (np.asarray(v).tolist()) for k, v in m.items()}

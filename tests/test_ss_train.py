@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from mirror_jax.params import init_random
 from mirror_jax.ss.model import SSConfig, init_ss_params, ss_train_forward
@@ -15,6 +16,7 @@ from mirror_jax.ss.train import (
     precompute_main,
     ss_loss,
 )
+from mirror_jax.ss.window import tokens_per_forward
 from mirror_jax.testing import tiny_config
 
 ss_loss_jit = jax.jit(ss_loss, static_argnums=(0, 1), static_argnames=("chunk", "start", "labels", "max_rows"))
@@ -233,6 +235,9 @@ def test_train_script_fine_tunes_a_saved_adapter(tmp_path):
     # must take it, and the first adapter's stream vocabulary, from the checkpoint.
     first = run("--name", "a", "--steps", "3", "--msa-layers", "1", "--lora-rank", "4", "--stream-vocab", "64")
     assert first["eval_after"]["loss"] != first["eval_before"]["loss"]  # the adapter moved
+    for g in (4, 7):  # held-out evals carry the window model's tokens per forward from their hit rates
+        want = tokens_per_forward(g, first["eval_after"]["acc_stream"])
+        assert first["eval_after"][f"tokens_per_forward_g{g}"] == pytest.approx(want)
     second = run("--name", "b", "--steps", "2", "--init-from", str(tmp_path / "c" / "a"))
     np.testing.assert_allclose(second["eval_before"]["loss"], first["eval_after"]["loss"], rtol=1e-6)
     meta = json.loads((tmp_path / "c" / "b" / "metadata.json").read_text())
@@ -300,4 +305,5 @@ def test_bench_ss_tiny_reports_hit_rates(tmp_path):
     (h,) = res["hit_rates"].values()
     assert len(h["text"]) == len(h["own"]) == 2 and all(0.0 <= a <= 1.0 for a in h["text"] + h["own"])
     assert h["own_tokens_per_forward_est"] >= 1.0
+    assert h["own_window_model"] == {"3": pytest.approx(tokens_per_forward(3, h["own"]))}
     assert "own continuation: stream 1 / 2" in (tmp_path / "ss.md").read_text()
