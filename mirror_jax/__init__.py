@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "generate": "mirror_jax.engine.api",
     "ConfigError": "mirror_jax.engine.api",
+    "PerformanceHint": "mirror_jax.engine.api",
     "Placement": "mirror_jax.engine.placement",
     "PlacementError": "mirror_jax.engine.placement",
     "target_prefix": "mirror_jax.rounds",

@@ -34,6 +34,9 @@ plain ``[out, in]`` matrix (int8 quantization, LoRA merges, sharding, fingerprin
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -43,6 +46,29 @@ SPLIT_K = 2048  # longest contraction XLA:CPU's one-row bfloat16 kernel runs fas
 SPLIT_MANY_ROWS = 32  # from this many rows a split weight's per-chunk products beat the batched one
 MANY_ROWS = 256  # from this many rows the plain [M, out] product (a prefill)
 LAYER_MATRICES = ("w_qkv", "w_o", "w_gate_up", "w_down")
+SIMD_PREFIXES = ("avx", "amx", "fma", "f16c")  # the flags that decide XLA:CPU's kernels (bfloat16 above all)
+FAST_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bfloat16 arithmetic: XLA:CPU's multi-row bf16 forms keep up
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
+    """The host CPU's vector-ISA flags (avx2, avx512_bf16, amx_bf16, ...), sorted; [] where unknown."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(SIMD_PREFIXES))
+    except OSError:
+        pass
+    return []
+
+
+@functools.cache
+def slow_bf16_windows() -> bool:
+    """True where the host CPU is known to lack native bfloat16 arithmetic (no avx512_bf16 or
+    amx_bf16 flag): there XLA:CPU's bfloat16 products of 2+ rows (sd/mirror verification windows)
+    run slower than float32's (an AVX2 EPYC: an 8-token target forward 432 vs 286 ms,
+    ``experiments/results/bench_decode.md``). False when the flags cannot be read."""
+    flags = cpu_flags()
+    return bool(flags) and not any(f in flags for f in FAST_BF16_FLAGS)
 
 
 @struct.dataclass

@@ -151,3 +151,44 @@ def test_probe_bf16_tiny(tmp_path):
     assert [row["T"] for row in p["forwards"]] == [1, 5]
     assert all(row["float32 ms"] > 0 and row["bfloat16 ms"] > 0 for row in p["forwards"])
     assert (tmp_path / "probe_bf16.md").read_text().startswith("# bfloat16 vs float32")
+
+
+def test_cpu_flags_and_slow_bf16_windows(tmp_path, monkeypatch):
+    """The host's vector flags come from /proc/cpuinfo; bfloat16 windows count as slow only where the
+    flags are known and name neither avx512_bf16 nor amx_bf16."""
+    from mirror_jax import layout
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("model name\t: X\nflags\t\t: fpu sse2 avx2 fma f16c\n")
+    assert layout.cpu_flags(info) == ["avx2", "f16c", "fma"]
+    assert layout.cpu_flags(tmp_path / "missing") == []
+    for flags, slow in ((["avx2", "fma"], True), (["avx2", "avx512_bf16"], False), (["amx_bf16"], False), ([], False)):
+        monkeypatch.setattr(layout, "cpu_flags", lambda flags=flags: flags)
+        layout.slow_bf16_windows.cache_clear()
+        assert layout.slow_bf16_windows() is slow
+    layout.slow_bf16_windows.cache_clear()
+
+
+@pytest.mark.parametrize("dtype,slow,warned", [("bfloat16", True, True), ("bfloat16", False, False),
+                                               ("float32", True, False)])
+def test_sd_warns_about_bfloat16_windows_on_a_cpu_without_native_bf16(monkeypatch, dtype, slow, warned):
+    """sd/mirror with a bfloat16 target on a CPU whose bf16 windows are slow get a PerformanceHint
+    (float32 runs them faster there); ar, float32, or a CPU with avx512_bf16 get none. The output is
+    unchanged either way."""
+    import warnings
+
+    from mirror_jax import PerformanceHint, generate
+    from mirror_jax.engine import api
+
+    monkeypatch.setattr(api, "slow_bf16_windows", lambda: slow)
+    cfg = tiny_config()
+    params = init_random(cfg, seed=0, dtype=getattr(jnp, dtype))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = generate((cfg, params), [[1, 2, 3]], 4, method="sd", draft=(cfg, params), gamma=2)
+        generate((cfg, params), [[1, 2, 3]], 4, method="ar")
+    hints = [w for w in caught if issubclass(w.category, PerformanceHint)]
+    assert len(hints) == int(warned)  # ar never warns
+    if warned:
+        assert "dtype=jnp.float32" in str(hints[0].message) and hints[0].filename == __file__
+    assert res.num_generated == 4

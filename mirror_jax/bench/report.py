@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mirror_jax.files import atomic_write_text
+from mirror_jax.layout import cpu_flags
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "torch", "numpy", "gguf")
 
@@ -36,18 +37,9 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-SIMD_PREFIXES = ("avx", "amx", "fma", "f16c")  # the flags that decide XLA:CPU's kernels (bfloat16 above all)
-
-
 def _cpu_flags() -> list[str]:
     """The CPU's vector-ISA flags (avx2, avx512_bf16, amx_bf16, ...): XLA:CPU's bfloat16 speed depends on them."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(SIMD_PREFIXES))
-    except OSError:
-        pass
-    return []
+    return cpu_flags(Path("/proc/cpuinfo"))
 
 
 def _mem_gib() -> float | None:

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mirror_jax.draft_vocab import DraftVocabError, reduced_vocab, restrict_head, vocab_ids
@@ -31,6 +33,7 @@ from mirror_jax.engine.speculative import DraftModel, SpecDecoder, SpecSettings,
 from mirror_jax.engine.stats import summarize, summarize_rows
 from mirror_jax.exit.checkpoint import ExitHeads
 from mirror_jax.exit.head import ExitHead, check_exit_head, restrict_exit
+from mirror_jax.layout import slow_bf16_windows
 from mirror_jax.quant import QuantError, check_mode, params_quantized, quantize_params
 from mirror_jax.rounds.verify import VERIFIERS
 from mirror_jax.sampling import SamplingParams
@@ -99,6 +102,25 @@ def default_branch_budget(placement: Placement, max_branches: int) -> int:
     if not placement.separate:
         return 0
     return min(_device_defaults(placement)["branch_budget"], max_branches)
+
+
+class PerformanceHint(UserWarning):
+    """A setting that works, and is lossless, but runs slower than an alternative on this machine."""
+
+
+def _hint_bf16_windows(params, pl: Placement) -> None:
+    """Warn when sd/mirror verify bfloat16 target windows on a CPU without native bfloat16
+    arithmetic (`mirror_jax.layout.slow_bf16_windows`), where float32 runs them faster."""
+    w = params.layers[0].w_qkv
+    if getattr(w, "dtype", None) == jnp.bfloat16 and all(d.platform == "cpu" for d in pl.target_group) \
+            and slow_bf16_windows():
+        warnings.warn(
+            "bfloat16 target on a CPU without avx512_bf16/amx_bf16: XLA:CPU runs the multi-row products of "
+            "sd/mirror verification windows slower in bfloat16 than in float32 here (an 8-token forward "
+            "~1.5x float32's; see the README's dtype paragraph), and bfloat16 sd/mirror output can differ "
+            "from ar's where two tokens nearly tie. Load both models with dtype=jnp.float32 for sd/mirror "
+            "on this CPU (bfloat16 still pays for plain 'ar' decoding).",
+            PerformanceHint, stacklevel=3)
 
 
 def _unpack(model, what: str):
@@ -333,6 +355,7 @@ def generate(
         return res
     cfg_d, p_d, tok_d = _unpack(draft, "draft (needed for method 'sd'/'mirror')")
     check_pair(cfg_t, cfg_d, tok_t, tok_d)
+    _hint_bf16_windows(p_t, pl)
     ids = _vocab_setting(draft_vocab, cfg_d, tok_d, "draft_vocab", "the draft", pl.draft_group,
                          default=_device_defaults(pl)["draft_vocab"])
     if ids is not None:
