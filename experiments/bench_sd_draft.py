@@ -16,12 +16,13 @@ equals ar's. Every setting is compiled on a warm-up prompt first, and a timed ru
     python experiments/bench_sd_draft.py --source specbench --per-category 1 --name sd_draft_specbench
     python experiments/bench_sd_draft.py --tiny                  # random tiny pair, smoke test
 
-``--settings`` lists ``gamma:draft_stop:draft_vocab[:ss][:quant][:cN]`` (draft_stop ``w0.3``: the window rule,
+``--settings`` lists ``gamma:draft_stop:draft_vocab[:ss][:quant][:cN][:tail]`` (draft_stop ``w0.3``: the window rule,
 `generate`'s ``draft_stop_rule="window"``; vocab 0: the whole vocabulary; ss: a
 speculative-streaming adapter, a directory or a name under ``checkpoints/``, or ``init`` for untrained
 streams; quant: ``int8`` or ``none``, the draft's matrices (`mirror_jax.quant`), absent: the device
 default; ``cN``: `generate`'s ``draft_context=N``, the draft prefills at most N prompt tokens, absent: the
-whole prompt; e.g. ``4:0:0,4:0:0:ss_default_draft,7:0.6:32768:none,7:0.6:32768:int8:c384``); without it
+whole prompt; ``tail``: the SS draft's lookahead tail, `generate`'s ``ss_tail``; e.g.
+``4:0:0,4:0:0:ss_default_draft,4:0:0:ss_default_draft:tail,7:0.6:32768:none,7:0.6:32768:int8:c384``); without it
 every gamma x stop of ``--gammas`` / ``--stops`` runs with the whole vocabulary. Also reported: one
 draft forward's median time per vocabulary size and quantization, and the share of ar's output
 tokens inside each reduced vocabulary. Writes ``experiments/results/<name>.{json,md,png}`` (default name sd_draft).
@@ -134,17 +135,20 @@ def forward_ms(draft, combos) -> dict[str, float]:
 
 
 def parse_setting(text: str) -> tuple:
-    """'gamma:stop:vocab[:ss][:quant][:cN]' -> ("sd", gamma, stop, vocab, ss or "", quant or None, N or 0);
-    stop as written: a probability ('0.6': the token rule) or 'w' and one ('w0.3': the window rule)."""
+    """'gamma:stop:vocab[:ss][:quant][:cN][:tail]' -> ("sd", gamma, stop, vocab, ss or "", quant or None,
+    N or 0, tail); stop as written: a probability ('0.6': the token rule) or 'w' and one ('w0.3': the
+    window rule); 'tail': the SS draft's lookahead tail (`generate`'s ``ss_tail``)."""
     g, p, v, *rest = (text.split(":") + ["0", "0"][text.count(":"):])
+    tail = "tail" in rest
+    rest = [x for x in rest if x != "tail"]
     quant = [x for x in rest if x in QUANT_MODES]
     context = [x for x in rest if x[:1] == "c" and x[1:].isdigit()]
     ss = [x for x in rest if x not in QUANT_MODES and x not in context]
-    if len(quant) > 1 or len(ss) > 1 or len(context) > 1:
-        raise SystemExit(f"--settings: {text!r} is not gamma:stop:vocab[:ss][:quant][:cN]")
+    if len(quant) > 1 or len(ss) > 1 or len(context) > 1 or (tail and not ss):
+        raise SystemExit(f"--settings: {text!r} is not gamma:stop:vocab[:ss][:quant][:cN][:tail] (tail needs ss)")
     stop_of(p)  # raises unless the stop is a number (after an optional 'w')
     n_context = int(context[0][1:]) if context else 0
-    return "sd", int(g), p, int(v), ss[0] if ss else "", quant[0] if quant else None, n_context
+    return "sd", int(g), p, int(v), ss[0] if ss else "", quant[0] if quant else None, n_context, tail
 
 
 def stop_of(text: str) -> tuple[float, str]:
@@ -176,9 +180,10 @@ def setting_name(row) -> str:
     if row["method"] == "ar":
         return "ar"
     stop = ("w" if row["stop_rule"] == "window" else "") + str(row["draft_stop"])
-    context = f"c{row['draft_context']}" if row.get("draft_context") else None
-    return ":".join(str(x if x is not None else "") for x in (row["gamma"], stop, row["draft_vocab"], row["ss"],
-                                                              row["draft_quant"], context)).rstrip(":")
+    name = ":".join(str(x if x is not None else "") for x in (row["gamma"], stop, row["draft_vocab"], row["ss"],
+                                                              row["draft_quant"])).rstrip(":")
+    context = [f"c{row['draft_context']}"] if row.get("draft_context") else []  # both named by themselves
+    return ":".join([name, *context, *(["tail"] if row.get("ss_tail") else [])])
 
 
 def breakdown(settings, rows, per, prompts, labels) -> tuple[list[dict], list[dict]]:
@@ -228,16 +233,16 @@ def main(argv=None) -> int:
     warm, prompts, labels = prompts[0], prompts[1:], labels[1:]
     texts = (args.settings.split(",") if args.settings
              else [f"{g}:{p}:0" for g, p in itertools.product(args.gammas.split(","), args.stops.split(","))])
-    settings = [("ar", None, None, None, "", None, 0)] + [parse_setting(x) for x in texts]
+    settings = [("ar", None, None, None, "", None, 0, False)] + [parse_setting(x) for x in texts]
     adapters = {st[4]: load_adapter(draft, st[4]) for st in settings if st[4]}
 
-    def kw(method, gamma, stop, vocab, ss, quant, context):
+    def kw(method, gamma, stop, vocab, ss, quant, context, tail):
         if method == "ar":
             return {"method": "ar"}
         # vocab 0 asks for the whole head (None would take the device default: 32768 ids on CPU)
         stop, rule = stop_of(stop)
         return dict(method="sd", draft=draft, gamma=gamma, draft_stop=stop, draft_stop_rule=rule, draft_vocab=vocab,
-                    ss_adapter=adapters.get(ss), draft_quant=quant, draft_context=context)
+                    ss_adapter=adapters.get(ss), draft_quant=quant, draft_context=context, ss_tail=tail)
 
     for st in tqdm(settings, desc="compile"):
         run(target, warm, args.max_new_tokens, eos, **kw(*st))
@@ -255,7 +260,7 @@ def main(argv=None) -> int:
         tps = np.array([len(r.tokens[0]) / s for r, s in runs])
         stop, rule = stop_of(st[2]) if st[0] == "sd" else (None, None)
         row = {"method": st[0], "gamma": st[1], "draft_stop": stop, "stop_rule": rule, "draft_vocab": st[3],
-               "ss": st[4] or None, "draft_context": st[6] if st[0] == "sd" else None,
+               "ss": st[4] or None, "draft_context": st[6] if st[0] == "sd" else None, "ss_tail": st[7],
                "draft_quant": runs[0][0].stats.get("draft_quant"),
                "identical_to_ar": all(r.tokens[0] == t for (r, _), t in zip(runs, ref, strict=True)),
                # prompts whose output differs from ar's (same dtype), and the first differing token of each
@@ -289,12 +294,12 @@ def main(argv=None) -> int:
                "draft_forward_ms": fwd_ms, "ar_output_coverage": covered, "by_task": by_task,
                "per_prompt": per_prompt}
     cols = ["method", "gamma", "draft_stop", "stop_rule", "draft_vocab", "ss", "draft_quant", "draft_context",
-            "tokens_per_s",
+            "ss_tail", "tokens_per_s",
             "speedup_vs_ar",
             "speedup_total", "decode_speedup_total", "start_share", "start_s_median", "tokens_per_round",
             "drafted_per_round", "draft_forwards_per_round", "round_ms_median", "identical_to_ar",
             "mismatched_prompts"]
-    fmt = {c: "{:.2f}" for c in cols[8:18]}
+    fmt = {c: "{:.2f}" for c in cols[9:19]}
     task_cols = ["task", "prompts", "prompt_tokens"] + [setting_name(r) for r in rows[1:]]
     md = "\n".join([
         f"# Vanilla SD draft settings (sd, {name})", "", machine_md(info), "",
@@ -309,7 +314,7 @@ def main(argv=None) -> int:
         "",
         markdown_table(rows, cols, fmt),
         "Per task: median per-prompt speed-up over ar of each setting "
-        "(gamma:draft_stop:draft_vocab[:ss][:quant][:cN]).",
+        "(gamma:draft_stop:draft_vocab[:ss][:quant][:cN][:tail]).",
         "",
         markdown_table(by_task, task_cols, {c: "{:.2f}" for c in task_cols[3:]}),
         "One draft forward (1 token, 64-token context, median of 9) by vocabulary size (0: whole) / quantization: "

@@ -105,3 +105,90 @@ def test_ss_stream_path_is_prepared_once_per_adapter(setup, monkeypatch):
     api.forget_derived_params()
     generate(target, ps[:1], N_NEW, **kw)
     assert len(calls) == 6
+
+
+@pytest.mark.parametrize("method, gamma, stop", [("sd", 2, 0.0), ("sd", 4, 0.0), ("sd", 7, 0.0), ("sd", 7, 0.5),
+                                                 ("mirror", 4, 0.0)])
+def test_ss_tail_greedy_identity(setup, method, gamma, stop):
+    """The lookahead tail (`ss_tail`) proposes other windows (the streams' guesses, unchecked by the
+    draft) in fewer draft forwards; the target's verification keeps the output equal to ar's, across
+    the window lengths whose next first forward feeds 1 .. gamma+1 tokens, with the stop rule too,
+    and in mirror's round without rollouts."""
+    target, draft, adapter, ps, ref = setup
+    kw = dict(method=method, draft=draft, gamma=gamma, draft_stop=stop, ss_adapter=adapter,
+              **({"branch_budget": 0} if method == "mirror" else {}))
+    plain = generate(target, ps, N_NEW, **kw)
+    tail = generate(target, ps, N_NEW, ss_tail=True, **kw)
+    assert tail.tokens == ref == plain.tokens
+    assert tail.stats["settings"]["ss_tail"] and not plain.stats["settings"]["ss_tail"]
+    fewer = tail.stats["draft_forwards_per_round"] - plain.stats["draft_forwards_per_round"]
+    assert fewer < 0 if stop == 0.0 else fewer <= 0  # stop 0.5: these untrained streams' windows end early anyway
+    # s = 2: a forward emits >= 1 token and the streams fill the last 2, so at most gamma - 2 forwards
+    assert max(r["draft_forwards"] for r in tail.stats["per_round"]) <= max(1, gamma - 2)
+
+
+def test_ss_tail_sample_match_reproduces_ar(setup):
+    target, draft, adapter, ps, _ = setup
+    kw = dict(temperature=0.9, seed=2)
+    ref = generate(target, ps, N_NEW, **kw).tokens
+    res = generate(target, ps, N_NEW, method="sd", draft=draft, gamma=4, ss_adapter=adapter, ss_tail=True, **kw)
+    assert res.tokens == ref
+
+
+def test_ss_tail_rejection_sampling_exact_third_token():
+    """Rejection sampling with the tail: gamma 2, s = 2, so every window's second token is a stream's
+    draw and its q the stream's distribution. The third generated token (decided by that draw's
+    acceptance, or the residual) follows the target's exact marginal (chi-square, 400 seeds)."""
+    import numpy as np
+
+    from mirror_jax import model as M
+    from mirror_jax.kv_cache import init_cache
+    from tests.test_engine_sampling import chi2_pvalue
+
+    target, draft = pair(noise=0.05, vocab=8)
+    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+    ssp = init_ss_params(draft[0], sscfg, draft[1], seed=1, embed_scale=0.5)
+    cfg, params = target
+    prompt = [1, 2, 3]
+    fwd = jax.jit(M.forward, static_argnums=0)
+
+    def probs(seq):
+        logits, _ = fwd(cfg, params, jax.numpy.asarray([seq], jax.numpy.int32), init_cache(cfg, 1, 16))
+        return np.asarray(jax.nn.softmax(logits[0, -1]), np.float64)
+
+    p1 = probs(prompt)
+    exact = sum(p1[a] * p2[b] * probs(prompt + [a, b])
+                for a in range(cfg.vocab_size) for p2 in [probs(prompt + [a])] for b in range(cfg.vocab_size))
+    third = []
+    for seed in range(400):
+        res = generate(target, [prompt], 3, method="sd", draft=draft, gamma=2, temperature=1.0, seed=seed,
+                       verifier="rejection", ss_adapter=(sscfg, ssp), ss_tail=True)
+        assert res.stats["draft_forwards_per_round"] == 1.0
+        third.append(res.tokens[0][2])
+    assert chi2_pvalue(np.array(third), exact / exact.sum()) > 1e-3
+
+
+def test_ss_tail_settings_errors(setup):
+    from mirror_jax.engine.api import ConfigError
+
+    target, draft, adapter, ps, _ = setup
+    with pytest.raises(ConfigError, match="ss_adapter"):
+        generate(target, ps[:1], 4, method="sd", draft=draft, ss_tail=True)
+    with pytest.raises(ConfigError, match="branch_budget"):
+        generate(target, ps[:1], 4, method="mirror", draft=draft, branch_budget=2, ss_adapter=adapter, ss_tail=True)
+    with pytest.raises(ConfigError, match="host"):
+        generate(target, ps[:1], 4, method="sd", draft=draft, loop="device", ss_adapter=adapter, ss_tail=True)
+    with pytest.raises(ConfigError, match="True or False"):
+        generate(target, ps[:1], 4, method="sd", draft=draft, ss_adapter=adapter, ss_tail=1)
+
+
+def test_bench_sd_draft_runs_a_tail_setting(tmp_path):
+    """experiments/bench_sd_draft.py --tiny with a ``:tail`` setting: the row records it, is named by
+    it, its output is ar's, and gamma 3 with two streams drafts each window in one forward."""
+    from tests.helpers import run_bench_sd_draft_tiny
+
+    p = run_bench_sd_draft_tiny(tmp_path, "3:0:0:init:none,3:0:0:init:none:tail")
+    assert [row["ss_tail"] for row in p["rows"]] == [False, False, True]
+    assert all(row["identical_to_ar"] for row in p["rows"])
+    assert p["rows"][2]["draft_forwards_per_round"] == 1.0 < p["rows"][1]["draft_forwards_per_round"]
+    assert set(p["per_prompt"][0]) >= {"ar", "3:0.0:0:init:none", "3:0.0:0:init:none:tail"}

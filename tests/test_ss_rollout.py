@@ -12,7 +12,7 @@ from mirror_jax.params import init_random
 from mirror_jax.rounds.draft import draft_chain
 from mirror_jax.sampling import SamplingParams
 from mirror_jax.ss.model import SSConfig, SSParams, init_ss_params
-from mirror_jax.ss.rollout import ss_draft, ss_rollout
+from mirror_jax.ss.rollout import ss_chain, ss_draft, ss_rollout
 from mirror_jax.testing import tiny_config
 
 CFG = tiny_config(vocab_size=61)  # an odd vocabulary: shape bugs cannot hide
@@ -201,3 +201,80 @@ def test_a_windows_last_forward_feeds_only_what_it_can_use():
     k0 = np.asarray(c.k[0][0])  # [Hkv, S, D]
     assert np.all(np.abs(k0[:, lo : lo + 5]).sum(axis=(0, 2)) > 0)  # root, y1..y4 written
     assert np.all(k0[:, lo + 5 : lo + 7] == 0)  # no lookahead rows in the last forward
+
+
+_TAIL = jax.jit(ss_chain, static_argnames=("cfg", "num_tokens", "sample", "stop_logp", "cumulative", "tail"))
+
+
+def _tail_chain(sscfg, ssp, cache, roots, gamma, samp=None, sample=False, tail=True):
+    """`ss_chain` with the lookahead tail: (tokens, q, conf, forwards, cache, length, fed)."""
+    samp = samp if samp is not None else SamplingParams().arrays(row=np.arange(roots.shape[0]))
+    return _TAIL(CFG, PARAMS, ss_draft(CFG, sscfg, PARAMS, ssp), cache, roots, gamma, samp, sample=sample, tail=tail)
+
+
+@pytest.mark.parametrize("gamma", [3, 4, 7])
+def test_lookahead_tail_fills_the_window_with_the_streams_guesses(gamma):
+    """``tail=True``: each row's window is the main stream's greedy tokens up to ``fed + 1`` (the
+    draft's own continuation, with the plain chain's K/V in slots L .. L+fed) and then the streams'
+    guesses from the last fed position, which `ss_forward` over the same tokens reproduces; gamma 3
+    with s = 2 takes one forward (the root's), gamma 4 two, and never more than without the tail."""
+    from mirror_jax.ss.model import ss_forward
+
+    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+    ssp = init_ss_params(CFG, sscfg, PARAMS, seed=gamma, embed_scale=0.3)
+    batch = 3
+    cache, roots = _prefilled(batch, seed=gamma + 20)
+    ref = _greedy_reference(cache, roots, gamma)
+    _, _, c_ar = chain(PARAMS, cache, roots, gamma)
+    toks, q, conf, nf, c_t, length, fed = _tail_chain(sscfg, ssp, cache, roots, gamma)
+    _, _, _, nf_plain, _, _, fed_plain = _tail_chain(sscfg, ssp, cache, roots, gamma, tail=False)
+    assert q is None and np.all(np.asarray(length) == gamma)
+    np.testing.assert_array_equal(np.asarray(fed_plain), gamma - 1)  # without the tail every K/V but d_gamma's
+    assert {3: 1, 4: 2}.get(gamma, int(nf)) == int(nf) <= int(nf_plain)
+    sf = jax.jit(ss_forward, static_argnums=(0, 1))
+    tails = 0
+    for b in range(batch):
+        n_main, lo = int(fed[b]) + 1, int(cache.lengths[b])
+        assert gamma - 2 <= n_main <= gamma  # at most s tokens come from the streams
+        np.testing.assert_array_equal(np.asarray(toks[b, :n_main]), ref[b, :n_main])
+        for ka, kb in zip(c_ar.k + c_ar.v, c_t.k + c_t.v, strict=True):
+            np.testing.assert_allclose(np.asarray(ka[b, :, : lo + n_main]), np.asarray(kb[b, :, : lo + n_main]),
+                                       rtol=1e-5, atol=5e-5)
+        row = jax.tree_util.tree_map(lambda x, b=b: x[b : b + 1], cache)
+        fedin = jnp.concatenate([roots[b : b + 1, None], jnp.asarray(ref[b : b + 1, : n_main - 1])], axis=1)
+        _, s_logits, _ = sf(CFG, sscfg, PARAMS, ssp, fedin, row)
+        guess = np.asarray(jnp.argmax(s_logits[0, n_main - 1], axis=-1))  # [s]: tokens n_main+1 .. n_main+s
+        np.testing.assert_array_equal(np.asarray(toks[b, n_main:]), guess[: gamma - n_main])
+        lp = np.asarray(jax.nn.log_softmax(s_logits[0, n_main - 1], axis=-1))
+        np.testing.assert_allclose(np.asarray(conf[b, n_main:]), lp[np.arange(gamma - n_main), guess[: gamma - n_main]],
+                                   rtol=1e-4, atol=1e-4)
+        tails += gamma - n_main
+    assert tails > 0  # the streams filled some tokens
+
+
+def test_lookahead_tail_samples_follow_their_q():
+    """Sampled tail tokens are draws from the distribution handed over as q (what rejection
+    sampling needs): gamma 3, s = 2, so tokens 2 and 3 are the root's stream guesses, whose
+    distribution does not depend on the sampled token 1. Chi-square over 3000 seeds; the main
+    stream's distribution at that index (a wrong q) is rejected as a control."""
+    from tests.test_engine_sampling import chi2_pvalue
+
+    cfg_small = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+    ssp = init_ss_params(CFG, cfg_small, PARAMS, seed=9, embed_scale=0.5)
+    cache, roots = _prefilled(1, seed=5)
+    draws, qs = [], []
+    for seed in range(3000):
+        samp = SamplingParams(temperature=1.0, seed=seed).arrays(row=np.arange(1))
+        toks, q, _, nf, _, _, fed = _tail_chain(cfg_small, ssp, cache, roots, 3, samp, sample=True)
+        assert int(nf) == 1 and int(fed[0]) == 0
+        draws.append(np.asarray(toks[0]))
+        if seed < 3:
+            qs.append(np.asarray(q[0]))
+    draws = np.stack(draws)
+    np.testing.assert_allclose(qs[0][1:], qs[1][1:], atol=1e-6)  # the tail's law is the same for every seed
+    for j in (1, 2):
+        assert chi2_pvalue(draws[:, j], np.exp(qs[0][j])) > 1e-3
+    main, _, _ = chain(PARAMS, cache, roots, 2)  # the main stream's law at index 1, given the greedy token 1
+    logits, _ = FWD(CFG, PARAMS, jnp.stack([roots, main[:, 0]], axis=1), cache)
+    wrong = np.asarray(jax.nn.softmax(logits[0, 1]), np.float64)
+    assert chi2_pvalue(draws[:, 1], wrong / wrong.sum()) < 1e-6

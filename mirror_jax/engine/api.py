@@ -181,7 +181,7 @@ def resolve_exit(exit_head, target, target_cfg, exit_layer):
 def resolve_settings(
     method, target_cfg, placement: Placement, *, gamma, kappa, exit_layer, branch_budget, verifier,
     sampling: SamplingParams, profile: bool, allow_full_exit: bool, draft_stop=None, ss: bool = False,
-    batch: int = 1, draft_stop_rule: str | None = None, draft_context: int | None = None,
+    batch: int = 1, draft_stop_rule: str | None = None, draft_context: int | None = None, ss_tail: bool = False,
 ) -> SpecSettings:
     """Fill in device defaults and validate every setting before any work starts.
 
@@ -246,7 +246,17 @@ def resolve_settings(
         raise ConfigError(f"draft_context must be 0 (the draft reads the whole prompt) or an int > "
                           f"{2 * CONTEXT_SINK} (the prompt's first {CONTEXT_SINK} and last draft_context - "
                           f"{CONTEXT_SINK} tokens), got {draft_context!r}")
-    return SpecSettings(method, gamma, kappa, exit_layer, budget, verifier, profile, float(draft_stop), rule, context)
+    if not isinstance(ss_tail, bool):
+        raise ConfigError(f"ss_tail must be True or False, got {ss_tail!r}")
+    if ss_tail and not ss:
+        raise ConfigError("ss_tail (the SS draft's lookahead tail) needs a speculative-streaming draft: "
+                          "pass ss_adapter")
+    if ss_tail and not (method == "sd" or budget == 0):
+        raise ConfigError(
+            "ss_tail applies to vanilla SD's rounds (method 'sd', or 'mirror' with branch_budget=0): "
+            f"branch rollouts need every window token's K/V; got method {method!r} with branch_budget={budget}")
+    return SpecSettings(method, gamma, kappa, exit_layer, budget, verifier, profile, float(draft_stop), rule, context,
+                        ss_tail)
 
 
 def generate(
@@ -280,6 +290,7 @@ def generate(
     draft_quant: str | None = None,
     draft_stop_rule: str | None = None,
     draft_context: int | None = None,
+    ss_tail: bool = False,
 ) -> GenerationResult:
     """Decode `prompts` (lists of token ids) with `method`; see the module docstring.
 
@@ -294,6 +305,12 @@ def generate(
     `ss_adapter`: a speculative-streaming adapter for the draft, ``(SSConfig, SSParams)`` or the
     ``(sscfg, ssp, metadata)`` returned by `mirror_jax.ss.checkpoint.load_default_ss_adapter`; the
     draft then emits several tokens per forward (the same tokens as the plain draft).
+
+    `ss_tail` (vanilla SD's rounds with `ss_adapter`, host loop): once a draft forward leaves a
+    window r <= streams tokens short, the streams' lookaheads fill it without the draft's own check
+    (`mirror_jax.ss.rollout.ss_chain`'s ``tail``): fewer draft forwards per window, proposals the
+    target accepts less often. Lossless like any draft (greedy output equals ar's; rejection sampling
+    gets each tail token's stream distribution as q). Off by default.
 
     `exit_head` (mirror): the trained early exit, see `resolve_exit`. With the default pair the
     committed heads are used and `exit_layer` defaults to their recommended layer; ``None`` gives the
@@ -366,8 +383,10 @@ def generate(
         method, cfg_t, pl, gamma=gamma, kappa=kappa, exit_layer=exit_layer, branch_budget=branch_budget,
         verifier=verifier, sampling=sampling, profile=profile, allow_full_exit=allow_full_exit,
         draft_stop=draft_stop, ss=ss_adapter is not None, batch=len(prompts) if loop == "device" else 1,
-        draft_stop_rule=draft_stop_rule, draft_context=draft_context,
+        draft_stop_rule=draft_stop_rule, draft_context=draft_context, ss_tail=ss_tail,
     )
+    if ss_tail and loop == "device":
+        raise ConfigError("ss_tail runs in the host loop (loop='host'): the device loop's windows keep every K/V")
     if method == "sd" and exit_vocab not in (None, 0):
         raise ConfigError("exit_vocab applies to method 'mirror' (vanilla SD has no early exit)")
     if s.rollouts:

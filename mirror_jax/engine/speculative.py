@@ -56,6 +56,7 @@ class SpecSettings:
     draft_stop: float = 0.0  # sd: the draft ends its window after a token it gives less than this probability
     stop_rule: str = "token"  # "window": ... once the product of its window's probabilities is below draft_stop
     draft_context: int = 0  # the draft prefills at most this many prompt tokens (`prefill.draft_context_ids`); 0: all
+    ss_tail: bool = False  # sd with the SS draft: a window's last tokens may be unverified lookaheads (`ss_chain`)
 
     @property
     def stop_logp(self) -> float | None:
@@ -137,8 +138,8 @@ class SpecDecoder:
         samp = sampling.arrays(row=row)  # the seed key, the row and the scalars, placed once per device
         self.samp_t, self.samp_d = pl.to_target(samp), pl.to_draft(samp)
         self._dkw = dict(sample=s.draft_samples, ss=draft.ss)
-        self._pkw = dict(self._dkw, gamma=s.gamma, stop_logp=s.stop_logp,
-                         stop_cumulative=s.stop_cumulative)  # draft_propose's (sd's windows)
+        self._pkw = dict(self._dkw, gamma=s.gamma, stop_logp=s.stop_logp, stop_cumulative=s.stop_cumulative,
+                         ss_tail=s.ss_tail)  # draft_propose's (sd's windows)
 
     def start(self, prompt: list[int]) -> tuple[int, SpecState]:
         """Prefill both caches, choose the first token, draft the first window."""
@@ -200,18 +201,19 @@ class SpecDecoder:
         len_t = None if s.stop_logp is None else pl.to_target(st.proposal.length)
         verdict, st.cache_t = timer.lap("verify", *verify_round(
             logits, win_t, q_t, st.cache_t, self.samp_t, length=len_t, rule=s.verifier))
-        a, c, win, forwards, n = jax.device_get((verdict.a, verdict.c, win_t, st.proposal.forwards,
-                                                 st.proposal.length))  # the sync
-        a, c, win, n = int(a), int(c), np.asarray(win)[0], int(n[0])
-        # The last chain fed [last, d1..d_{n-1}] (after one extra token when it started with two) at
-        # slots draft_len..fed_end-1 (n = the window's drafted length: gamma unless the draft stopped
-        # early). Commit what is both fed and accepted; feed the rest: [c], or [d_n, c] when the whole
-        # window was accepted (d_n's K/V was never computed).
+        a, c, win, forwards, n, fed = jax.device_get((verdict.a, verdict.c, win_t, st.proposal.forwards,
+                                                      st.proposal.length, st.proposal.fed))  # the sync
+        a, c, win, n, fed = int(a), int(c), np.asarray(win)[0], int(n[0]), int(fed[0])
+        # The last chain fed [last, d1..d_fed] (after any tokens it started with) at slots
+        # draft_len..fed_end-1 (fed = n - 1, n the window's drafted length: gamma unless the draft
+        # stopped early; fewer with the SS lookahead tail). Commit what is both fed and accepted; feed
+        # the rest: [c], or [d_n, c] when the whole window was accepted (d_n's K/V was never computed),
+        # or with the tail [d_{fed+1} .. d_a, c].
         new_pos = st.pos + a + 1
-        fed_end = st.pos + n
+        fed_end = st.pos + fed + 1
         new_len = min(new_pos, fed_end)
         seq = np.concatenate([win[:a], [c]])  # committed tokens at positions pos+1 .. pos+a+1
-        first = seq[new_len - st.pos - 1 : a + 1][None].astype(np.int32)  # 1 or 2 tokens up to c
+        first = seq[new_len - st.pos - 1 : a + 1][None].astype(np.int32)  # 1 or 2 tokens up to c (tail: more)
         first_d = timer.lap("channel_fv", pl.to_draft(first))
         st.proposal, st.cache_d = timer.lap("draft", *draft_propose(
             d.cfg, d.params, st.cache_d, pl.to_draft(jnp.int32(new_len - st.draft_len)), first_d, self.samp_d,

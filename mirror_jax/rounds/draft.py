@@ -6,7 +6,10 @@ committed slots, the K/V of ``y, d_1 .. d_{gamma-1}`` at P .. P+gamma-1: whoever
 window (the first chain, a fallback chain, or the reused branch) wrote them. Only d_gamma's K/V is
 missing (it was never fed). The rollout therefore needs no path forward. (Vanilla SD with
 ``draft_stop`` may end a window early, at d_L: then ``y, d_1 .. d_{L-1}`` have K/V and d_L's is the
-one missing; `Proposal.length` carries L. Mirror-SD always drafts whole windows.)
+one missing; `Proposal.length` carries L. With the SS draft's lookahead tail, ``ss_tail``, the
+window's last tokens are the streams' unchecked guesses and were never fed either: `Proposal.fed`
+counts the window tokens whose K/V are written, and the next window feeds the rest. Mirror-SD
+always drafts whole windows of the draft's own continuation.)
 
 Branch-complete rollouts (Mirror-SD, spec section 2 step 4), worked example with gamma = 3:
 
@@ -134,28 +137,33 @@ def draft_chain_until(cfg, params, cache: KVCache, first, gamma: int, samp: Samp
 
 
 def propose(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays, *, sample: bool = False,
-            ss: SSDraft | None = None, stop_logp: float | None = None, stop_cumulative: bool = False):
+            ss: SSDraft | None = None, stop_logp: float | None = None, stop_cumulative: bool = False,
+            ss_tail: bool = False):
     """A chain of up to `gamma` draft tokens per row after `first` [B, n0]: `draft_chain`
     (`draft_chain_until` with `stop_logp` and `stop_cumulative`), or speculative streaming when `ss`
-    is given (several tokens per forward, the same tokens, the same early stop).
+    is given (several tokens per forward, the same tokens, the same early stop; with `ss_tail` the
+    window's last tokens may be the streams' lookaheads as they are: `ss_chain`'s ``tail``).
 
-    Returns (`Proposal` with window [B, gamma] and length [B] (gamma: a full window), cache with
-    lengths unchanged)."""
+    Returns (`Proposal` with window [B, gamma], length [B] (gamma: a full window) and fed [B]
+    (length - 1, fewer with `ss_tail`), cache with lengths unchanged)."""
     b = first.shape[0]
     full = jnp.full((b,), gamma, jnp.int32)
     if ss is not None:
         # Tokens before the root whose K/V are missing (d_gamma after a fully accepted window) go into
         # the SS rollout's first forward with the root. With `stop_logp` the window ends where
         # `draft_chain_until`'s would (the same tokens, the same rule), in fewer forwards.
-        toks, q, conf, forwards, cache, length = ss_chain(cfg, params, ss, cache, first, gamma, samp, sample=sample,
-                                                          stop_logp=stop_logp, cumulative=stop_cumulative)
-        return Proposal(window=toks, q=q, conf=conf, forwards=forwards, length=length), cache
+        toks, q, conf, forwards, cache, length, fed = ss_chain(
+            cfg, params, ss, cache, first, gamma, samp, sample=sample, stop_logp=stop_logp,
+            cumulative=stop_cumulative, tail=ss_tail)
+        return Proposal(window=toks, q=q, conf=conf, forwards=forwards, length=length, fed=fed), cache
+    if ss_tail:
+        raise ValueError("propose: ss_tail needs a speculative-streaming draft (ss)")
     if stop_logp is None:
         toks, q, conf, cache = draft_chain(cfg, params, cache, first, gamma, samp, sample=sample)
-        return Proposal(window=toks, q=q, conf=conf, forwards=jnp.int32(gamma), length=full), cache
+        return Proposal(window=toks, q=q, conf=conf, forwards=jnp.int32(gamma), length=full, fed=full - 1), cache
     toks, q, conf, cache, length, forwards = draft_chain_until(cfg, params, cache, first, gamma, samp, stop_logp,
                                                                sample=sample, cumulative=stop_cumulative)
-    return Proposal(window=toks, q=q, conf=conf, forwards=forwards, length=length), cache
+    return Proposal(window=toks, q=q, conf=conf, forwards=forwards, length=length, fed=length - 1), cache
 
 
 # Acceptance model: P(target accepts d_j | it accepted d_1 .. d_{j-1}) =
@@ -205,15 +213,16 @@ def broadcast_rows(cache: KVCache, rows: int, lengths: jax.Array) -> KVCache:
     return KVCache(k=tuple(map(bc, cache.k)), v=tuple(map(bc, cache.v)), lengths=lengths.astype(jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "gamma", "sample", "stop_logp", "stop_cumulative"),
+@functools.partial(jax.jit, static_argnames=("cfg", "gamma", "sample", "stop_logp", "stop_cumulative", "ss_tail"),
                    donate_argnames=("cache",))
 def draft_propose(cfg, params, cache: KVCache, advance, first, samp: SamplingArrays, *, gamma: int,
                   sample: bool = False, ss: SSDraft | None = None, stop_logp: float | None = None,
-                  stop_cumulative: bool = False):
+                  stop_cumulative: bool = False, ss_tail: bool = False):
     """Commit `advance` tokens to the draft cache, then draft a window of gamma tokens after
-    `first` [1, n0] (fewer with `stop_logp`: `draft_chain_until`). Returns (`Proposal`, cache)."""
+    `first` [1, n0] (fewer with `stop_logp`: `draft_chain_until`; the SS lookahead tail with
+    `ss_tail`: then `Proposal.fed` says which K/V the next window must feed). Returns (`Proposal`, cache)."""
     return propose(cfg, params, commit(cache, advance), first, gamma, samp, sample=sample, ss=ss, stop_logp=stop_logp,
-                   stop_cumulative=stop_cumulative)
+                   stop_cumulative=stop_cumulative, ss_tail=ss_tail)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "budget", "sample", "always_feed_x"))
@@ -258,7 +267,8 @@ def select_window(cfg, params, cache: KVCache, branches: Branches, a, c, samp: S
         q = None if branches.q is None else branches.q[idx][None]
         cache = commit(write_branch(cache, branches.buffer, idx), a + 1)
         return Proposal(window=branches.tokens[idx][None], q=q, conf=branches.conf[idx][None],
-                        forwards=jnp.int32(0), length=jnp.full((1,), gamma, jnp.int32)), cache
+                        forwards=jnp.int32(0), length=jnp.full((1,), gamma, jnp.int32),
+                        fed=jnp.full((1,), gamma - 1, jnp.int32)), cache
 
     def chain(cache, first):
         return propose(cfg, params, cache, first, gamma, samp, sample=sample, ss=ss)

@@ -8,7 +8,7 @@ payload         made by -> used by         fields
 `Channel`       target_prefix -> draft     cand_ids [gamma+1, kappa] int32, cand_lp, path_lp
 `EarlyExit`     target_prefix -> verify    the Channel + top_ids (raw top-kappa, Omega_kappa)
 `Proposal`      draft_propose/select       window [1, gamma], q [1, gamma, V] or None, conf, forwards,
-                                           length [1]
+                                           length [1], fed [1]
 `Branches`      draft_rollout -> select    depth/root [n], tokens [n, gamma], q, conf, forwards,
                                            path [gamma+1], buffer (branch K/V), scores, cand_ids
 `Verdict`       verify -> draft_select     a (accepted), c (correction/bonus), omega_hits
@@ -50,6 +50,7 @@ class Proposal:
     conf: jax.Array  # [1, gamma] float32: the draft's log-prob of each window token (raw distribution)
     forwards: jax.Array  # int32 []: draft forwards spent on it
     length: jax.Array  # [1] int32: window tokens drafted (gamma, or fewer after an early stop); the rest are padding
+    fed: jax.Array  # [1] int32: window tokens whose K/V the draft wrote (length - 1; fewer with the SS lookahead tail)
 
 
 @struct.dataclass

@@ -6,7 +6,7 @@ forward of the 0.5B draft took ~50% longer on CPU). `ss_chain` is the traceable 
 `mirror_jax.rounds.draft.propose` calls; `ss_rollout` is the same with host-side checks, for use
 on its own. Contract (shared with the plain chain `mirror_jax.rounds.draft.draft_chain`)::
 
-    tokens, q, conf, num_forwards, cache, length = ss_chain(cfg, params, ss, cache, roots, gamma, samp, sample=...)
+    tokens, q, conf, num_forwards, cache, length, fed = ss_chain(cfg, params, ss, cache, roots, gamma, samp, sample=...)
 
 * Row b has committed cache length ``L_b = cache.lengths[b]``; ``roots[b]`` is its next input
   token, at position ``L_b`` and not yet in the cache.
@@ -21,6 +21,9 @@ on its own. Contract (shared with the plain chain `mirror_jax.rounds.draft.draft
   (an adaptive window, see `ss_chain`) both hold up to the row's ``length`` instead of gamma.
 * ``conf[b]`` is the main stream's raw log-probability of each emitted token (the draft's
   confidence, which the Mirror-SD branch choice reads).
+* ``fed[b]``: window tokens whose K/V are written (``length - 1``). Only with ``tail=True`` (the
+  lookahead tail, see `ss_chain`) is the window not the draft's own continuation: its last tokens
+  are the streams' guesses, unchecked by the main stream, and ``fed`` is smaller.
 
 SS loop (s streams, one row)::
 
@@ -100,20 +103,32 @@ def ss_draft(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSPara
 
 def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache, roots, num_tokens: int,
              samp: SamplingArrays | None = None, *, sample: bool = False, stop_logp: float | None = None,
-             cumulative: bool = False):
+             cumulative: bool = False, tail: bool = False):
     """Speculative-streaming rollout of `num_tokens` tokens per row (traceable; see the module
     docstring). roots: [B], or [B, F] when F-1 committed tokens whose K/V are not in the cache yet
     precede each root (fed with it in the first forward from slot L_b; the tokens then continue
     after the root). Returns (tokens [B, num_tokens], q [B, num_tokens, V] or None, conf
     [B, num_tokens] (raw log-prob of each emitted token), forwards
-    (int32 []: until every row had its tokens or stopped), cache with lengths unchanged, length [B] int32).
+    (int32 []: until every row had its tokens or stopped), cache with lengths unchanged, length [B] int32,
+    fed [B] int32: window tokens whose K/V are written, ``length - 1`` unless `tail`).
 
     `stop_logp` (static; None: full windows, length == num_tokens): the adaptive window of
     `mirror_jax.rounds.draft.draft_chain_until`, with the same rule and the same lengths: a row's
     window ends after the first emitted token whose raw log-prob (or, with `cumulative`, the window's
     sum so far) is below it, and the row stops drafting. A forward may emit tokens past that one
     (accepted lookaheads); they are padding, never verified. The K/V of the root and the window's
-    tokens before the last are written, as the plain chain leaves them."""
+    tokens before the last are written, as the plain chain leaves them.
+
+    `tail` (static): the lookahead tail, a window that is not the draft's own continuation. Once a
+    forward leaves a row r <= s tokens short, the streams' r lookaheads fill the window unverified
+    by the main stream (Medusa-style proposals; the target verifies them, so decoding stays lossless;
+    with ``sample`` each is a draw from its stream's processed distribution and ``q`` holds it, so
+    rejection sampling stays exact). The stop rule, if any, applies to them with the streams'
+    log-probs as ``conf``. Their K/V are not written: ``fed`` counts the tokens that have them, and
+    the next window's first forward must feed the rest (`engine.speculative`'s host loop does).
+    Example, gamma 4, s = 2: [root] emits d1 (lookaheads for d2, d3); [d1, l2, l3] emits d2 .. d_{2+a}
+    (a accepted) and new lookaheads, which fill the 4 - 2 - a tokens left: every window takes two
+    forwards, ``fed`` = 1 + a."""
     bsz, s, cap = roots.shape[0], ss.sscfg.num_streams, cache.capacity
     k_in = s + 1  # tokens fed per forward after the first
     base = cache.lengths
@@ -123,6 +138,18 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
 
     def going(st):
         return (st["n"] < num_tokens) & ~st["stopped"]  # [B] rows still drafting
+
+    def stop_rule(emit, cf, offset, stopped, length, score):
+        """The adaptive window (`stop_logp`) over tokens cf [B, k] emitted where `emit`, emit[:, j] at
+        window index offset + j: the first one the rule rejects ends the row's window."""
+        if stop_logp is None:
+            return stopped, length, score
+        cf_in = jnp.where(emit, cf, 0.0)
+        sc = score[:, None] + jnp.cumsum(cf_in, axis=1) if cumulative else cf  # [B, k]
+        low = emit & (sc < stop_logp)
+        hit = jnp.any(low, axis=1)  # emit is False on inactive rows, so hit is too
+        length = jnp.where(hit, offset + jnp.argmax(low, axis=1) + 1, length)
+        return stopped | hit, length, score + jnp.sum(cf_in, axis=1)
 
     def streams_at(h0, positions, c, at):
         """Stream hidden [B, s, H] of the fed position `at` [B] (its main K/V are in `c`)."""
@@ -169,27 +196,32 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         q = None if lp is None else st["q"].at[rows[:, None], idx].set(lp, mode="drop")
         cf = own_logprob(logits, g)  # [B, k]
         conf = st["conf"].at[rows[:, None], idx].set(cf, mode="drop")
-        stopped, length, score = st["stopped"], st["len"], st["score"]
-        if stop_logp is not None:  # the adaptive window: the first emitted token the rule rejects ends it
-            cf_in = jnp.where(emit, cf, 0.0)
-            sc = score[:, None] + jnp.cumsum(cf_in, axis=1) if cumulative else cf  # [B, k]
-            low = emit & (sc < stop_logp)
-            hit = jnp.any(low, axis=1)  # emit is False on inactive rows, so hit is too
-            length = jnp.where(hit, st["n"] + jnp.argmax(low, axis=1) - skip + 1, length)
-            stopped = stopped | hit
-            score = score + jnp.sum(cf_in, axis=1)
+        stopped, length, score = stop_rule(emit, cf, st["n"] - skip, st["stopped"], st["len"], st["score"])
+        n = jnp.where(active, st["n"] + a + 1, st["n"])
         # New lookaheads from the streams at the last accepted position p+a.
         if streams:
             if s_logits is None:  # the last right position is known only now
                 s_logits = M.head(cfg, ss.stream_params(params), streams_at(h0, positions, c, last))  # [B, s, V]
-            look, _ = choose(s_logits, positions=(p + last + 1)[:, None] + jnp.arange(1, s + 1))  # [B, s]
+            look, look_lp = choose(s_logits, positions=(p + last + 1)[:, None] + jnp.arange(1, s + 1),
+                                   want_logprobs=sample and tail)  # [B, s], [B, s, V] or None
+            if tail:  # rows left r <= s tokens short take r lookaheads as they are
+                left = num_tokens - n  # [B]
+                put = (active & ~stopped & (left > 0) & (left <= s))[:, None] & (jnp.arange(s)[None, :] < left[:, None])
+                idx_t = jnp.where(put, n[:, None] + jnp.arange(s)[None, :], out_w)  # [B, s]
+                out = out.at[rows[:, None], idx_t].set(look, mode="drop")
+                cf_t = own_logprob(s_logits, look)  # [B, s] the streams' raw log-probs
+                conf = conf.at[rows[:, None], idx_t].set(cf_t, mode="drop")
+                if q is not None:
+                    q = q.at[rows[:, None], idx_t].set(look_lp, mode="drop")
+                stopped, length, score = stop_rule(put, cf_t, n, stopped, length, score)
+                n = jnp.where(put[:, 0], num_tokens, n)
         else:
             look = st["look"]
         return dict(
             p=jnp.where(active, p + last + 1, p),
             x0=jnp.where(active, g[rows, last], st["x0"]),
             look=jnp.where(active[:, None], look, st["look"]),
-            n=jnp.where(active, st["n"] + a + 1, st["n"]),
+            n=n,
             out=out,
             q=q,
             conf=conf,
@@ -232,10 +264,13 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
     st = lax.while_loop(lambda st: jnp.any(going(st)), body, st)
     q = None if st["q"] is None else st["q"][:, :num_tokens]
     length = jnp.minimum(st["len"], num_tokens)
-    return st["out"][:, :num_tokens], q, st["conf"][:, :num_tokens], st["it"], st["cache"], length
+    # The main stream's K/V are right in slots base .. p-1: the F-1 lead tokens, the root and window tokens
+    # 1 .. p-base-F (the main stream emitted those and the ones fed after them; the tail was never fed).
+    fed = jnp.minimum(st["p"] - base - first.shape[1], length - 1)
+    return st["out"][:, :num_tokens], q, st["conf"][:, :num_tokens], st["it"], st["cache"], length, fed
 
 
-_ss_chain = jax.jit(ss_chain, static_argnames=("cfg", "num_tokens", "sample", "stop_logp", "cumulative"))
+_ss_chain = jax.jit(ss_chain, static_argnames=("cfg", "num_tokens", "sample", "stop_logp", "cumulative", "tail"))
 
 
 def ss_rollout(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache, roots, num_tokens: int,
@@ -251,5 +286,5 @@ def ss_rollout(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCach
         samp = SamplingParams().arrays(row=jnp.arange(roots.shape[0]))
     lead = roots.shape[1] - 1 if roots.ndim == 2 else 0  # committed tokens fed before the root
     check_headroom(cache.lengths, lead + num_tokens + ss.sscfg.num_streams, cache.capacity, what="ss_rollout KV cache")
-    toks, q, _, forwards, cache, _ = _ss_chain(cfg, params, ss, cache, roots, num_tokens, samp, sample=sample)
+    toks, q, _, forwards, cache, _, _ = _ss_chain(cfg, params, ss, cache, roots, num_tokens, samp, sample=sample)
     return toks, q, forwards, cache
