@@ -136,9 +136,12 @@ def test_ss_tail_sample_match_reproduces_ar(setup):
 
 
 def test_ss_tail_rejection_sampling_exact_third_token():
-    """Rejection sampling with the tail: gamma 2, s = 2, so every window's second token is a stream's
-    draw and its q the stream's distribution. The third generated token (decided by that draw's
-    acceptance, or the residual) follows the target's exact marginal (chi-square, 400 seeds)."""
+    """Rejection sampling with the tail, end to end: gamma 2, s = 2, so every window's second token is
+    a stream's draw handed over with its q. The third generated token (decided by that draw's
+    acceptance, or the residual) follows the target's exact marginal (chi-square, 400 seeds). This
+    catches a broken engine path, not a subtly wrong q: with q replaced by the uniform distribution
+    it still passed at 400 seeds. That the tail's draws follow the q handed over (the premise of the
+    verifier's exactness, tested in test_engine_sampling) is `test_lookahead_tail_samples_follow_their_q`."""
     import numpy as np
 
     from mirror_jax import model as M
