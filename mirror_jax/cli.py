@@ -3,9 +3,11 @@
     mirror-jax generate --prompt "Write a function that reverses a list." --method mirror
     mirror-jax generate --prompt "..." --method sd --gamma 4 --placement cpu:0,cpu:1
     mirror-jax generate --prompt "..." --target model.gguf --draft small.gguf
+    mirror-jax generate --prompt "..." --method sd --ss-adapter default --ss-tail
 
 Without --target/--draft the default Qwen2.5-Coder 1.5B/0.5B pair is used (installed as packages;
 the error message gives the install command when they are missing). Prints the text and tokens/s.
+Invalid settings and unusable checkpoints end with ``error: ...`` on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -23,6 +25,30 @@ def _load(path: str | None, dtype):
     if path.endswith(".gguf"):
         return load_gguf(path, dtype)
     return load_hf_dir(path, dtype)
+
+
+def load_ss_adapter(spec: str, draft):
+    """`--ss-adapter`: None for 'none'; for 'default' the committed adapter of the default draft
+    (`mirror_jax.ss.checkpoint.load_default_ss_adapter`); else the checkpoint in that directory.
+    Returns what `generate(ss_adapter=...)` takes, ``(sscfg, ssp, metadata)``. Raises ConfigError
+    (no draft, no adapter for this draft) or the checkpoint's own errors (missing, corrupted,
+    trained for another base model), each saying what to do."""
+    from mirror_jax.engine.api import ConfigError
+    from mirror_jax.ss.checkpoint import default_adapter_dirs, load_default_ss_adapter, restore_ss_checkpoint
+
+    if spec.lower() == "none":
+        return None
+    if draft is None:
+        raise ConfigError("--ss-adapter adapts the draft: use it with --method sd or mirror")
+    if spec.lower() == "default":
+        ss = load_default_ss_adapter(draft)
+        if ss is None:
+            where = ", ".join(str(d) for d in default_adapter_dirs())
+            raise ConfigError(f"no committed SS adapter for this draft (looked in {where}; an adapter trained "
+                              "for another base model is skipped): train one with experiments/train_ss_draft.py "
+                              "and pass its directory")
+        return ss
+    return restore_ss_checkpoint(spec, draft.cfg, draft.params)
 
 
 def add_generate_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +71,13 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="branches rolled out per round (0: none; default: none when draft and target share a "
                         "device, else the device default)")
     p.add_argument("--verifier", default=None, choices=["greedy", "sample_match", "rejection"])
+    p.add_argument("--ss-adapter", default="none",
+                   help="sd/mirror: the draft's speculative-streaming adapter (several tokens per draft forward, "
+                        "same output): 'none' (the plain draft), 'default' (the committed adapter for the default "
+                        "draft), or an SS checkpoint directory (experiments/train_ss_draft.py writes them)")
+    p.add_argument("--ss-tail", action="store_true",
+                   help="sd with --ss-adapter: end a window with the streams' unchecked lookaheads (fewer draft "
+                        "forwards, lower acceptance; lossless)")
     p.add_argument("--placement", default=None,
                    help="'target,draft' devices, e.g. cpu:0,cpu:1 or gpu:0,cpu:0; join devices with + to shard a model "
                         "over a group: gpu:0+gpu:1,gpu:2")
@@ -57,6 +90,24 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args) -> int:
+    from mirror_jax.checkpointing import CheckpointError
+    from mirror_jax.engine.api import ConfigError
+
+    try:
+        return _run_generate(args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_generate(args) -> int:
+    from mirror_jax.engine.api import ConfigError
+
+    # Settings that need no model fail before the (slow) load.
+    if args.method != "ar" and args.target is not None and args.draft is None:
+        raise ConfigError("--method sd/mirror needs --draft when --target is given")
+    if args.method == "ar" and (args.ss_adapter.lower() != "none" or args.ss_tail):
+        raise ConfigError("--ss-adapter/--ss-tail adapt the draft: use them with --method sd or mirror")
     ensure_host_devices(args.placement)
     import jax
     import jax.numpy as jnp
@@ -74,9 +125,7 @@ def run_generate(args) -> int:
         target = _load(args.target, dtype)
         draft = _load(args.draft, dtype) if args.draft else None
         tok = target.tokenizer
-    if args.method != "ar" and draft is None:
-        print("error: --method sd/mirror needs --draft when --target is given", file=sys.stderr)
-        return 2
+    ss_adapter = load_ss_adapter(args.ss_adapter, draft)
     exit_head = {"auto": "auto", "none": None}.get(args.exit_head.lower(), args.exit_head)
     if isinstance(exit_head, str) and exit_head != "auto":
         from mirror_jax.exit.checkpoint import restore_exit_heads
@@ -93,7 +142,7 @@ def run_generate(args) -> int:
         exit_layer=args.exit_layer,
         branch_budget=args.branch_budget, placement=args.placement, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, verifier=args.verifier, loop=args.loop,
-        exit_head=exit_head,
+        exit_head=exit_head, ss_adapter=ss_adapter, ss_tail=args.ss_tail,
     )
     if args.method == "ar":
         kw = {k: kw[k] for k in ("method", "placement", "temperature", "top_k", "top_p", "seed")}

@@ -233,7 +233,8 @@ def resolve_settings(
         )
     if isinstance(draft_stop, bool) or not isinstance(draft_stop, int | float) or not 0.0 <= draft_stop < 1.0:
         raise ConfigError(f"draft_stop must be a probability in [0, 1) (0: full windows), got {draft_stop!r}")
-    if draft_stop > 0 and not (method == "sd" or budget == 0):
+    sd_rounds = method == "sd" or budget == 0  # vanilla SD's rounds: no branch rollouts
+    if draft_stop > 0 and not sd_rounds:
         raise ConfigError(
             "draft_stop (ending a window early) applies to vanilla SD's rounds (method 'sd', "
             f"or 'mirror' with branch_budget=0); got method {method!r} with branch_budget={budget}"
@@ -251,7 +252,7 @@ def resolve_settings(
     if ss_tail and not ss:
         raise ConfigError("ss_tail (the SS draft's lookahead tail) needs a speculative-streaming draft: "
                           "pass ss_adapter")
-    if ss_tail and not (method == "sd" or budget == 0):
+    if ss_tail and not sd_rounds:
         raise ConfigError(
             "ss_tail applies to vanilla SD's rounds (method 'sd', or 'mirror' with branch_budget=0): "
             f"branch rollouts need every window token's K/V; got method {method!r} with branch_budget={budget}")
