@@ -117,6 +117,11 @@ def alternate(order: list, i: int) -> list:
     return order if i % 2 == 0 else order[::-1]
 
 
+def result_key(dtype: str) -> str:
+    """The results key of mirror_jax's rows in `dtype`: "jax" (float32) or "jax_<dtype>"."""
+    return "jax" if dtype == "float32" else f"jax_{dtype}"
+
+
 def jax_decode(runs: dict, prompt, new_tokens: int, repeats: int) -> dict:
     """ms per generated token of `generate_ar` (jitted `decode_step`) for each dtype in `runs`
     (``{dtype: (cfg, params)}``), the dtypes interleaved within every repeat (`alternate`).
@@ -257,7 +262,7 @@ def plot(results: dict, sizes, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (role, r) in enumerate(results.items()):
         color = f"C{i}"
-        for key, style in (("jax", "o-"), ("jax_bfloat16", "^-.")):
+        for key, style in ((result_key("float32"), "o-"), (result_key("bfloat16"), "^-.")):
             if key in r:
                 ax.plot(sizes, [r[key]["forward_ms"][t] for t in sizes], style, color=color,
                         label=f"{NAMES[role]} mirror_jax {r[key]['dtype']}")
@@ -292,7 +297,7 @@ def report(args, info, bandwidth, results, sizes, argv) -> None:
 
     rows, frows = [], []
     for r in results.values():
-        for impl in ("jax", "jax_bfloat16", "torch"):
+        for impl in (result_key("float32"), result_key("bfloat16"), "torch"):
             if impl not in r:
                 continue
             d = r[impl]
@@ -422,7 +427,7 @@ def main(argv=None) -> int:
             prompt, vocab = prompt_ids(tok, cfg.vocab_size), cfg.vocab_size
             runs[dt] = (cfg, params)
             nb = param_bytes(params, exclude_embed=True)
-            key = "jax" if dt == "float32" else f"jax_{dt}"
+            key = result_key(dt)
             r[key] = {"dtype": dt, "bytes_per_token": nb, "floor_ms": 1e3 * nb / (bandwidth["floor_gbs"] * 1e9),
                       "read_floor_ms": 1e3 * nb / (bandwidth["read_floor_gbs"] * 1e9)}
             r["lm_head_bytes"] = int(params.lm_head.size * params.lm_head.dtype.itemsize)
@@ -433,7 +438,7 @@ def main(argv=None) -> int:
         decode = jax_decode(runs, prompt, args.new_tokens, args.repeats)
         forward = jax_forward_costs(runs, args.context, sizes, args.repeats)
         for dt in args.dtypes:
-            d = r["jax" if dt == "float32" else f"jax_{dt}"]
+            d = r[result_key(dt)]
             d.update(decode[dt], forward_ms=forward[dt])
             print(f"  mirror_jax {dt}: {d['ms_per_token']:.1f} ms/token, forward {d['forward_ms']}", flush=True)
             if dt != "float32" and "jax" in r:
@@ -443,8 +448,7 @@ def main(argv=None) -> int:
         gc.collect()
         if not args.no_memory:
             for dt in args.dtypes:
-                key = "jax" if dt == "float32" else f"jax_{dt}"
-                r[key]["memory_after_load"] = memory_after_load(role, dt, args.random)
+                r[result_key(dt)]["memory_after_load"] = memory_after_load(role, dt, args.random)
         r.update({k: r["jax"][k] for k in ("bytes_per_token", "floor_ms", "read_floor_ms")} if "jax" in r else {})
         if use_torch:
             model = load_torch(role, args.threads)
