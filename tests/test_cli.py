@@ -72,6 +72,8 @@ def test_ss_options_reach_generate_and_keep_ar_output(dirs, calls, capsys):
     assert kwargs["ss_tail"] is True and kwargs["ss_adapter"][0].num_streams == 2
     assert res.stats["draft_kind"] == "ss" and res.stats["settings"]["ss_tail"] is True
     assert res.tokens == ref
+    # sd warms up on the whole request (its compiles depend on the rounds it meets), ar on 8 tokens.
+    assert calls[-2][1].tokens == ref and len(calls[0][1].tokens[0]) == 8
     out = capsys.readouterr().out
     assert "[sd] 12 tokens" in out and "tokens/round" in out
 
