@@ -147,9 +147,10 @@ def _run_generate(args) -> int:
     if args.method == "ar":
         kw = {k: kw[k] for k in ("method", "placement", "temperature", "top_k", "top_p", "seed")}
     # Warm-up: compile outside the timing. ar compiles everything in its first steps; sd/mirror meet
-    # data-dependent shapes (the next window's first forward feeds 1..gamma+1 tokens with --ss-tail,
-    # branch rollouts), so they warm up on the same request: greedy and seeded sampling replay the
-    # same rounds, and the timed call compiles nothing (the device loop is compiled per length anyway).
+    # shapes that depend on the rounds (a window after a fully accepted one starts with 2 tokens; with
+    # the SS draft an 8-token warm-up left compiles inside the timed call), so they warm up on the
+    # same request: greedy and seeded sampling replay the same rounds, and the timed call compiles
+    # nothing (the device loop is compiled per length anyway).
     generate(target, [ids], min(8, args.max_new_tokens) if args.method == "ar" else args.max_new_tokens, **kw)
     res = generate(target, [ids], args.max_new_tokens, **kw)
     print(decode(tok, res.tokens[0]))

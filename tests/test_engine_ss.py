@@ -127,6 +127,21 @@ def test_ss_tail_greedy_identity(setup, method, gamma, stop):
     assert max(r["draft_forwards"] for r in tail.stats["per_round"]) <= max(1, gamma - 2)
 
 
+def test_ss_tail_compiles_one_draft_window(setup):
+    """With the tail a window starts with 1 .. gamma+1 tokens; they are padded to gamma + 1, so the
+    draft's window function compiles once for the whole run. gamma 3 (a setting no other test uses):
+    with s = 2 one forward emits the first token and the streams fill the other two (fed = 0), so a
+    round that accepts a >= 1 tokens starts the next window with a + 1 tokens."""
+    from mirror_jax.rounds.draft import draft_propose
+
+    target, draft, adapter, ps, ref = setup
+    before = draft_propose._cache_size()
+    res = generate(target, ps, N_NEW, method="sd", draft=draft, gamma=3, ss_adapter=adapter, ss_tail=True)
+    assert res.tokens == ref
+    assert len({min(r["a"], 2) for r in res.stats["per_round"]}) == 3  # windows started with 1, 2 and 3+ tokens
+    assert draft_propose._cache_size() - before == 1
+
+
 def test_ss_tail_sample_match_reproduces_ar(setup):
     target, draft, adapter, ps, _ = setup
     kw = dict(temperature=0.9, seed=2)

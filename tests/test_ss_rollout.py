@@ -278,3 +278,34 @@ def test_lookahead_tail_samples_follow_their_q():
     logits, _ = FWD(CFG, PARAMS, jnp.stack([roots, main[:, 0]], axis=1), cache)
     wrong = np.asarray(jax.nn.softmax(logits[0, 1]), np.float64)
     assert chi2_pvalue(draws[:, 1], wrong / wrong.sum()) < 1e-6
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_padded_first_forward_equals_the_unpadded_one(tail):
+    """``lead``: a first forward of gamma + 1 tokens whose first lead + 1 are the committed tokens
+    and the root (the rest junk) drafts exactly what the unpadded [1, lead + 1] roots draft: the same
+    tokens, confidences, forward count, length and fed, and the same K/V in every slot the window
+    wrote for real (the junk's slots are past them). One compiled shape serves every lead."""
+    sscfg = SSConfig(num_streams=2, num_msa_layers=2, lora_rank=4)
+    ssp = init_ss_params(CFG, sscfg, PARAMS, seed=9, embed_scale=0.3)
+    gamma, width = 4, 5
+    chain_lead = jax.jit(ss_chain, static_argnames=("cfg", "num_tokens", "tail"))
+    rng = np.random.default_rng(3)
+    samp = SamplingParams().arrays(row=np.arange(1))
+    draft = ss_draft(CFG, sscfg, PARAMS, ssp)
+    sizes = []
+    for lead in range(width):
+        cache, roots = _prefilled(1, seed=40 + lead)
+        first = np.concatenate([rng.integers(0, CFG.vocab_size, (1, lead)), np.asarray(roots)[:, None]], axis=1)
+        padded = np.concatenate([first, rng.integers(1, CFG.vocab_size, (1, width - lead - 1))], axis=1)
+        ref = _TAIL(CFG, PARAMS, draft, cache, jnp.asarray(first, jnp.int32), gamma, samp, tail=tail)
+        before = chain_lead._cache_size()  # shared with _TAIL (one function), which compiles per first width
+        got = chain_lead(CFG, PARAMS, draft, cache, jnp.asarray(padded, jnp.int32), gamma, samp, tail=tail,
+                         lead=jnp.asarray([lead], jnp.int32))
+        sizes.append(chain_lead._cache_size() - before)
+        for i in (0, 2, 3, 5, 6):  # tokens, conf, forwards, length, fed
+            np.testing.assert_allclose(np.asarray(got[i]), np.asarray(ref[i]), rtol=1e-6, atol=1e-6)
+        hi = int(cache.lengths[0]) + lead + 1 + int(ref[6][0])  # lead tokens, the root, the fed window tokens
+        for ka, kb in zip(ref[4].k + ref[4].v, got[4].k + got[4].v, strict=True):
+            np.testing.assert_allclose(np.asarray(ka[0, :, :hi]), np.asarray(kb[0, :, :hi]), rtol=1e-5, atol=5e-5)
+    assert sizes == [1] + [0] * (width - 1), sizes  # lead is traced: one compiled shape for every lead

@@ -151,9 +151,23 @@ class SpecDecoder:
         cache_d = pl.draft_cache(d.cfg, 1, self.capacity, d.params.embed.dtype)
         _, cache_d = prefill(d.cfg, d.params, pl.to_draft(padded), pl.to_draft(n_valid), cache_d)
         last_d = pl.to_draft(first)
-        proposal, cache_d = draft_propose(d.cfg, d.params, cache_d, pl.to_draft(jnp.int32(0)), last_d[None],
-                                          self.samp_d, **self._pkw)
+        if self.s.ss_tail:
+            f0, f_len = self._window_start(np.asarray(first, np.int32).reshape(1, 1))
+            f0, f_len = pl.to_draft((f0, f_len))
+        else:
+            f0, f_len = last_d[None], None
+        proposal, cache_d = draft_propose(d.cfg, d.params, cache_d, pl.to_draft(jnp.int32(0)), f0, self.samp_d,
+                                          first_len=f_len, **self._pkw)
         return int(first[0]), SpecState(cache_t, cache_d, first, last_d, proposal, len(prompt), len(prompt))
+
+    def _window_start(self, first: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """draft_propose's `first` and `first_len` from the host tokens `first` [1, n]. With the
+        lookahead tail a window starts with 1..gamma+1 tokens: padded to gamma + 1, so one compiled
+        draft window serves them all; otherwise [1, 1] or [1, 2] as they are (first_len None)."""
+        if not self.s.ss_tail:
+            return first, None
+        n = first.shape[1]
+        return np.pad(first, ((0, 0), (0, self.s.gamma + 1 - n))), np.full((1,), n, np.int32)
 
     def dispatch_mirror(self, st: SpecState, timer: PhaseTimer) -> dict:
         """Enqueue one Mirror-SD round; nothing here waits for a device or moves data through the
@@ -214,10 +228,11 @@ class SpecDecoder:
         new_len = min(new_pos, fed_end)
         seq = np.concatenate([win[:a], [c]])  # committed tokens at positions pos+1 .. pos+a+1
         first = seq[new_len - st.pos - 1 : a + 1][None].astype(np.int32)  # 1 or 2 tokens up to c (tail: more)
-        first_d = timer.lap("channel_fv", pl.to_draft(first))
+        first, first_len = self._window_start(first)
+        first_d, first_len = timer.lap("channel_fv", pl.to_draft((first, first_len)))
         st.proposal, st.cache_d = timer.lap("draft", *draft_propose(
             d.cfg, d.params, st.cache_d, pl.to_draft(jnp.int32(new_len - st.draft_len)), first_d, self.samp_d,
-            **self._pkw))
+            first_len=first_len, **self._pkw))
         st.draft_len = new_len
         st.last_t = verdict.c.reshape(1)
         hit = False if s.method == "mirror" else None  # mirror without rollouts: every window is a fallback

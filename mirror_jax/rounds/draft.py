@@ -138,11 +138,14 @@ def draft_chain_until(cfg, params, cache: KVCache, first, gamma: int, samp: Samp
 
 def propose(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays, *, sample: bool = False,
             ss: SSDraft | None = None, stop_logp: float | None = None, stop_cumulative: bool = False,
-            ss_tail: bool = False):
+            ss_tail: bool = False, first_len=None):
     """A chain of up to `gamma` draft tokens per row after `first` [B, n0]: `draft_chain`
     (`draft_chain_until` with `stop_logp` and `stop_cumulative`), or speculative streaming when `ss`
     is given (several tokens per forward, the same tokens, the same early stop; with `ss_tail` the
     window's last tokens may be the streams' lookaheads as they are: `ss_chain`'s ``tail``).
+
+    `first_len` [B] (the SS draft only): row b's tokens are first[b, :first_len_b], the rest padding
+    (`ss_chain`'s ``lead``), so a window that starts with a varying number of tokens keeps one shape.
 
     Returns (`Proposal` with window [B, gamma], length [B] (gamma: a full window) and fed [B]
     (length - 1, fewer with `ss_tail`), cache with lengths unchanged)."""
@@ -154,10 +157,10 @@ def propose(cfg, params, cache: KVCache, first, gamma: int, samp: SamplingArrays
         # `draft_chain_until`'s would (the same tokens, the same rule), in fewer forwards.
         toks, q, conf, forwards, cache, length, fed = ss_chain(
             cfg, params, ss, cache, first, gamma, samp, sample=sample, stop_logp=stop_logp,
-            cumulative=stop_cumulative, tail=ss_tail)
+            cumulative=stop_cumulative, tail=ss_tail, lead=None if first_len is None else first_len - 1)
         return Proposal(window=toks, q=q, conf=conf, forwards=forwards, length=length, fed=fed), cache
-    if ss_tail:
-        raise ValueError("propose: ss_tail needs a speculative-streaming draft (ss)")
+    if ss_tail or first_len is not None:
+        raise ValueError("propose: ss_tail and first_len need a speculative-streaming draft (ss)")
     if stop_logp is None:
         toks, q, conf, cache = draft_chain(cfg, params, cache, first, gamma, samp, sample=sample)
         return Proposal(window=toks, q=q, conf=conf, forwards=jnp.int32(gamma), length=full, fed=full - 1), cache
@@ -217,12 +220,14 @@ def broadcast_rows(cache: KVCache, rows: int, lengths: jax.Array) -> KVCache:
                    donate_argnames=("cache",))
 def draft_propose(cfg, params, cache: KVCache, advance, first, samp: SamplingArrays, *, gamma: int,
                   sample: bool = False, ss: SSDraft | None = None, stop_logp: float | None = None,
-                  stop_cumulative: bool = False, ss_tail: bool = False):
+                  stop_cumulative: bool = False, ss_tail: bool = False, first_len=None):
     """Commit `advance` tokens to the draft cache, then draft a window of gamma tokens after
     `first` [1, n0] (fewer with `stop_logp`: `draft_chain_until`; the SS lookahead tail with
-    `ss_tail`: then `Proposal.fed` says which K/V the next window must feed). Returns (`Proposal`, cache)."""
+    `ss_tail`: then `Proposal.fed` says which K/V the next window must feed, and the next `first` is
+    padded to gamma + 1 tokens with its length in `first_len` [1], one compiled shape for all).
+    Returns (`Proposal`, cache)."""
     return propose(cfg, params, commit(cache, advance), first, gamma, samp, sample=sample, ss=ss, stop_logp=stop_logp,
-                   stop_cumulative=stop_cumulative, ss_tail=ss_tail)
+                   stop_cumulative=stop_cumulative, ss_tail=ss_tail, first_len=first_len)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "budget", "sample", "always_feed_x"))

@@ -103,11 +103,15 @@ def ss_draft(cfg: ModelConfig, sscfg: SSConfig, params: ModelParams, ssp: SSPara
 
 def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache, roots, num_tokens: int,
              samp: SamplingArrays | None = None, *, sample: bool = False, stop_logp: float | None = None,
-             cumulative: bool = False, tail: bool = False):
+             cumulative: bool = False, tail: bool = False, lead=None):
     """Speculative-streaming rollout of `num_tokens` tokens per row (traceable; see the module
     docstring). roots: [B], or [B, F] when F-1 committed tokens whose K/V are not in the cache yet
     precede each root (fed with it in the first forward from slot L_b; the tokens then continue
-    after the root). Returns (tokens [B, num_tokens], q [B, num_tokens, V] or None, conf
+    after the root). `lead` [B] int32 (default F-1): row b's root is roots[b, lead_b] after lead_b
+    such tokens, and its tokens past the root are padding: their K/V land in slots past the root
+    that the window's own tokens overwrite before any query reads them (slot == position, the mask
+    is slot <= query position). One compiled shape then serves every lead (the lookahead tail's
+    next window starts with 1..gamma+1 tokens). Returns (tokens [B, num_tokens], q [B, num_tokens, V] or None, conf
     [B, num_tokens] (raw log-prob of each emitted token), forwards
     (int32 []: until every row had its tokens or stopped), cache with lengths unchanged, length [B] int32,
     fed [B] int32: window tokens whose K/V are written, ``length - 1`` unless `tail`).
@@ -155,9 +159,10 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         """Stream hidden [B, s, H] of the fed position `at` [B] (its main K/V are in `c`)."""
         return stream_pass_at(cfg, ss.sscfg, params, ss.ssp, h0, positions, c, at, ss.layers)
 
-    def step(st, toks, skip: int = 0, streams: bool = True):
-        """One SS forward of toks [B, k]: in the loop x0 and up to s lookaheads (skip = 0); first, the
-        committed tokens without K/V and the root (skip = k - 1: their predictions are not emitted).
+    def step(st, toks, lead=None, streams: bool = True):
+        """One SS forward of toks [B, k]: in the loop x0 and up to s lookaheads (lead None); first
+        (lead [B]), the committed tokens without K/V and the root at index lead (their predictions are
+        not emitted; none is a lookahead, so none is accepted), then padding.
         streams=False: a plain forward (no lookaheads are needed after it).
 
         The streams run at one fed position only, the last whose input proved right (p + last): the
@@ -165,6 +170,8 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         used to run k * s of them through the MSA layers) were never read. A stream at t attends to
         main slots <= t only, so the rejected lookaheads' K/V written past it are masked out."""
         k = toks.shape[1]
+        first_fwd = lead is not None
+        skip = lead if first_fwd else jnp.zeros((bsz,), jnp.int32)  # [B] index of x0 (the root) in toks
         active = going(st)
         p = st["p"]  # [B] position of x0
         pos_in = jnp.where(active, p, cap)  # finished rows: every write lands out of range
@@ -174,10 +181,10 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         # a product of <= 8 rows costs ~1.2-1.4x one row (`model.dense`), so then the stream rows join
         # the main rows in one head pass while that stays <= 8 rows. A reduced stream head
         # (`SSConfig.stream_vocab`) always gets its own pass over its few rows.
-        known_last = streams and k - 1 - skip == 0
+        known_last = streams and (first_fwd or k == 1)
         s_logits = None
         if known_last:
-            hs = streams_at(h0, positions, c, jnp.full((bsz,), skip))  # [B, s, H]
+            hs = streams_at(h0, positions, c, skip)  # [B, s, H]
             if bsz * (k + s) <= 8 and ss.stream_ids is None:
                 both = M.head(cfg, params, jnp.concatenate([hf, hs], axis=1))
                 logits, s_logits = both[:, :k], both[:, k:]  # [B, k, V], [B, s, V]
@@ -186,12 +193,15 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         else:
             logits = M.head(cfg, params, hf)  # [B, k, V]
         g, lp = choose(logits, positions=p[:, None] + 1 + jnp.arange(k), want_logprobs=sample)
-        a = accepted_length(st["look"][:, : k - 1 - skip] == g[:, skip : k - 1])  # [B] accepted lookaheads
+        if first_fwd:
+            a = jnp.zeros((bsz,), jnp.int32)
+        else:
+            a = accepted_length(st["look"][:, : k - 1] == g[:, : k - 1])  # [B] accepted lookaheads
         last = skip + a  # [B] the last fed position whose input is right; its prediction is emitted
         # Emit g_skip .. g_last into out[n .. n+a] (only for active rows; the rest are dropped).
         j = jnp.arange(k)[None, :]
-        emit = (j >= skip) & (j <= last[:, None]) & active[:, None]
-        idx = jnp.where(emit, st["n"][:, None] + j - skip, out_w)
+        emit = (j >= skip[:, None]) & (j <= last[:, None]) & active[:, None]
+        idx = jnp.where(emit, st["n"][:, None] + j - skip[:, None], out_w)
         out = st["out"].at[rows[:, None], idx].set(g, mode="drop")
         q = None if lp is None else st["q"].at[rows[:, None], idx].set(lp, mode="drop")
         cf = own_logprob(logits, g)  # [B, k]
@@ -243,9 +253,10 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
                               for j in range(s + 1)], st)
 
     first = (roots[:, None] if roots.ndim == 1 else roots).astype(jnp.int32)  # [B, F]
+    lead = jnp.full((bsz,), first.shape[1] - 1, jnp.int32) if lead is None else jnp.asarray(lead, jnp.int32)
     st = dict(
         p=base,
-        x0=first[:, -1],
+        x0=first[rows, lead],
         look=jnp.zeros((bsz, s), jnp.int32),
         n=jnp.zeros((bsz,), jnp.int32),
         out=jnp.zeros((bsz, out_w), jnp.int32),
@@ -260,13 +271,13 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
     # The first forward feeds the root (after any committed tokens whose K/V are missing) without
     # lookaheads: there are none yet (s placeholder copies made it a multi-row forward for tokens
     # that were almost never right); it yields the first token and the streams' lookaheads.
-    st = step(st, first, skip=first.shape[1] - 1)
+    st = step(st, first, lead=lead)
     st = lax.while_loop(lambda st: jnp.any(going(st)), body, st)
     q = None if st["q"] is None else st["q"][:, :num_tokens]
     length = jnp.minimum(st["len"], num_tokens)
     # The main stream's K/V are right in slots base .. p-1: the F-1 lead tokens, the root and window tokens
     # 1 .. p-base-F (the main stream emitted those and the ones fed after them; the tail was never fed).
-    fed = jnp.minimum(st["p"] - base - first.shape[1], length - 1)
+    fed = jnp.minimum(st["p"] - base - lead - 1, length - 1)
     return st["out"][:, :num_tokens], q, st["conf"][:, :num_tokens], st["it"], st["cache"], length, fed
 
 
