@@ -65,8 +65,27 @@ def test_bench_writes_every_artifact(tiny_run):
     assert writing[0]["turns"][1]["prompt_tokens"] > writing[0]["turns"][0]["prompt_tokens"]
     md = (run / "results.md").read_text()
     assert "MODELED" in md and "| mirror_ar |" in md and "speedup.png" in md
+    # the settings each method ran with, resolved (the run gave no gamma: the table names the value used)
+    lines = md.splitlines()
+    head = lines.index("| method | gamma | draft_stop | kappa | branch_budget | exit_layer | exit head |")
+    row = next(x for x in lines[head:] if x.startswith("| mirror_ar | ")).split(" | ")
+    gamma = {t["gamma"] for r in p["records"] if r["method"] == "mirror_ar" for t in r["turns"]}
+    assert len(gamma) == 1 and row[1] == str(gamma.pop()) and row[4] == "2"  # --branch-budget 2
     acc = json.loads((run / "acceptance.json").read_text())
     assert acc["methods"]["mirror_ar"]["mean_tokens_per_round"] >= 1
+
+
+def test_settings_used_lists_what_each_method_ran_with():
+    from mirror_jax.bench.report import settings_used
+
+    turn = dict(gamma=7, draft_stop=0.6, kappa=4, branch_budget=0, exit_layer=24, exit_head="trained")
+    recs = [{"method": "ar", "turns": [{"new_tokens": 3}]},
+            {"method": "sd_ar", "turns": [turn, {**turn, "gamma": 4}]},
+            {"method": "mirror_ss", "turns": [turn, turn]}]
+    used = settings_used(recs)
+    assert set(used) == {"sd_ar", "mirror_ss"}
+    assert used["sd_ar"]["gamma"] == [7, 4] and used["sd_ar"]["exit_layer"] == []  # sd has no exit
+    assert used["mirror_ss"]["exit_layer"] == [24] and used["mirror_ss"]["exit_head"] == ["trained"]
 
 
 def test_malformed_question_file(tmp_path, capsys):

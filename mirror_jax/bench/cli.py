@@ -76,7 +76,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     add_draft_args(p)
     p.add_argument("--kappa", type=int, default=None, help="early-exit candidates per position")
     p.add_argument("--branch-budget", type=int, default=None, help="Mirror-SD branches rolled out per round")
-    p.add_argument("--exit-layer", type=int, default=None, help="target early-exit layer (default N/2)")
+    p.add_argument("--exit-layer", type=int, default=None,
+                   help="target early-exit layer (default: the committed exit head's layer, else N/2)")
     p.add_argument("--placement", default=None, help="'target,draft' devices, e.g. cpu:0,cpu:1 or gpu:0,cpu:0")
     p.add_argument("--profile-per-task", type=int, default=1,
                    help="questions per task in the instrumented per-phase pass (0: skip it)")

@@ -231,6 +231,25 @@ def _f(v, nd=2):
     return str(v)
 
 
+_SETTING_KEYS = ("gamma", "draft_stop", "kappa", "branch_budget", "exit_layer")
+
+
+def settings_used(records: list[dict]) -> dict[str, dict[str, list]]:
+    """Per speculative method, the distinct values of each setting its turns recorded (what the
+    defaults resolved to: e.g. the committed exit head's layer where the config says None)."""
+    out: dict[str, dict[str, list]] = {}
+    for r in records:
+        for t in r.get("turns", []):
+            if "gamma" not in t:  # ar
+                continue
+            seen = out.setdefault(r["method"], {k: [] for k in (*_SETTING_KEYS, "exit_head")})
+            for k, vals in seen.items():
+                v = t.get(k) if k in ("gamma", "draft_stop") or r["method"].startswith("mirror") else None
+                if v is not None and v not in vals:
+                    vals.append(v)
+    return out
+
+
 def results_markdown(p: dict) -> str:
     c = p["config"]
     agg = p["aggregate"]
@@ -243,6 +262,12 @@ def results_markdown(p: dict) -> str:
              f"exit_layer={c['exit_layer'] or 'N/2'}, batch 1.\n"]
     if c.get("command"):
         lines.append(f"\nCommand: `{c['command']}`\n")
+    used = settings_used(p["records"])
+    if used:
+        lines.append("\nSettings each method ran with (resolved from the defaults; several values: they varied "
+                     "between turns)\n\n" + _tbl(["method"] + list(_SETTING_KEYS) + ["exit head"], [
+                         [m] + [", ".join(map(str, used[m][k])) or "-" for k in (*_SETTING_KEYS, "exit_head")]
+                         for m in used]))
     for m, why in p["skipped"].items():
         lines.append(f"\n**{m}**: {why}\n")
     cols = ["method", "tokens/s", "speedup", "tokens/round", "draft forwards/round", "fallback", "Omega_kappa",

@@ -151,11 +151,7 @@ class SpecDecoder:
         cache_d = pl.draft_cache(d.cfg, 1, self.capacity, d.params.embed.dtype)
         _, cache_d = prefill(d.cfg, d.params, pl.to_draft(padded), pl.to_draft(n_valid), cache_d)
         last_d = pl.to_draft(first)
-        if self.s.ss_tail:
-            f0, f_len = self._window_start(np.asarray(first, np.int32).reshape(1, 1))
-            f0, f_len = pl.to_draft((f0, f_len))
-        else:
-            f0, f_len = last_d[None], None
+        f0, f_len = pl.to_draft(self._window_start(np.asarray(first, np.int32).reshape(1, 1)))  # [1, 1 or gamma+1]
         proposal, cache_d = draft_propose(d.cfg, d.params, cache_d, pl.to_draft(jnp.int32(0)), f0, self.samp_d,
                                           first_len=f_len, **self._pkw)
         return int(first[0]), SpecState(cache_t, cache_d, first, last_d, proposal, len(prompt), len(prompt))
