@@ -277,6 +277,11 @@ def results_markdown(p: dict) -> str:
         _f(s.get("draft_forwards_per_round")), _f(s.get("fallback_rate")), _f(s.get("omega_kappa")),
         _f(s.get("round_wall_ms_median")),
         "yes" if p["identical_to_ar"].get(m) else "NO"] for m, s in agg["overall"].items()]))
+    idle = [m for m, u in used.items() if m.startswith("mirror") and u["branch_budget"] == [0]]
+    if idle:
+        lines.append(f"\n{', '.join(idle)} ran with branch budget 0 (the draft shares the target's device): "
+                     "vanilla SD's rounds, no branch rolled out and no early exit run, so fallback is 1.00 by "
+                     "construction and Omega_kappa was not measured.\n")
     lines.append("\n## Per task: speed-up over ar (tokens/s ratio)\n\n" + _tbl(
         ["task"] + methods, [[t] + [_f(st.get(m, {}).get("speedup_vs_ar")) for m in methods]
                              for t, st in agg["tasks"].items()]))
