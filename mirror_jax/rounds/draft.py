@@ -55,10 +55,11 @@ def _chain_start(cfg, params, cache: KVCache, first, gamma: int, choose):
     """The chain's first forward over `first` [B, n0]: (token 1, its processed log-probs or None, its
     raw log-prob, cache with n0 more committed, and the [B, gamma] buffers it starts)."""
     b, n0 = first.shape
-    logits, cache = M.forward(cfg, params, first, cache)
+    x, cache = M.forward_hidden(cfg, params, first, cache)
     cache = commit(cache, n0)
-    tok, lp = choose(logits[:, -1], positions=cache.lengths)
-    cf = own_logprob(logits[:, -1], tok)
+    logits = M.head(cfg, params, x[:, -1])  # [B, V]: only the last row's prediction is drafted
+    tok, lp = choose(logits, positions=cache.lengths)
+    cf = own_logprob(logits, tok)
     toks = jnp.zeros((b, gamma), jnp.int32).at[:, 0].set(tok)
     conf = jnp.zeros((b, gamma), jnp.float32).at[:, 0].set(cf)
     lps = None if lp is None else jnp.zeros((b, gamma, lp.shape[-1]), jnp.float32).at[:, 0].set(lp)

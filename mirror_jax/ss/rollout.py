@@ -176,43 +176,47 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         p = st["p"]  # [B] position of x0
         pos_in = jnp.where(active, p, cap)  # finished rows: every write lands out of range
         h0, hf, positions, c = main_pass(cfg, ss.sscfg, params, toks, st["cache"].replace(lengths=pos_in))
-        # With no lookahead fed (the first forward) `last` is skip before the main head has run, so the
-        # streams need not wait for it. The LM head is the largest weight of a small draft; on the CPU
-        # a product of <= 8 rows costs ~1.2-1.4x one row (`model.dense`), so then the stream rows join
-        # the main rows in one head pass while that stays <= 8 rows. A reduced stream head
-        # (`SSConfig.stream_vocab`) always gets its own pass over its few rows.
+        at = p  # [B] position of the first row the main head reads
+        if first_fwd:  # only the root's prediction is emitted (no lookahead was fed): the head reads its row
+            hf, at = hf[rows, skip][:, None], p + skip  # [B, 1, H] (a padded start fed gamma + 1 rows)
+        k_h = hf.shape[1]  # rows through the main head
+        # With no lookahead fed (the first forward) the last right position is the root's before the
+        # main head has run, so the streams need not wait for it. The LM head is the largest weight of
+        # a small draft; on the CPU a product of <= 8 rows costs ~1.2-1.4x one row (`model.dense`), so
+        # then the stream rows join the main rows in one head pass while that stays <= 8 rows. A
+        # reduced stream head (`SSConfig.stream_vocab`) always gets its own pass over its few rows.
         known_last = streams and (first_fwd or k == 1)
         s_logits = None
         if known_last:
             hs = streams_at(h0, positions, c, skip)  # [B, s, H]
-            if bsz * (k + s) <= 8 and ss.stream_ids is None:
+            if bsz * (k_h + s) <= 8 and ss.stream_ids is None:
                 both = M.head(cfg, params, jnp.concatenate([hf, hs], axis=1))
-                logits, s_logits = both[:, :k], both[:, k:]  # [B, k, V], [B, s, V]
+                logits, s_logits = both[:, :k_h], both[:, k_h:]  # [B, k_h, V], [B, s, V]
             else:
                 logits, s_logits = M.head(cfg, params, hf), M.head(cfg, ss.stream_params(params), hs)
         else:
             logits = M.head(cfg, params, hf)  # [B, k, V]
-        g, lp = choose(logits, positions=p[:, None] + 1 + jnp.arange(k), want_logprobs=sample)
+        g, lp = choose(logits, positions=at[:, None] + 1 + jnp.arange(k_h), want_logprobs=sample)
         if first_fwd:
             a = jnp.zeros((bsz,), jnp.int32)
         else:
             a = accepted_length(st["look"][:, : k - 1] == g[:, : k - 1])  # [B] accepted lookaheads
-        last = skip + a  # [B] the last fed position whose input is right; its prediction is emitted
-        # Emit g_skip .. g_last into out[n .. n+a] (only for active rows; the rest are dropped).
-        j = jnp.arange(k)[None, :]
-        emit = (j >= skip[:, None]) & (j <= last[:, None]) & active[:, None]
-        idx = jnp.where(emit, st["n"][:, None] + j - skip[:, None], out_w)
+        last = a  # [B] the last head row whose input is right (fed position skip + a); its prediction is emitted
+        # Emit g_0 .. g_last into out[n .. n+a] (only for active rows; the rest are dropped).
+        j = jnp.arange(k_h)[None, :]
+        emit = (j <= last[:, None]) & active[:, None]
+        idx = jnp.where(emit, st["n"][:, None] + j, out_w)
         out = st["out"].at[rows[:, None], idx].set(g, mode="drop")
         q = None if lp is None else st["q"].at[rows[:, None], idx].set(lp, mode="drop")
         cf = own_logprob(logits, g)  # [B, k]
         conf = st["conf"].at[rows[:, None], idx].set(cf, mode="drop")
-        stopped, length, score = stop_rule(emit, cf, st["n"] - skip, st["stopped"], st["len"], st["score"])
+        stopped, length, score = stop_rule(emit, cf, st["n"], st["stopped"], st["len"], st["score"])
         n = jnp.where(active, st["n"] + a + 1, st["n"])
         # New lookaheads from the streams at the last accepted position p+a.
         if streams:
             if s_logits is None:  # the last right position is known only now
                 s_logits = M.head(cfg, ss.stream_params(params), streams_at(h0, positions, c, last))  # [B, s, V]
-            look, look_lp = choose(s_logits, positions=(p + last + 1)[:, None] + jnp.arange(1, s + 1),
+            look, look_lp = choose(s_logits, positions=(at + last + 1)[:, None] + jnp.arange(1, s + 1),
                                    want_logprobs=sample and tail)  # [B, s], [B, s, V] or None
             if tail:  # rows left r <= s tokens short take r lookaheads as they are
                 left = num_tokens - n  # [B]
@@ -228,7 +232,7 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         else:
             look = st["look"]
         return dict(
-            p=jnp.where(active, p + last + 1, p),
+            p=jnp.where(active, at + last + 1, p),
             x0=jnp.where(active, g[rows, last], st["x0"]),
             look=jnp.where(active[:, None], look, st["look"]),
             n=n,
