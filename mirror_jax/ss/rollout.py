@@ -208,7 +208,7 @@ def ss_chain(cfg: ModelConfig, params: ModelParams, ss: SSDraft, cache: KVCache,
         idx = jnp.where(emit, st["n"][:, None] + j, out_w)
         out = st["out"].at[rows[:, None], idx].set(g, mode="drop")
         q = None if lp is None else st["q"].at[rows[:, None], idx].set(lp, mode="drop")
-        cf = own_logprob(logits, g)  # [B, k]
+        cf = own_logprob(logits, g)  # [B, k_h]
         conf = st["conf"].at[rows[:, None], idx].set(cf, mode="drop")
         stopped, length, score = stop_rule(emit, cf, st["n"], st["stopped"], st["len"], st["score"])
         n = jnp.where(active, st["n"] + a + 1, st["n"])
