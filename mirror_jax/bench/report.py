@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mirror_jax.bench.models import RUNGS
 from mirror_jax.files import atomic_write_text
 from mirror_jax.layout import cpu_flags
 
@@ -239,14 +240,15 @@ def settings_used(records: list[dict]) -> dict[str, dict[str, list]]:
     defaults resolved to: e.g. the committed exit head's layer where the config says None)."""
     out: dict[str, dict[str, list]] = {}
     for r in records:
-        for t in r.get("turns", []):
-            if "gamma" not in t:  # ar
-                continue
-            seen = out.setdefault(r["method"], {k: [] for k in (*_SETTING_KEYS, "exit_head")})
-            for k, vals in seen.items():
-                v = t.get(k) if k in ("gamma", "draft_stop") or r["method"].startswith("mirror") else None
-                if v is not None and v not in vals:
-                    vals.append(v)
+        engine = RUNGS[r["method"]][0]
+        if engine == "ar" or not r.get("turns"):
+            continue
+        seen = out.setdefault(r["method"], {k: [] for k in (*_SETTING_KEYS, "exit_head")})
+        keys = list(seen) if engine == "mirror" else ["gamma", "draft_stop"]  # sd has no exit or branches
+        for t in r["turns"]:
+            for k in keys:
+                if t.get(k) is not None and t[k] not in seen[k]:
+                    seen[k].append(t[k])
     return out
 
 
@@ -277,7 +279,7 @@ def results_markdown(p: dict) -> str:
         _f(s.get("draft_forwards_per_round")), _f(s.get("fallback_rate")), _f(s.get("omega_kappa")),
         _f(s.get("round_wall_ms_median")),
         "yes" if p["identical_to_ar"].get(m) else "NO"] for m, s in agg["overall"].items()]))
-    idle = [m for m, u in used.items() if m.startswith("mirror") and u["branch_budget"] == [0]]
+    idle = [m for m, u in used.items() if RUNGS[m][0] == "mirror" and u["branch_budget"] == [0]]
     if idle:
         lines.append(f"\n{', '.join(idle)} ran with branch budget 0 (the draft shares the target's device): "
                      "vanilla SD's rounds, no branch rolled out and no early exit run, so fallback is 1.00 by "
