@@ -16,12 +16,14 @@ equals ar's. Every setting is compiled on a warm-up prompt first, and a timed ru
     python experiments/bench_sd_draft.py --source specbench --per-category 1 --name sd_draft_specbench
     python experiments/bench_sd_draft.py --tiny                  # random tiny pair, smoke test
 
-``--settings`` lists ``gamma:draft_stop:draft_vocab[:ss][:quant][:cN][:tail]`` (draft_stop ``w0.3``: the window rule,
-`generate`'s ``draft_stop_rule="window"``; vocab 0: the whole vocabulary; ss: a
+``--settings`` lists ``gamma:draft_stop:draft_vocab[:ss][:quant][:cN][:tail][:vR]`` (draft_stop ``w0.3``:
+the window rule, `generate`'s ``draft_stop_rule="window"``; vocab 0: the whole vocabulary; ss: a
 speculative-streaming adapter, a directory or a name under ``checkpoints/``, or ``init`` for untrained
 streams; quant: ``int8`` or ``none``, the draft's matrices (`mirror_jax.quant`), absent: the device
 default; ``cN``: `generate`'s ``draft_context=N``, the draft prefills at most N prompt tokens, absent: the
-whole prompt; ``tail``: the SS draft's lookahead tail, `generate`'s ``ss_tail``; e.g.
+whole prompt; ``tail``: the SS draft's lookahead tail, `generate`'s ``ss_tail``; ``v4`` / ``v2-4`` / ``v0``:
+`generate`'s ``verify_rows`` (4,) / (2, 4) / () (windows of at most r - 1 drafted tokens verified by
+an r-row forward), absent: the device default; e.g.
 ``4:0:0,4:0:0:ss_default_draft,4:0:0:ss_default_draft:tail,7:0.6:32768:none,7:0.6:32768:int8:c384``); without it
 every gamma x stop of ``--gammas`` / ``--stops`` runs with the whole vocabulary. Also reported: one
 draft forward's median time per vocabulary size and quantization, and the share of ar's output
@@ -135,20 +137,24 @@ def forward_ms(draft, combos) -> dict[str, float]:
 
 
 def parse_setting(text: str) -> tuple:
-    """'gamma:stop:vocab[:ss][:quant][:cN][:tail]' -> ("sd", gamma, stop, vocab, ss or "", quant or None,
-    N or 0, tail); stop as written: a probability ('0.6': the token rule) or 'w' and one ('w0.3': the
-    window rule); 'tail': the SS draft's lookahead tail (`generate`'s ``ss_tail``)."""
+    """'gamma:stop:vocab[:ss][:quant][:cN][:tail][:vR]' -> ("sd", gamma, stop, vocab, ss or "", quant or None,
+    N or 0, tail, verify_rows); stop as written: a probability ('0.6': the token rule) or 'w' and one
+    ('w0.3': the window rule); 'tail': the SS draft's lookahead tail (`generate`'s ``ss_tail``); 'v4',
+    'v2-4': `generate`'s ``verify_rows`` (4,) / (2, 4), 'v0': (), absent: None (the device default)."""
     g, p, v, *rest = (text.split(":") + ["0", "0"][text.count(":"):])
     tail = "tail" in rest
     rest = [x for x in rest if x != "tail"]
     quant = [x for x in rest if x in QUANT_MODES]
     context = [x for x in rest if x[:1] == "c" and x[1:].isdigit()]
-    ss = [x for x in rest if x not in QUANT_MODES and x not in context]
-    if len(quant) > 1 or len(ss) > 1 or len(context) > 1 or (tail and not ss):
-        raise SystemExit(f"--settings: {text!r} is not gamma:stop:vocab[:ss][:quant][:cN][:tail] (tail needs ss)")
+    verify = [x for x in rest if x[:1] == "v" and x[1:].replace("-", "").isdigit()]
+    ss = [x for x in rest if x not in QUANT_MODES and x not in context and x not in verify]
+    if len(quant) > 1 or len(ss) > 1 or len(context) > 1 or len(verify) > 1 or (tail and not ss):
+        raise SystemExit(f"--settings: {text!r} is not gamma:stop:vocab[:ss][:quant][:cN][:tail][:vR] "
+                         "(tail needs ss)")
     stop_of(p)  # raises unless the stop is a number (after an optional 'w')
     n_context = int(context[0][1:]) if context else 0
-    return "sd", int(g), p, int(v), ss[0] if ss else "", quant[0] if quant else None, n_context, tail
+    rows = tuple(r for r in map(int, verify[0][1:].split("-")) if r) if verify else None
+    return "sd", int(g), p, int(v), ss[0] if ss else "", quant[0] if quant else None, n_context, tail, rows
 
 
 def stop_of(text: str) -> tuple[float, str]:
@@ -183,7 +189,9 @@ def setting_name(row) -> str:
     name = ":".join(str(x if x is not None else "") for x in (row["gamma"], stop, row["draft_vocab"], row["ss"],
                                                               row["draft_quant"])).rstrip(":")
     context = [f"c{row['draft_context']}"] if row.get("draft_context") else []  # both named by themselves
-    return ":".join([name, *context, *(["tail"] if row.get("ss_tail") else [])])
+    rows = row.get("verify_rows_set")  # as set on the command line (None: the device default)
+    verify = [] if rows is None else ["v" + ("-".join(map(str, rows)) or "0")]
+    return ":".join([name, *context, *(["tail"] if row.get("ss_tail") else []), *verify])
 
 
 def breakdown(settings, rows, per, prompts, labels) -> tuple[list[dict], list[dict]]:
@@ -233,16 +241,17 @@ def main(argv=None) -> int:
     warm, prompts, labels = prompts[0], prompts[1:], labels[1:]
     texts = (args.settings.split(",") if args.settings
              else [f"{g}:{p}:0" for g, p in itertools.product(args.gammas.split(","), args.stops.split(","))])
-    settings = [("ar", None, None, None, "", None, 0, False)] + [parse_setting(x) for x in texts]
+    settings = [("ar", None, None, None, "", None, 0, False, None)] + [parse_setting(x) for x in texts]
     adapters = {st[4]: load_adapter(draft, st[4]) for st in settings if st[4]}
 
-    def kw(method, gamma, stop, vocab, ss, quant, context, tail):
+    def kw(method, gamma, stop, vocab, ss, quant, context, tail, verify_rows):
         if method == "ar":
             return {"method": "ar"}
         # vocab 0 asks for the whole head (None would take the device default: 32768 ids on CPU)
         stop, rule = stop_of(stop)
         return dict(method="sd", draft=draft, gamma=gamma, draft_stop=stop, draft_stop_rule=rule, draft_vocab=vocab,
-                    ss_adapter=adapters.get(ss), draft_quant=quant, draft_context=context, ss_tail=tail)
+                    ss_adapter=adapters.get(ss), draft_quant=quant, draft_context=context, ss_tail=tail,
+                    verify_rows=verify_rows)
 
     for st in tqdm(settings, desc="compile"):
         run(target, warm, args.max_new_tokens, eos, **kw(*st))
@@ -261,7 +270,8 @@ def main(argv=None) -> int:
         stop, rule = stop_of(st[2]) if st[0] == "sd" else (None, None)
         row = {"method": st[0], "gamma": st[1], "draft_stop": stop, "stop_rule": rule, "draft_vocab": st[3],
                "ss": st[4] or None, "draft_context": st[6] if st[0] == "sd" else None, "ss_tail": st[7],
-               "draft_quant": runs[0][0].stats.get("draft_quant"),
+               "draft_quant": runs[0][0].stats.get("draft_quant"), "verify_rows_set": st[8],
+               "verify_rows": list(runs[0][0].stats["settings"]["verify_rows"]) if st[0] == "sd" else None,
                "identical_to_ar": all(r.tokens[0] == t for (r, _), t in zip(runs, ref, strict=True)),
                # prompts whose output differs from ar's (same dtype), and the first differing token of each
                "mismatched_prompts": sum(r.tokens[0] != t for (r, _), t in zip(runs, ref, strict=True)),
@@ -294,12 +304,11 @@ def main(argv=None) -> int:
                "draft_forward_ms": fwd_ms, "ar_output_coverage": covered, "by_task": by_task,
                "per_prompt": per_prompt}
     cols = ["method", "gamma", "draft_stop", "stop_rule", "draft_vocab", "ss", "draft_quant", "draft_context",
-            "ss_tail", "tokens_per_s",
-            "speedup_vs_ar",
+            "ss_tail", "verify_rows", "tokens_per_s",
             "speedup_total", "decode_speedup_total", "start_share", "start_s_median", "tokens_per_round",
             "drafted_per_round", "draft_forwards_per_round", "round_ms_median", "identical_to_ar",
             "mismatched_prompts"]
-    fmt = {c: "{:.2f}" for c in cols[9:19]}
+    fmt = {c: "{:.2f}" for c in cols[10:20]}
     task_cols = ["task", "prompts", "prompt_tokens"] + [setting_name(r) for r in rows[1:]]
     md = "\n".join([
         f"# Vanilla SD draft settings (sd, {name})", "", machine_md(info), "",
@@ -314,7 +323,7 @@ def main(argv=None) -> int:
         "",
         markdown_table(rows, cols, fmt),
         "Per task: median per-prompt speed-up over ar of each setting "
-        "(gamma:draft_stop:draft_vocab[:ss][:quant][:cN][:tail]).",
+        "(gamma:draft_stop:draft_vocab[:ss][:quant][:cN][:tail][:vR]).",
         "",
         markdown_table(by_task, task_cols, {c: "{:.2f}" for c in task_cols[3:]}),
         "One draft forward (1 token, 64-token context, median of 9) by vocabulary size (0: whole) / quantization: "

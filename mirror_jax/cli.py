@@ -137,8 +137,8 @@ def _run_generate(args) -> int:
         ids = apply_chat_template(tok, [{"role": "user", "content": args.prompt}], target.chat_template)
     kw = dict(
         method=args.method, draft=draft, gamma=args.gamma, draft_stop=args.draft_stop,
-        draft_stop_rule=args.draft_stop_rule, draft_vocab=args.draft_vocab, draft_context=args.draft_context,
-        draft_quant=args.draft_quant, exit_vocab=args.exit_vocab, kappa=args.kappa,
+        draft_stop_rule=args.draft_stop_rule, verify_rows=args.verify_rows, draft_vocab=args.draft_vocab,
+        draft_context=args.draft_context, draft_quant=args.draft_quant, exit_vocab=args.exit_vocab, kappa=args.kappa,
         exit_layer=args.exit_layer,
         branch_budget=args.branch_budget, placement=args.placement, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, seed=args.seed, verifier=args.verifier, loop=args.loop,

@@ -367,3 +367,83 @@ def test_sd_with_the_ss_draft_and_draft_stop(models):
         rj = dict(kw, draft_stop=0.6, temperature=1.0, seed=seed, verifier="rejection")
         h, d = generate(target, ps, 16, **rj), generate(target, ps, 16, loop="device", **rj)
         assert h.tokens == d.tokens and h.stats["accepted_hist"] == d.stats["accepted_hist"]
+
+
+def _record_verify_widths(monkeypatch):
+    """Wrap the engine's verification forward; returns the list of window widths it is called with."""
+    from mirror_jax.engine import speculative as S
+
+    widths, real = [], S.target_full
+    monkeypatch.setattr(S, "target_full", lambda cfg, params, cache, last, window: (
+        widths.append(int(window.shape[1])), real(cfg, params, cache, last, window))[1])
+    return widths
+
+
+@pytest.mark.parametrize("rows", [(3,), (2, 4)])
+def test_short_windows_get_short_verification_forwards(models, monkeypatch, rows):
+    """With `verify_rows`, a window the draft ended after n tokens is verified by a forward over the
+    smallest r in verify_rows with r >= n + 1 (else all gamma + 1 rows), round by round; the tokens
+    are AR's and the rounds those of full-width verification (greedy and sample-and-match), rejection
+    sampling commits what full-width verification commits, and new prompts compile nothing new."""
+    from mirror_jax.rounds import target_full, verify
+
+    target, draft = models
+    ps = prompts(4, seed=8)
+    ref = generate(target, ps, N_NEW).tokens
+    kw = dict(method="sd", draft=draft, gamma=5, draft_stop=0.5)
+    full = generate(target, ps, N_NEW, verify_rows=(), **kw)
+    widths = _record_verify_widths(monkeypatch)
+    short = generate(target, ps, N_NEW, verify_rows=rows, **kw)
+    assert short.tokens == full.tokens == ref
+    assert short.stats["settings"]["verify_rows"] == rows
+    for key in ("rounds", "accepted_hist", "drafted_per_round"):
+        assert short.stats[key] == full.stats[key], key
+    want = [next((r - 1 for r in rows if r - 1 >= rec["drafted"]), 5) for rec in short.stats["per_round"]]
+    assert widths == want
+    assert min(widths) < 5 and max(widths) == 5  # both kinds of round occur
+    sizes = [f._cache_size() for f in (target_full, verify)]
+    generate(target, prompts(3, seed=9), N_NEW, verify_rows=rows, **kw)
+    assert [f._cache_size() for f in (target_full, verify)] == sizes
+    for seed in (0, 1):
+        samp = dict(temperature=0.8, top_k=5, top_p=0.9, seed=seed)
+        assert generate(target, ps, 16, verify_rows=rows, **kw, **samp).tokens == generate(target, ps, 16,
+                                                                                           **samp).tokens
+        rj = dict(kw, temperature=1.0, seed=seed, verifier="rejection")
+        a, b = generate(target, ps, 16, verify_rows=rows, **rj), generate(target, ps, 16, verify_rows=(), **rj)
+        assert a.tokens == b.tokens and a.stats["accepted_hist"] == b.stats["accepted_hist"]
+
+
+def test_verify_rows_defaults_and_checks(models, monkeypatch):
+    """CPU default: (4,) for vanilla SD's rounds with windows that end early in the host loop (sd and
+    one-device mirror), () with full windows, in the device loop and with branch rollouts; an explicit
+    setting outside 2..gamma, or where windows are always whole, is refused with the reason."""
+    target, draft = models
+    ps = prompts(2, seed=9)
+    cases = [(dict(method="sd"), (4,)), (dict(method="mirror"), (4,)), (dict(method="sd", gamma=4), ()),
+             (dict(method="sd", draft_stop=0.5, gamma=3), ()), (dict(method="sd", loop="device"), ()),
+             (dict(method="mirror", branch_budget=1), ()), (dict(method="sd", verify_rows=0), ()),
+             (dict(method="sd", verify_rows=[6, 2]), (2, 6))]
+    for kw, rows in cases:
+        assert generate(target, ps, 4, draft=draft, **kw).stats["settings"]["verify_rows"] == rows, kw
+    widths = _record_verify_widths(monkeypatch)
+    res = generate(target, ps, 20, method="sd", draft=draft)
+    assert res.tokens == generate(target, ps, 20).tokens
+    assert set(widths) <= {3, 7} and [w == 3 for w in widths] == [r["drafted"] <= 3 for r in res.stats["per_round"]]
+    for bad in (1, 8, (0,), "4", True, 2.5, (2, 9)):
+        with pytest.raises(ConfigError, match="verify_rows must list row counts in 2..gamma=7"):
+            generate(target, ps, 4, method="sd", draft=draft, verify_rows=bad)
+    for kw in (dict(gamma=4), dict(loop="device"), dict(method="mirror", branch_budget=1)):
+        with pytest.raises(ConfigError, match="verify_rows .* applies to vanilla SD's rounds"):
+            generate(target, ps, 4, **{"method": "sd", "draft": draft, "verify_rows": (2,), **kw})
+
+
+def test_bench_sd_draft_runs_verify_rows_settings(tmp_path):
+    """experiments/bench_sd_draft.py --tiny with ``vR`` settings: each row records the rows its
+    verification forwards could take (v0: none; no v: the CPU default), is named by what was set,
+    and its output is ar's."""
+    from tests.helpers import run_bench_sd_draft_tiny
+
+    p = run_bench_sd_draft_tiny(tmp_path, "5:0.5:0:int8,5:0.5:0:int8:v0,5:0.5:0:int8:v2-4")
+    assert [row["verify_rows"] for row in p["rows"]] == [None, [4], [], [2, 4]]
+    assert all(row["identical_to_ar"] for row in p["rows"])
+    assert set(p["per_prompt"][0]) >= {"ar", "5:0.5:0::int8", "5:0.5:0::int8:v0", "5:0.5:0::int8:v2-4"}

@@ -36,6 +36,15 @@ def _positive(s: str) -> int:
     return v
 
 
+def _row_counts(s: str) -> tuple[int, ...]:
+    """'4' or '2,4' -> (4,) / (2, 4); '0' -> () (`generate`'s ``verify_rows``; checked there)."""
+    try:
+        rows = tuple(int(x) for x in s.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected row counts such as 4 or 2,4 (0: none), got {s!r}") from None
+    return tuple(r for r in rows if r != 0)
+
+
 def add_draft_args(p: argparse.ArgumentParser) -> None:
     """The draft and early-exit options `mirror-jax generate` and `mirror-jax bench` share."""
     p.add_argument("--draft-stop", type=float, default=None,
@@ -45,6 +54,10 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-stop-rule", choices=("token", "window"), default=None,
                    help="how --draft-stop ends a window: 'token' after a token below it, 'window' once the "
                         "product of the window's probabilities is below it (default: per device kind, token)")
+    p.add_argument("--verify-rows", type=_row_counts, default=None,
+                   help="vanilla SD's rounds with --draft-stop: a window of at most r - 1 drafted tokens is verified "
+                        "by a target forward over r rows instead of gamma + 1 (comma-separated r; 0: always "
+                        "gamma + 1; lossless; default: per device kind, CPU 4)")
     p.add_argument("--draft-vocab", type=int, default=None,
                    help="the draft's LM head covers only the first N token ids plus EOS/special tokens "
                         "(a cheaper draft forward; lossless; 0: the whole vocabulary; default: per device kind)")
@@ -102,7 +115,7 @@ def config_from_args(args, argv=None):
         questions=args.questions, categories=args.categories, limit_per_category=args.limit_per_category,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, repeats=args.repeats,
         methods=list(args.methods), gamma=args.gamma, draft_stop=args.draft_stop, draft_stop_rule=args.draft_stop_rule,
-        draft_vocab=args.draft_vocab, draft_context=args.draft_context,
+        verify_rows=args.verify_rows, draft_vocab=args.draft_vocab, draft_context=args.draft_context,
         draft_quant=args.draft_quant, exit_vocab=args.exit_vocab, kappa=args.kappa, branch_budget=args.branch_budget,
         exit_layer=args.exit_layer, placement=args.placement, profile_per_task=args.profile_per_task,
         profile_max_new_tokens=args.profile_max_new_tokens, profile_max_questions=args.profile_max_questions,

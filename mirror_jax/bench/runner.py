@@ -57,6 +57,7 @@ class BenchConfig:
     gamma: int | None = None
     draft_stop: float | None = None
     draft_stop_rule: str | None = None
+    verify_rows: tuple[int, ...] | None = None
     draft_vocab: int | None = None
     draft_context: int | None = None
     draft_quant: str | None = None
@@ -136,6 +137,7 @@ def _gen_kwargs(method: str, cfg: BenchConfig, models: BenchModels, profile: boo
     if engine == "sd":  # either draft ends its windows by the same rule
         kw["draft_stop"] = cfg.draft_stop
         kw["draft_stop_rule"] = cfg.draft_stop_rule
+        kw["verify_rows"] = cfg.verify_rows
     return kw
 
 

@@ -72,17 +72,22 @@ DEVICE_DEFAULTS = {
     # The draft's matrices in int8 (W8A8, `mirror_jax.quant`; lossless: the draft only proposes): on
     # this CPU a draft forward took 20 ms instead of 36 with the same tokens per round
     # (experiments/results/probe_int8.md, sd_int8_draft.md).
+    # A window the draft ended early is verified by a forward over 4 rows instead of gamma + 1 = 8 when
+    # it holds at most 3 tokens (most do: 70% of sd's rounds on the SpecBench ladder, specbench_cpu_ladder
+    # at 597ce26): on this CPU a float32 target forward over 2 or 4 rows costs ~1.25x a 1-row step, over
+    # 8 rows ~1.5x (experiments/results/bench_decode.md); the host reads the window's length first.
     "cpu": {"gamma": 4, "kappa": 4, "branch_budget": 1, "draft_vocab": 32768, "exit_vocab": 0,
             "sd_gamma": 7, "draft_stop": 0.6, "draft_stop_rule": "token", "batch_rows": 12, "draft_quant": "int8",
-            "draft_context": 0},
+            "draft_context": 0, "verify_rows": (4,)},
     # Accelerators: not measured yet, so the whole heads, a float draft and the paper's full windows
-    # of 7 (a batch's rows are nowhere near compute-bound there: no batch rule).
+    # of 7 (a batch's rows are nowhere near compute-bound there: no batch rule; nor is a verification
+    # forward, so no shorter ones: verify_rows would only add a host read per round).
     "gpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0, "sd_gamma": 7,
             "draft_stop": 0.0, "draft_stop_rule": "token", "batch_rows": None, "draft_quant": "none",
-            "draft_context": 0},
+            "draft_context": 0, "verify_rows": ()},
     "tpu": {"gamma": 7, "kappa": 8, "branch_budget": 64, "draft_vocab": 0, "exit_vocab": 0, "sd_gamma": 7,
             "draft_stop": 0.0, "draft_stop_rule": "token", "batch_rows": None, "draft_quant": "none",
-            "draft_context": 0},
+            "draft_context": 0, "verify_rows": ()},
 }
 
 
@@ -182,6 +187,7 @@ def resolve_settings(
     method, target_cfg, placement: Placement, *, gamma, kappa, exit_layer, branch_budget, verifier,
     sampling: SamplingParams, profile: bool, allow_full_exit: bool, draft_stop=None, ss: bool = False,
     batch: int = 1, draft_stop_rule: str | None = None, draft_context: int | None = None, ss_tail: bool = False,
+    verify_rows=None, loop: str = "host",
 ) -> SpecSettings:
     """Fill in device defaults and validate every setting before any work starts.
 
@@ -190,7 +196,8 @@ def resolve_settings(
     either, its ``draft_stop``; a batch of `batch` > 1 rows decoded together (the device loop) with
     the plain draft takes full windows of ``max(2, min(sd_gamma, batch_rows // batch - 1))`` where the
     device has a ``batch_rows`` (CPU). Mirror-SD with rollouts, and an SS batch, take ``gamma`` and
-    full windows."""
+    full windows. `verify_rows` (host loop, windows that end early): see `generate`; None takes the
+    device's where a window can end early (``draft_stop`` > 0) and () elsewhere."""
     d = _device_defaults(placement)
     no_rollouts = (default_branch_budget(placement, 1) if branch_budget is None else branch_budget) == 0
     # Vanilla SD's rounds, either draft; an SS batch (unmeasured: at the batch rule's gamma 2 its streams
@@ -256,8 +263,32 @@ def resolve_settings(
         raise ConfigError(
             "ss_tail applies to vanilla SD's rounds (method 'sd', or 'mirror' with branch_budget=0): "
             f"branch rollouts need every window token's K/V; got method {method!r} with branch_budget={budget}")
+    rows = _verify_rows(verify_rows, d["verify_rows"], gamma, draft_stop > 0 and sd_rounds and loop == "host")
     return SpecSettings(method, gamma, kappa, exit_layer, budget, verifier, profile, float(draft_stop), rule, context,
-                        ss_tail)
+                        ss_tail, rows)
+
+
+def _verify_rows(setting, default, gamma: int, applies: bool) -> tuple[int, ...]:
+    """The checked `verify_rows` setting: sorted row counts in 2..gamma (a forward over all gamma + 1
+    rows always remains for longer windows). They apply to vanilla SD's rounds in the host loop with
+    windows that can end early (`applies`); None takes `default` there and () elsewhere."""
+    if setting is None:
+        return tuple(r for r in default if 2 <= r <= gamma) if applies else ()
+    if isinstance(setting, int | np.integer) and not isinstance(setting, bool):
+        setting = () if setting == 0 else (setting,)
+    vals = list(setting) if isinstance(setting, Sequence) and not isinstance(setting, str) else [setting]
+    ok = all(isinstance(r, int | np.integer) and not isinstance(r, bool) for r in vals)
+    rows = tuple(sorted({int(r) for r in vals})) if ok else ()
+    if not ok or any(not 2 <= r <= gamma for r in rows):
+        raise ConfigError(f"verify_rows must list row counts in 2..gamma={gamma} (a window of up to r - 1 "
+                          f"drafted tokens is verified by a forward over r rows; 0 or (): always gamma + 1), "
+                          f"got {setting!r}")
+    if rows and not applies:
+        raise ConfigError(
+            "verify_rows (shorter verification forwards for windows the draft ended early) applies to vanilla "
+            "SD's rounds (method 'sd', or 'mirror' with branch_budget=0) in the host loop with draft_stop > 0 "
+            "(full windows always need gamma + 1 rows): leave verify_rows at None or ()")
+    return rows
 
 
 def generate(
@@ -292,6 +323,7 @@ def generate(
     draft_stop_rule: str | None = None,
     draft_context: int | None = None,
     ss_tail: bool = False,
+    verify_rows: int | Sequence[int] | None = None,
 ) -> GenerationResult:
     """Decode `prompts` (lists of token ids) with `method`; see the module docstring.
 
@@ -351,7 +383,17 @@ def generate(
     draft prefill then costs a fraction, and the draft reads less of it: on SpecBench's long prompts
     acceptance fell more than the start shrank (README, "A shorter draft context does not pay"). The
     draft only proposes, so the output never changes. 0: the whole prompt; None: the device default
-    (0 on every device kind)."""
+    (0 on every device kind).
+
+    `verify_rows` (vanilla SD's rounds in the host loop with ``draft_stop`` > 0): row counts r of
+    shorter verification forwards; a window of at most r - 1 drafted tokens is verified by a target
+    forward over r rows ``[last, d_1 .. d_{r-1}]`` (the smallest such r) instead of gamma + 1, the
+    host reading the window's length before it dispatches the forward (a second sync per round, on
+    the critical path only for its dispatch latency). Lossless: verification never reads past the
+    drafted tokens. Where the target forward is compute-bound it costs what its rows cost: on CPU a
+    4-row forward ~1.25x a 1-row step, 8 rows ~1.5x. None: the device default ((4,) on CPU, () on
+    accelerators, where a forward costs the same over 4 or 8 rows); 0 or (): every forward covers
+    gamma + 1 rows."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
     if loop not in LOOPS:
@@ -384,7 +426,8 @@ def generate(
         method, cfg_t, pl, gamma=gamma, kappa=kappa, exit_layer=exit_layer, branch_budget=branch_budget,
         verifier=verifier, sampling=sampling, profile=profile, allow_full_exit=allow_full_exit,
         draft_stop=draft_stop, ss=ss_adapter is not None, batch=len(prompts) if loop == "device" else 1,
-        draft_stop_rule=draft_stop_rule, draft_context=draft_context, ss_tail=ss_tail,
+        draft_stop_rule=draft_stop_rule, draft_context=draft_context, ss_tail=ss_tail, verify_rows=verify_rows,
+        loop=loop,
     )
     if ss_tail and loop == "device":
         raise ConfigError("ss_tail runs in the host loop (loop='host'): the device loop's windows keep every K/V")

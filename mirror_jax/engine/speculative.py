@@ -57,6 +57,7 @@ class SpecSettings:
     stop_rule: str = "token"  # "window": ... once the product of its window's probabilities is below draft_stop
     draft_context: int = 0  # the draft prefills at most this many prompt tokens (`prefill.draft_context_ids`); 0: all
     ss_tail: bool = False  # sd with the SS draft: a window's last tokens may be unverified lookaheads (`ss_chain`)
+    verify_rows: tuple[int, ...] = ()  # vanilla SD's rounds: shorter verification forwards (`SpecDecoder.verify_width`)
 
     @property
     def stop_logp(self) -> float | None:
@@ -203,10 +204,23 @@ class SpecDecoder:
                           branch_rank=branch_rank(out["scores"], out["cand_ids"], a, c))
         return rec, np.asarray(out["window"])[0].tolist()
 
+    def verify_width(self, st: SpecState) -> int:
+        """The window tokens this round's verification forward covers: gamma, or with
+        `SpecSettings.verify_rows` the smallest r - 1 (r in verify_rows) that holds the tokens the
+        draft proposed, read from the draft's device (waiting for its window: on one device the
+        target waits for it anyway). Example, gamma 7, verify_rows (4,): a window the draft ended
+        after 2 tokens is verified over [last, d1, d2, d3] (d3 padding), one of 5 over all 8 rows."""
+        if not self.s.verify_rows:
+            return self.s.gamma
+        n = int(jax.device_get(st.proposal.length)[0])
+        return next((r - 1 for r in self.s.verify_rows if r - 1 >= n), self.s.gamma)
+
     def round_sd(self, st: SpecState, timer: PhaseTimer) -> tuple[RoundRecord, list[int]]:
         t, d, pl, s = self.target, self.draft, self.pl, self.s
-        win_t = timer.lap("channel_fv", pl.to_target(st.proposal.window))
-        q_t = None if st.proposal.q is None else pl.to_target(st.proposal.q)
+        g = self.verify_width(st)
+        cut = (lambda x: x) if g == s.gamma else (lambda x: x[:, :g])  # [1, gamma(, V)] -> [1, g(, V)]
+        win_t = timer.lap("channel_fv", pl.to_target(cut(st.proposal.window)))
+        q_t = None if st.proposal.q is None else pl.to_target(cut(st.proposal.q))
         logits, st.cache_t = timer.lap("target", *target_full(t.cfg, t.params, st.cache_t, st.last_t, win_t))
         len_t = None if s.stop_logp is None else pl.to_target(st.proposal.length)
         verdict, st.cache_t = timer.lap("verify", *verify_round(
