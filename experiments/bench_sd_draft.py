@@ -304,7 +304,7 @@ def main(argv=None) -> int:
                "draft_forward_ms": fwd_ms, "ar_output_coverage": covered, "by_task": by_task,
                "per_prompt": per_prompt}
     cols = ["method", "gamma", "draft_stop", "stop_rule", "draft_vocab", "ss", "draft_quant", "draft_context",
-            "ss_tail", "verify_rows", "tokens_per_s",
+            "ss_tail", "verify_rows", "tokens_per_s", "speedup_vs_ar",
             "speedup_total", "decode_speedup_total", "start_share", "start_s_median", "tokens_per_round",
             "drafted_per_round", "draft_forwards_per_round", "round_ms_median", "identical_to_ar",
             "mismatched_prompts"]
