@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 
+import jax
 import jax.numpy as jnp
 import pytest
 
@@ -106,7 +107,8 @@ def test_committed_ss_adapter_streams(real):
 def test_device_loop_and_draft_stop_on_the_real_pair(real):
     """The device loop (the three prompts as one batch in one `lax.while_loop`) gives ar's tokens for
     sd and mirror (one branch per round); sd with an early-stopping draft (draft_stop) over a reduced vocabulary
-    (draft_vocab) gives them too, proposing fewer tokens per round than its maximum window."""
+    (draft_vocab), its short windows verified by 4-row forwards (verify_rows), gives them too, proposing
+    fewer tokens per round than its maximum window."""
     from mirror_jax.engine.api import generate
 
     t, d, ids = real["target"], real["draft"], real["ids"]
@@ -117,6 +119,8 @@ def test_device_loop_and_draft_stop_on_the_real_pair(real):
         assert res.stats["batch"] == 3 and res.stats["mean_tokens_per_round"] > 2.0, (method, res.stats)
     res = generate(t, ids, N_SPEC, method="sd", draft=d, gamma=7, draft_stop=0.6, draft_vocab=32768)
     assert res.tokens == ar
+    cpu = jax.devices()[0].platform == "cpu"
+    assert res.stats["settings"]["verify_rows"] == ((4,) if cpu else ())  # CPU: short windows over 4 rows
     assert res.stats["drafted_per_round"] < 6.5 and res.stats["mean_tokens_per_round"] > 2.0, res.stats
     assert 32768 < res.stats["draft_vocab"] < 33000  # the first 32768 ids and the special tokens
 
