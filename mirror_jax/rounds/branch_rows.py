@@ -68,7 +68,9 @@ def _attend_two_part(cfg, q, ks, vs, shared_mask, kb, vb, buf_mask):
 def branch_step(cfg, params, tokens, offset: int, shared: KVCache, buf: BranchBuffer):
     """Feed tokens [n, T] into buffer slots offset .. offset+T-1 (positions start + slot).
 
-    Returns (logits [n, T, V] float32, buffer with the new K/V written)."""
+    Returns (logits at each row's last fed token [n, 1, V] float32: the only prediction a branch
+    drafts from (``feed_both`` feeds [x_r, v]; the head stays off x_r's row), buffer with the new
+    K/V written)."""
     n, t = tokens.shape
     width, cap = buf.k[0].shape[SLOT_AXIS], shared.capacity
     slots = offset + jnp.arange(t, dtype=jnp.int32)  # [T]
@@ -86,7 +88,7 @@ def branch_step(cfg, params, tokens, offset: int, shared: KVCache, buf: BranchBu
         x = M.finish_layer(cfg, lp, x, attn)
         new_k.append(kb)
         new_v.append(vb)
-    return M.head(cfg, params, x), buf.replace(k=tuple(new_k), v=tuple(new_v))
+    return M.head(cfg, params, x[:, -1:]), buf.replace(k=tuple(new_k), v=tuple(new_v))
 
 
 def branch_chain(cfg, params, shared: KVCache, start, first, gamma: int, samp: SamplingArrays, *,
