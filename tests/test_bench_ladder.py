@@ -67,10 +67,14 @@ def test_bench_writes_every_artifact(tiny_run):
     assert "MODELED" in md and "| mirror_ar |" in md and "speedup.png" in md
     # the settings each method ran with, resolved (the run gave no gamma: the table names the value used)
     lines = md.splitlines()
-    head = lines.index("| method | gamma | draft_stop | kappa | branch_budget | exit_layer | exit head |")
+    head = lines.index("| method | gamma | draft_stop | verify_rows | kappa | branch_budget | exit_layer | exit head |")
     row = next(x for x in lines[head:] if x.startswith("| mirror_ar | ")).split(" | ")
     gamma = {t["gamma"] for r in p["records"] if r["method"] == "mirror_ar" for t in r["turns"]}
-    assert len(gamma) == 1 and row[1] == str(gamma.pop()) and row[4] == "2"  # --branch-budget 2
+    assert len(gamma) == 1 and row[1] == str(gamma.pop()) and row[5] == "2"  # --branch-budget 2
+    assert row[3] == "off"  # rollouts verify full windows
+    sd_rows = {tuple(t["verify_rows"]) for r in p["records"] if r["method"] == "sd_ar" for t in r["turns"]}
+    row = next(x for x in lines[head:] if x.startswith("| sd_ar | ")).split(" | ")
+    assert len(sd_rows) == 1 and row[3] == ("/".join(map(str, sd_rows.pop())) or "off")
     acc = json.loads((run / "acceptance.json").read_text())
     assert acc["methods"]["mirror_ar"]["mean_tokens_per_round"] >= 1
 
@@ -78,13 +82,14 @@ def test_bench_writes_every_artifact(tiny_run):
 def test_settings_used_lists_what_each_method_ran_with():
     from mirror_jax.bench.report import settings_used
 
-    turn = dict(gamma=7, draft_stop=0.6, kappa=4, branch_budget=0, exit_layer=24, exit_head="trained")
+    turn = dict(gamma=7, draft_stop=0.6, verify_rows=[4], kappa=4, branch_budget=0, exit_layer=24, exit_head="trained")
     recs = [{"method": "ar", "turns": [{"new_tokens": 3}]},
             {"method": "sd_ar", "turns": [turn, {**turn, "gamma": 4}]},
             {"method": "mirror_ss", "turns": [turn, turn]}]
     used = settings_used(recs)
     assert set(used) == {"sd_ar", "mirror_ss"}
     assert used["sd_ar"]["gamma"] == [7, 4] and used["sd_ar"]["exit_layer"] == []  # sd has no exit
+    assert used["sd_ar"]["verify_rows"] == [[4]]
     assert used["mirror_ss"]["exit_layer"] == [24] and used["mirror_ss"]["exit_head"] == ["trained"]
 
 

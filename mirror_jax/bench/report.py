@@ -232,7 +232,14 @@ def _f(v, nd=2):
     return str(v)
 
 
-_SETTING_KEYS = ("gamma", "draft_stop", "kappa", "branch_budget", "exit_layer")
+_SETTING_KEYS = ("gamma", "draft_stop", "verify_rows", "kappa", "branch_budget", "exit_layer")
+
+
+def _setting_text(v) -> str:
+    """A recorded setting value as the settings table shows it (verify_rows: "4", "2/4", or "off")."""
+    if isinstance(v, list | tuple):
+        return "/".join(map(str, v)) or "off"
+    return str(v)
 
 
 def settings_used(records: list[dict]) -> dict[str, dict[str, list]]:
@@ -244,7 +251,7 @@ def settings_used(records: list[dict]) -> dict[str, dict[str, list]]:
         if engine == "ar" or not r.get("turns"):
             continue
         seen = out.setdefault(r["method"], {k: [] for k in (*_SETTING_KEYS, "exit_head")})
-        keys = list(seen) if engine == "mirror" else ["gamma", "draft_stop"]  # sd has no exit or branches
+        keys = list(seen) if engine == "mirror" else ["gamma", "draft_stop", "verify_rows"]  # sd: no exit or branches
         for t in r["turns"]:
             for k in keys:
                 if t.get(k) is not None and t[k] not in seen[k]:
@@ -268,7 +275,7 @@ def results_markdown(p: dict) -> str:
     if used:
         lines.append("\nSettings each method ran with (resolved from the defaults; several values: they varied "
                      "between turns)\n\n" + _tbl(["method"] + list(_SETTING_KEYS) + ["exit head"], [
-                         [m] + [", ".join(map(str, used[m][k])) or "-" for k in (*_SETTING_KEYS, "exit_head")]
+                         [m] + [", ".join(map(_setting_text, used[m][k])) or "-" for k in (*_SETTING_KEYS, "exit_head")]
                          for m in used]))
     for m, why in p["skipped"].items():
         lines.append(f"\n**{m}**: {why}\n")

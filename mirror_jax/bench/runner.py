@@ -151,6 +151,7 @@ def _turn_record(res, prompt_len: int, seconds: float, retried: int, profile: bo
         rec.update(decode_s=s.get("decode_s"), decode_steps=s.get("decode_steps"))
         return rec
     rec.update({k: s["settings"][k] for k in ("gamma", "kappa", "branch_budget", "exit_layer", "draft_stop")})
+    rec["verify_rows"] = list(s["settings"].get("verify_rows", ()))
     rec["exit_head"] = s.get("exit_head")
     keep = lambda r: r if profile else {k: v for k, v in r.items() if k not in ("branches", "phases")}
     rec["rounds"] = [keep(r) for r in s.get("per_round", [])]
