@@ -44,6 +44,7 @@ _EXPORTS = {
     "load_gguf": "mirror_jax.loading",
     "load_hf_dir": "mirror_jax.loading",
     "LoadedModel": "mirror_jax.loading",
+    "enable_compile_cache": "mirror_jax.compile_cache",
 }
 
 __all__ = sorted(_EXPORTS)

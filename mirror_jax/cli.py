@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mirror_jax.bench.cli import add_bench_args, add_draft_args, run_bench
+from mirror_jax.bench.cli import add_bench_args, add_compile_cache_arg, add_draft_args, run_bench, use_compile_cache
 from mirror_jax.xla_env import ensure_host_devices
 
 
@@ -87,6 +87,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=None, help="draft model: a .gguf file or a HF safetensors directory")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default: f32 on CPU, bf16 else")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_compile_cache_arg(p)
 
 
 def run_generate(args) -> int:
@@ -109,6 +110,7 @@ def _run_generate(args) -> int:
     if args.method == "ar" and (args.ss_adapter.lower() != "none" or args.ss_tail):
         raise ConfigError("--ss-adapter/--ss-tail adapt the draft: use them with --method sd or mirror")
     ensure_host_devices(args.placement)
+    use_compile_cache(args)
     import jax
     import jax.numpy as jnp
 

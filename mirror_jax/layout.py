@@ -35,6 +35,7 @@ plain ``[out, in]`` matrix (int8 quantization, LoRA merges, sharding, fingerprin
 from __future__ import annotations
 
 import functools
+import platform
 from pathlib import Path
 
 import jax
@@ -59,6 +60,18 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> list[str]:
     except OSError:
         pass
     return []
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The host CPU's model name ("AMD EPYC 7B13"); `platform.processor()` or "unknown" where /proc/cpuinfo
+    has none."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 @functools.cache

@@ -11,6 +11,9 @@ from mirror_jax.xla_env import ensure_host_devices
 
 # Two virtual host devices for placement tests; must be set before jax is first imported.
 ensure_host_devices(2)
+# Tests call the command line in this process: keep its compilation cache off (no writes under the
+# user's ~/.cache); tests/test_compile_cache.py opts in with its own directories.
+os.environ["MIRROR_JAX_COMPILE_CACHE"] = "off"
 
 import pytest  # noqa: E402
 

@@ -45,6 +45,21 @@ def _row_counts(s: str) -> tuple[int, ...]:
     return tuple(r for r in rows if r != 0)
 
 
+def add_compile_cache_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep compiled programs on disk (default: kept under ~/.cache/mirror_jax/xla, so a "
+                        "later run skips most compilation; env MIRROR_JAX_COMPILE_CACHE: off, or another directory)")
+
+
+def use_compile_cache(args) -> None:
+    """Enable `mirror_jax.compile_cache` for a command unless --no-compile-cache (call after
+    `ensure_host_devices`: it imports jax)."""
+    if not getattr(args, "no_compile_cache", False):
+        from mirror_jax.compile_cache import enable_compile_cache
+
+        enable_compile_cache()
+
+
 def add_draft_args(p: argparse.ArgumentParser) -> None:
     """The draft and early-exit options `mirror-jax generate` and `mirror-jax bench` share."""
     p.add_argument("--draft-stop", type=float, default=None,
@@ -74,6 +89,7 @@ def add_draft_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_bench_args(p: argparse.ArgumentParser) -> None:
+    add_compile_cache_arg(p)
     p.add_argument("--questions", default=None,
                    help="a SpecBench-format question.jsonl (default: the 480 SpecBench questions shipped with "
                         "mirror_jax)")
@@ -126,6 +142,7 @@ def config_from_args(args, argv=None):
 
 def run_bench(args, argv=None) -> int:
     ensure_host_devices(args.placement)
+    use_compile_cache(args)
     from mirror_jax.bench.questions import QuestionFileError
     from mirror_jax.bench.runner import run_ladder
     from mirror_jax.engine.api import ConfigError

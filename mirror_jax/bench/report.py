@@ -23,19 +23,9 @@ import numpy as np
 
 from mirror_jax.bench.models import RUNGS
 from mirror_jax.files import atomic_write_text
-from mirror_jax.layout import cpu_flags
+from mirror_jax.layout import cpu_flags, cpu_model
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "torch", "numpy", "gguf")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _cpu_flags() -> list[str]:
@@ -88,7 +78,7 @@ def machine_info() -> dict:
             versions[p] = None
     return {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_flags": _cpu_flags(),
         "cores": os.cpu_count(),
         "mem_gib": _mem_gib(),

@@ -96,7 +96,9 @@ def default_results_dir() -> Path:
 
 
 class _CompileWatch:
-    """Counts XLA backend compilations (jax.monitoring), so timed runs that compiled are redone."""
+    """Counts XLA backend compilations (jax.monitoring), so timed runs that compiled are redone. A
+    program loaded from the persistent compilation cache (`mirror_jax.compile_cache`) counts too:
+    jax reports its load under the same event, so such a run is redone as well."""
 
     EVENT = "/jax/core/compile/backend_compile_duration"
 
