@@ -37,7 +37,7 @@ from pathlib import Path
 
 ENV = "MIRROR_JAX_COMPILE_CACHE"
 OFF_VALUES = ("0", "off", "none", "false", "no")
-MIN_COMPILE_SECS = 0.0  # programs that compile faster than this are not worth a disk entry
+MIN_COMPILE_SECS = 1.0  # programs that compile faster than this are not worth a disk entry
 MAX_BYTES = 2 << 30  # least recently used entries go beyond this (where `filelock` is installed, as jax needs)
 
 
