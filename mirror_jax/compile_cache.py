@@ -18,13 +18,14 @@ before anything compiles; from your own code, call it once, best before the firs
     mirror_jax.enable_compile_cache()            # ~/.cache/mirror_jax/xla/<fingerprint>
     res = mirror_jax.generate(target, [ids], 64, method="sd", draft=draft)
 
-``MIRROR_JAX_COMPILE_CACHE=off`` (or 0, none, false) disables it; any other value is the base
+``MIRROR_JAX_COMPILE_CACHE=off`` (or 0, none, false, no) disables it; any other value is the base
 directory to use instead of ``$XDG_CACHE_HOME/mirror_jax/xla``. A cache directory the user set for
 jax already (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is kept as it is. Nothing here changes
 what a program computes: a cached executable is the one the compiler would have produced.
 
-Not a timing knob: benchmarks time warm runs (``bench.runner.timed_without_compiles`` redoes a run
-that compiled) and a cache hit is not a backend compile, so measured speeds do not change.
+Not a timing knob: benchmarks time warm runs. jax reports a program loaded from the cache under
+the same event as a backend compile, so ``bench.runner.timed_without_compiles`` redoes a run that
+loaded programs exactly as one that compiled them, and measured speeds do not change.
 """
 
 from __future__ import annotations

@@ -61,7 +61,6 @@ def _plain_reader_class():
 
 
 def _open(path: Path):
-
     if not path.is_file():
         raise WeightLoadError(f"GGUF file {path} does not exist; check the path (or run default_pair())")
     try:
